@@ -24,6 +24,7 @@ secret, and no stack trace leaves the process.
     │   ├── UpstreamAuthError            upstream_auth_failed
     │   ├── UpstreamBadResponse          upstream_bad_response
     │   ├── UpstreamRejected             upstream_rejected
+    │   │   └── ResourceNotFound         resource_not_found
     │   └── ToolUnavailable              tool_unavailable
     └── AuditUnavailable                 audit_unavailable
 
@@ -49,6 +50,7 @@ __all__ = [
     "PolicyTimeout",
     "PolicyUnavailable",
     "PolicyUndefined",
+    "ResourceNotFound",
     "ToolUnavailable",
     "UnknownPatient",
     "UpstreamAuthError",
@@ -130,9 +132,7 @@ class PolicyDenied(PolicyError):
 
     def __init__(self, reasons: Sequence[Mapping[str, Any]], *, decision_id: str | None = None) -> None:
         codes = [str(r.get("code", "UNSPECIFIED")) for r in reasons] or ["UNSPECIFIED"]
-        super().__init__(
-            "denied by policy: " + ", ".join(codes), decision_id=decision_id, reasons=codes
-        )
+        super().__init__("denied by policy: " + ", ".join(codes), decision_id=decision_id, reasons=codes)
         self.reasons = codes
 
 
@@ -206,6 +206,12 @@ class UpstreamRejected(UpstreamError):
     """The EHR refused the request (4xx other than auth and rate limits)."""
 
     code = "upstream_rejected"
+
+
+class ResourceNotFound(UpstreamRejected):
+    """The EHR has no such resource (HTTP 404 or 410)."""
+
+    code = "resource_not_found"
 
 
 class ToolUnavailable(UpstreamError):

@@ -1,0 +1,304 @@
+"""The EHR client seam: what the tools need from an EHR, and the real implementation over FHIR.
+
+`EHRClient` is the interface; `FhirEHRClient` is the real one (fhirpy query building on the
+pooled httpx2 transport, a SMART token, the backend's profile, cache, rate limit, circuit
+breaker and read retries); `FakeEHRClient` is the in-package fake for unit tests.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import httpx2
+
+from mcp_fhir import metrics
+from mcp_fhir._exceptions import (
+    MCPFhirError,
+    UpstreamAuthError,
+    UpstreamBadResponse,
+    UpstreamError,
+)
+from mcp_fhir.ehr.transport import PooledFHIRClient, Response, send
+
+Params = Mapping[str, str | Sequence[str]]
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 200
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    """Resources from one upstream interaction, with where and when they came from."""
+
+    resources: list[dict[str, Any]]
+    backend: str
+    retrieved_at: datetime
+    cache: str = "miss"  # hit | miss | bypass | stale
+    cache_age_seconds: float = 0.0
+    total: int | None = None
+    next_url: str | None = None
+    stale: bool = False
+    unmapped: tuple[str, ...] = ()
+    created: bool | None = None
+
+    @property
+    def last_updated(self) -> str | None:
+        """The newest `meta.lastUpdated` among the resources."""
+        stamps = [r.get("meta", {}).get("lastUpdated") for r in self.resources]
+        return max((s for s in stamps if isinstance(s, str)), default=None)
+
+
+class TokenProvider(Protocol):
+    async def token(self) -> str: ...
+    async def invalidate(self, token: str) -> None: ...
+
+
+class EHRClient(Protocol):
+    """What the tools need from an EHR. Raises `UpstreamError` leaves; never returns partial data as whole."""
+
+    name: str
+
+    async def search(
+        self,
+        resource_type: str,
+        params: Params,
+        *,
+        patient: str | None,
+        page_size: int,
+        next_url: str | None = None,
+        bypass_cache: bool = False,
+    ) -> FetchResult: ...
+
+    async def read(
+        self, resource_type: str, resource_id: str, *, patient: str | None, bypass_cache: bool = False
+    ) -> FetchResult: ...
+
+    async def create(
+        self, resource: dict[str, Any], *, patient: str | None, if_none_exist: str | None
+    ) -> FetchResult: ...
+
+    async def healthy(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+def _bundle_resources(body: Any, resource_type: str) -> tuple[list[dict[str, Any]], int | None, str | None]:
+    """Resources of `resource_type` from a searchset Bundle; OperationOutcome entries are dropped."""
+    if not isinstance(body, Mapping) or body.get("resourceType") != "Bundle":
+        raise UpstreamBadResponse("the EHR answered a search with something other than a Bundle")
+    entries = body.get("entry") or []
+    if not isinstance(entries, list):
+        raise UpstreamBadResponse("the EHR's Bundle.entry is not a list")
+    out = []
+    for entry in entries:
+        resource = entry.get("resource") if isinstance(entry, Mapping) else None
+        if not isinstance(resource, Mapping):
+            raise UpstreamBadResponse("a Bundle entry has no resource")
+        if resource.get("resourceType") == resource_type:
+            out.append(dict(resource))
+    next_url = next(
+        (
+            link.get("url")
+            for link in body.get("link") or []
+            if isinstance(link, Mapping) and link.get("relation") == "next"
+        ),
+        None,
+    )
+    total = body.get("total") if isinstance(body.get("total"), int) else None
+    return out, total, next_url
+
+
+Normaliser = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class FhirEHRClient:
+    """The real EHR client for one backend."""
+
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        *,
+        http: httpx2.AsyncClient,
+        token_provider: TokenProvider | None = None,
+        normalise: Normaliser | None = None,
+        resilience: Any = None,
+    ) -> None:
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        self._http = http
+        self._tokens = token_provider
+        self._normalise = normalise
+        self._resilience = resilience
+        self.fhir = PooledFHIRClient(self.base_url, self._send)
+
+    async def _send(self, method: str, url: str, body: Any, headers: Mapping[str, str]) -> Response:
+        """One request with a SMART token; on a 401, one retry with a fresh token, then a clear error."""
+        started = time.perf_counter()
+        status = "error"
+        try:
+            if self._tokens is None:
+                response = await send(self._http, method, url, json_body=body, headers=headers)
+            else:
+                token = await self._tokens.token()
+                try:
+                    response = await send(
+                        self._http,
+                        method,
+                        url,
+                        json_body=body,
+                        headers={**headers, "Authorization": f"Bearer {token}"},
+                    )
+                except UpstreamAuthError:
+                    await self._tokens.invalidate(token)
+                    token = await self._tokens.token()
+                    response = await send(
+                        self._http,
+                        method,
+                        url,
+                        json_body=body,
+                        headers={**headers, "Authorization": f"Bearer {token}"},
+                    )
+            status = str(response.status)
+            return response
+        except MCPFhirError as exc:
+            status = str(exc.details.get("status", exc.code))
+            raise
+        finally:
+            metrics.UPSTREAM_LATENCY.labels(self.name).observe(time.perf_counter() - started)
+            metrics.UPSTREAM_STATUS.labels(self.name, status).inc()
+
+    async def _guarded(self, call: Callable[[], Awaitable[Any]], *, idempotent: bool) -> Any:
+        if self._resilience is None:
+            return await call()
+        return await self._resilience.run(self.name, call, idempotent=idempotent)
+
+    def _norm(self, resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [self._normalise(r) for r in resources] if self._normalise else resources
+
+    async def search(
+        self,
+        resource_type: str,
+        params: Params,
+        *,
+        patient: str | None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        next_url: str | None = None,
+        bypass_cache: bool = False,
+    ) -> FetchResult:
+        if next_url is not None and not next_url.startswith(self.base_url + "/"):
+            raise UpstreamBadResponse("a continuation points outside the backend")
+        count = max(1, min(page_size, MAX_PAGE_SIZE))
+        if next_url is None:
+            searchset = (
+                self.fhir.resources(resource_type).search(**{k: v for k, v in params.items()}).limit(count)
+            )
+            path, query = resource_type, searchset.params
+        else:
+            path, query = next_url, None
+
+        async def call() -> Any:
+            return await self.fhir._fetch_resource(path, query)
+
+        body = await self._guarded(call, idempotent=True)
+        resources, total, nxt = _bundle_resources(body, resource_type)
+        return FetchResult(self._norm(resources), self.name, datetime.now(UTC), total=total, next_url=nxt)
+
+    async def read(
+        self, resource_type: str, resource_id: str, *, patient: str | None, bypass_cache: bool = False
+    ) -> FetchResult:
+        async def call() -> Any:
+            return await self.fhir._fetch_resource(f"{resource_type}/{resource_id}")
+
+        body = await self._guarded(call, idempotent=True)
+        if not isinstance(body, Mapping) or body.get("resourceType") != resource_type:
+            raise UpstreamBadResponse("the EHR answered a read with the wrong resource type")
+        return FetchResult(self._norm([dict(body)]), self.name, datetime.now(UTC))
+
+    async def create(
+        self, resource: dict[str, Any], *, patient: str | None, if_none_exist: str | None
+    ) -> FetchResult:
+        rtype = str(resource.get("resourceType"))
+        headers = {"If-None-Exist": if_none_exist} if if_none_exist else None
+
+        async def call() -> Any:
+            return await self.fhir._do_request(
+                "post", rtype, data=resource, extra_headers=headers, returning_status=True
+            )
+
+        # Writes are never retried blindly: the conditional create makes a client retry safe instead.
+        body, status = await self._guarded(call, idempotent=False)
+        if not isinstance(body, Mapping) or body.get("resourceType") != rtype:
+            raise UpstreamBadResponse("the EHR answered a create with the wrong resource type")
+        return FetchResult([dict(body)], self.name, datetime.now(UTC), created=status == 201)
+
+    async def capability_statement(self) -> dict[str, Any]:
+        body = await self._guarded(lambda: self.fhir._fetch_resource("metadata"), idempotent=True)
+        if not isinstance(body, Mapping) or body.get("resourceType") != "CapabilityStatement":
+            raise UpstreamBadResponse("the EHR's /metadata is not a CapabilityStatement")
+        return dict(body)
+
+    async def healthy(self) -> bool:
+        try:
+            await self.capability_statement()
+        except UpstreamError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+
+@dataclass
+class FakeEHRClient:
+    """An in-package fake for unit tests: serves resources from memory and records every call."""
+
+    name: str = "fake"
+    resources: list[dict[str, Any]] = field(default_factory=list)
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    fail_with: MCPFhirError | None = None
+
+    def _check(self, op: str, rtype: str) -> None:
+        self.calls.append((op, rtype))
+        if self.fail_with is not None:
+            raise self.fail_with
+
+    async def search(
+        self,
+        resource_type: str,
+        params: Params,
+        *,
+        patient: str | None,
+        page_size: int = 50,
+        next_url: str | None = None,
+        bypass_cache: bool = False,
+    ) -> FetchResult:
+        self._check("search", resource_type)
+        found = [r for r in self.resources if r.get("resourceType") == resource_type]
+        return FetchResult(found[:page_size], self.name, datetime.now(UTC), total=len(found))
+
+    async def read(
+        self, resource_type: str, resource_id: str, *, patient: str | None, bypass_cache: bool = False
+    ) -> FetchResult:
+        self._check("read", resource_type)
+        found = [
+            r for r in self.resources if r.get("resourceType") == resource_type and r.get("id") == resource_id
+        ]
+        return FetchResult(found[:1], self.name, datetime.now(UTC))
+
+    async def create(
+        self, resource: dict[str, Any], *, patient: str | None, if_none_exist: str | None
+    ) -> FetchResult:
+        self._check("create", str(resource.get("resourceType")))
+        stored = {**resource, "id": f"fake-{len(self.resources) + 1}"}
+        self.resources.append(stored)
+        return FetchResult([stored], self.name, datetime.now(UTC), created=True)
+
+    async def healthy(self) -> bool:
+        return self.fail_with is None
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,180 @@
+"""The policy seam: one `evaluate()` that turns a decision input into a `Decision`.
+
+`Decision.parse` is the only place an OPA result is interpreted. Anything that does not
+match the contract in `policies/README.md` is a `PolicyMalformed` (fail closed), never a
+guess. `FakePolicyEngine` is the in-package fake for unit tests of other modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from mcp_fhir._exceptions import PolicyMalformed, PolicyUndefined
+
+OBLIGATION_KEYS = (
+    "exclude_security_labels",
+    "allowed_categories",
+    "redact",
+    "max_lookback_days",
+    "max_results",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Obligations:
+    """What an allow obliges the sidecar to enforce. Interpreted generically, whatever the policy sets."""
+
+    exclude_security_labels: frozenset[str] = frozenset()
+    allowed_categories: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    redact: tuple[str, ...] = ()
+    max_lookback_days: int | None = None
+    max_results: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "exclude_security_labels": sorted(self.exclude_security_labels),
+            "allowed_categories": {k: sorted(v) for k, v in sorted(self.allowed_categories.items())},
+            "redact": list(self.redact),
+            "max_lookback_days": self.max_lookback_days,
+            "max_results": self.max_results,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One policy decision, as enforced."""
+
+    allow: bool
+    reasons: tuple[dict[str, str], ...] = ()
+    obligations: Obligations = field(default_factory=Obligations)
+    sensitivity: str | None = None
+    alerts: tuple[str, ...] = ()
+    decision_id: str | None = None
+    revision: str | None = None
+
+    @property
+    def reason_codes(self) -> tuple[str, ...]:
+        return tuple(r["code"] for r in self.reasons)
+
+    @classmethod
+    def parse(cls, body: Any, *, decision_id: str | None = None, revision: str | None = None) -> Decision:
+        """Interpret the body of POST /v1/data/mcp_fhir/authz/decision. Raises on anything off-contract."""
+        if not isinstance(body, Mapping):
+            raise PolicyMalformed("OPA answered with a body that is not an object", decision_id=decision_id)
+        if "result" not in body:
+            raise PolicyUndefined("the decision rule is undefined for this input", decision_id=decision_id)
+        result = body["result"]
+        if not isinstance(result, Mapping):
+            raise PolicyMalformed("the decision is not an object", decision_id=decision_id)
+        allow = result.get("allow")
+        if not isinstance(allow, bool):
+            raise PolicyMalformed("decision.allow is not a boolean", decision_id=decision_id)
+        reasons = _parse_reasons(result.get("reasons", []), decision_id)
+        if not allow and not reasons:
+            raise PolicyMalformed("a deny carried no reason", decision_id=decision_id)
+        obligations = _parse_obligations(result.get("obligations"), required=allow, decision_id=decision_id)
+        audit = result.get("audit", {})
+        if not isinstance(audit, Mapping):
+            raise PolicyMalformed("decision.audit is not an object", decision_id=decision_id)
+        sensitivity = audit.get("sensitivity")
+        alerts = audit.get("alerts", [])
+        if sensitivity is not None and not isinstance(sensitivity, str):
+            raise PolicyMalformed("decision.audit.sensitivity is not a string", decision_id=decision_id)
+        if not isinstance(alerts, list) or not all(isinstance(a, str) for a in alerts):
+            raise PolicyMalformed("decision.audit.alerts is not a list of strings", decision_id=decision_id)
+        return cls(
+            allow=allow,
+            reasons=reasons,
+            obligations=obligations,
+            sensitivity=sensitivity,
+            alerts=tuple(alerts),
+            decision_id=decision_id,
+            revision=revision,
+        )
+
+
+def _parse_reasons(raw: Any, decision_id: str | None) -> tuple[dict[str, str], ...]:
+    if not isinstance(raw, list):
+        raise PolicyMalformed("decision.reasons is not a list", decision_id=decision_id)
+    out = []
+    for r in raw:
+        if not isinstance(r, Mapping) or not isinstance(r.get("code"), str) or not r["code"]:
+            raise PolicyMalformed("a reason has no string code", decision_id=decision_id)
+        out.append({"code": r["code"], "message": str(r.get("message", ""))})
+    return tuple(sorted(out, key=lambda r: r["code"]))
+
+
+def _str_list(value: Any, key: str, decision_id: str | None) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise PolicyMalformed(f"obligations.{key} is not a list of strings", decision_id=decision_id)
+    return value
+
+
+def _limit(value: Any, key: str, decision_id: str | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or value != int(value):
+        raise PolicyMalformed(
+            f"obligations.{key} is not a non-negative whole number", decision_id=decision_id
+        )
+    return int(value)
+
+
+def _parse_obligations(raw: Any, *, required: bool, decision_id: str | None) -> Obligations:
+    if raw is None and not required:
+        return Obligations()
+    if not isinstance(raw, Mapping):
+        raise PolicyMalformed("decision.obligations is not an object", decision_id=decision_id)
+    missing = [k for k in OBLIGATION_KEYS if k not in raw]
+    if required and missing:
+        # An allow without its obligations could silently widen access: fail closed.
+        raise PolicyMalformed(
+            "an allow is missing obligations: " + ", ".join(missing), decision_id=decision_id
+        )
+    categories = raw.get("allowed_categories", {})
+    if not isinstance(categories, Mapping):
+        raise PolicyMalformed("obligations.allowed_categories is not an object", decision_id=decision_id)
+    return Obligations(
+        exclude_security_labels=frozenset(
+            _str_list(raw.get("exclude_security_labels", []), "exclude_security_labels", decision_id)
+        ),
+        allowed_categories={
+            str(t): frozenset(_str_list(c, f"allowed_categories.{t}", decision_id))
+            for t, c in categories.items()
+        },
+        redact=tuple(_str_list(raw.get("redact", []), "redact", decision_id)),
+        max_lookback_days=_limit(raw.get("max_lookback_days"), "max_lookback_days", decision_id),
+        max_results=_limit(raw.get("max_results"), "max_results", decision_id),
+    )
+
+
+class PolicyEngine(Protocol):
+    """Decides one call. Every failure is raised as a `PolicyError` leaf: callers deny on any exception."""
+
+    async def evaluate(self, decision_input: Mapping[str, Any]) -> Decision: ...
+
+    async def visible_tools(self, subject_input: Mapping[str, Any]) -> frozenset[str]: ...
+
+
+class FakePolicyEngine:
+    """An in-package fake for unit tests: answers with a function of the input, records every call."""
+
+    def __init__(
+        self,
+        decide: Callable[[Mapping[str, Any]], Decision] | None = None,
+        visible: frozenset[str] = frozenset(),
+    ) -> None:
+        self._decide = decide or (
+            lambda _i: Decision(allow=False, reasons=({"code": "FAKE_DENY", "message": ""},))
+        )
+        self._visible = visible
+        self.calls: list[Mapping[str, Any]] = []
+
+    async def evaluate(self, decision_input: Mapping[str, Any]) -> Decision:
+        self.calls.append(decision_input)
+        return self._decide(decision_input)
+
+    async def visible_tools(self, subject_input: Mapping[str, Any]) -> frozenset[str]:
+        return self._visible
