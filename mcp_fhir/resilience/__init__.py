@@ -1,0 +1,60 @@
+"""Resilience in front of the EHR, composed by the EHR client in this order:
+
+    cache → rate limit → circuit breaker → (retry, reads only) → HTTP
+
+Each piece is small, has an injectable clock, and a memory or Redis store.
+"""
+
+from mcp_fhir.resilience.breaker import (
+    Breakers,
+    BreakerSettings,
+    BreakerSnapshot,
+    BreakerState,
+    CircuitBreaker,
+    is_upstream_failure,
+)
+from mcp_fhir.resilience.cache import (
+    Cache,
+    CacheEntry,
+    CacheKey,
+    CacheLookup,
+    CacheSettings,
+    MemoryStore,
+    RedisStore,
+    canonical_query,
+)
+from mcp_fhir.resilience.ratelimit import (
+    MemoryBucketStore,
+    RateLimit,
+    RateLimiter,
+    RateLimiterSettings,
+    RedisBucketStore,
+    parse_retry_after,
+)
+from mcp_fhir.resilience.retry import RetrySettings, retry_idempotent, run_write_once
+
+__all__ = [
+    "BreakerSettings",
+    "BreakerSnapshot",
+    "BreakerState",
+    "Breakers",
+    "Cache",
+    "CacheEntry",
+    "CacheKey",
+    "CacheLookup",
+    "CacheSettings",
+    "CircuitBreaker",
+    "MemoryBucketStore",
+    "MemoryStore",
+    "RateLimit",
+    "RateLimiter",
+    "RateLimiterSettings",
+    "RedisBucketStore",
+    "RedisStore",
+    "RetrySettings",
+    "canonical_query",
+    "is_upstream_failure",
+    "parse_retry_after",
+    "retry_idempotent",
+    "run_write_once",
+]
