@@ -11,7 +11,7 @@ SMART v2 grants the letters c, r, u, d, s (in that order):
 
     operation   v1       v2
     read        read     r
-    search      read     s
+    search      read     rs    (a search returns resources, so it needs read too)
     create      write    c
     update      write    u
     delete      write    d
@@ -48,14 +48,8 @@ Catalogue = Mapping[str, tuple[str, tuple[str, ...]]]
 LOCAL_RESOURCE_TYPES: frozenset[str] = frozenset({"AuditEvent"})
 _CONTEXT = "system"
 _V2_ORDER = "cruds"
-_V2_LETTER: Mapping[str, str] = {"read": "r", "search": "s", "create": "c", "update": "u", "delete": "d"}
-_V1_WORD: Mapping[str, str] = {
-    "read": "read",
-    "search": "read",
-    "create": "write",
-    "update": "write",
-    "delete": "write",
-}
+# A search returns resources, so it needs read as well as search (v2 "rs", as the SMART examples ask).
+_V2_LETTERS: Mapping[str, str] = {"read": "r", "search": "rs", "create": "c", "update": "u", "delete": "d"}
 _V1_AS_LETTERS: Mapping[str, str] = {"read": "rs", "write": "cud", "*": "cruds"}
 
 
@@ -67,14 +61,14 @@ def _needs(tools: Iterable[str], catalogue: Catalogue, *, key: str) -> dict[str,
         if entry is None:
             raise ConfigError(key, f"names an unknown tool '{tool}'")
         operation, types = entry
-        letter = _V2_LETTER.get(operation)
-        if letter is None:
+        letters = _V2_LETTERS.get(operation)
+        if letters is None:
             raise ConfigError(key, f"tool '{tool}' has an unknown operation")
         per_type = out.setdefault(tool, {})
         for resource_type in types:
             if resource_type in LOCAL_RESOURCE_TYPES:
                 continue
-            per_type.setdefault(resource_type, set()).add(letter)
+            per_type.setdefault(resource_type, set()).update(letters)
     return out
 
 
