@@ -123,7 +123,7 @@ class SmartSettings:
     used in every ``ConfigError`` (for example ``backends.epic.smart``).
     """
 
-    client_id: str
+    client_id: str = ""
     auth_method: str = "private_key_jwt"
     token_url: str | None = None
     fhir_base_url: str | None = None
