@@ -60,7 +60,7 @@ def _public_pem(public_key: Ed25519PublicKey) -> bytes:
 
 
 def load_or_create_signing_key(path: Path) -> tuple[Ed25519PrivateKey, bool]:
-    """Load the Ed25519 key at ``path``, or create one (mode 0600) and its ``.pub``. Returns (key, created)."""
+    """Load the Ed25519 key at ``path``, or create it (mode 0600) and its ``.pub``; return (key, created)."""
     if path.exists():
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(key, Ed25519PrivateKey):

@@ -152,7 +152,7 @@ class AuditSettings:
 
     @property
     def signing_key_path(self) -> Path:
-        """Where the signing key lives (or will be generated): ``signing_key_file`` or ``path + .signing.pem``."""
+        """The signing key path: ``signing_key_file``, else ``path + ".signing.pem"``."""
         if self.signing_key_file:
             return Path(self.signing_key_file)
         base = self.path or f"var/audit/{self.writer_id}"

@@ -285,7 +285,8 @@ def _misplaced(rows: list[_Row], i: int, expected: int, by_seq: dict[int, list[i
     return Problem("deleted", expected, row.line, f"{missing} missing before this line")
 
 
-def _file_items(path: Path) -> Iterator[Item]:
+def file_items(path: Path) -> Iterator[Item]:
+    """Parse a JSON-lines log into verification items, marking an unterminated last line as torn."""
     prev: tuple[int, bytes, bool] | None = None
     for current in iter_file_lines(path):
         if prev is not None:
@@ -318,7 +319,7 @@ def verify_file(
 ) -> VerifyReport:
     """Verify a JSON-lines audit log."""
     return verify_entries(
-        _file_items(Path(path)), public_key=public_key, encryption_key=encryption_key,
+        file_items(Path(path)), public_key=public_key, encryption_key=encryption_key,
         progress=progress, expect_min_seq=expect_min_seq,
     )  # fmt: skip
 

@@ -24,7 +24,7 @@ class SinkError(Exception):
 
 @dataclass(slots=True)
 class Opened:
-    """What a sink found when it (re)opened: the chain head, and a recovery note if it repaired a torn tail."""
+    """What a sink found on (re)open: the chain head, and a recovery note if it cut a torn tail."""
 
     head: ChainHead
     recovery: dict[str, Any] | None = None

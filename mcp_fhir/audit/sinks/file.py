@@ -94,7 +94,7 @@ class FileSink(AuditSink):
         size = os.fstat(fd).st_size
         if size == 0:
             return ChainHead(), None
-        with open(self.path, "rb") as fh:  # noqa: PTH123 - a second, read-only description
+        with open(self.path, "rb") as fh:  # a second, read-only description
             chunk = TAIL_CHUNK
             while True:
                 start = max(0, size - chunk)
