@@ -1,0 +1,32 @@
+# METADATA
+# title: Anomalies
+# description: >-
+#   Alerts never change allow; they tell the audit trail and the SOC what to look at.
+#   after_hours: outside the business hours in data. break_glass: break-glass was invoked.
+package mcp_fhir.authz.anomalies
+
+import data.mcp_fhir.authz.request
+import data.mcp_fhir.authz.sensitivity
+
+_hours := data.mcp_fhir.config.hours
+
+# minutes turns "HH:MM" into minutes after midnight.
+minutes(hhmm) := ((to_number(concat("", ["1", parts[0]])) - 100) * 60) + (to_number(concat("", ["1", parts[1]])) - 100) if {
+	parts := split(hhmm, ":")
+}
+
+# business_hours is true when instant ns (epoch nanoseconds) falls inside hours.
+business_hours(ns, hours) if {
+	time.weekday([ns, hours.timezone]) in hours.days
+	[h, m, _] := time.clock([ns, hours.timezone])
+	now := (h * 60) + m
+	now >= minutes(hours.start)
+	now < minutes(hours.end)
+}
+
+_in_hours if business_hours(request.time_ns, _hours)
+
+# alerts raised for any well-formed request.
+alerts contains "after_hours" if not _in_hours
+
+alerts contains "break_glass" if sensitivity.break_glass_invoked

@@ -1,0 +1,162 @@
+# METADATA
+# title: mcp-fhir authorization
+# description: >-
+#   Entry points for the mcp-fhir sidecar. decision answers one tool call (always an object
+#   with allow, reasons, obligations and audit); visible_tools lists the tools a subject could
+#   ever call. Every deny carries at least one reason with a stable code.
+package mcp_fhir.authz
+
+import data.mcp_fhir.authz.anomalies
+import data.mcp_fhir.authz.patient
+import data.mcp_fhir.authz.purpose
+import data.mcp_fhir.authz.rbac
+import data.mcp_fhir.authz.request
+import data.mcp_fhir.authz.scopes
+import data.mcp_fhir.authz.sensitivity
+import data.mcp_fhir.authz.tools
+import data.mcp_fhir.authz.util
+
+# METADATA
+# title: Decision
+# description: The decision for one tool call; POST /v1/data/mcp_fhir/authz/decision.
+# entrypoint: true
+decision := {
+	"allow": allow,
+	"reasons": reasons,
+	"obligations": obligations,
+	"audit": audit,
+}
+
+default allow := false
+
+# allow needs a well-formed request, no deny reason, and every positive grant present.
+allow if {
+	request.well_formed
+	count(_deny) == 0
+	tools.matches
+	count(rbac.granting_roles) > 0
+	purpose.permitted
+	scopes.covered
+}
+
+_deny := request.deny if not request.well_formed
+
+_deny := (((((tools.deny | rbac.deny) | purpose.deny) | patient.deny) | scopes.deny) | sensitivity.deny) | deny if {
+	request.well_formed
+}
+
+# METADATA
+# title: Category not permitted
+# description: Purpose and scopes together leave no category of this resource type, or exclude the requested one
+# custom:
+#   code: CATEGORY_NOT_PERMITTED
+deny contains util.reason(rego.metadata.rule()) if {
+	count(allowed_categories[request.resource_type]) == 0
+}
+
+deny contains util.reason(rego.metadata.rule()) if {
+	is_string(request.params.category)
+	not _code(request.params.category) in allowed_categories[request.resource_type]
+}
+
+_code(token) := code if {
+	parts := split(token, "|")
+	code := parts[count(parts) - 1]
+}
+
+# METADATA
+# title: Policy incomplete
+# description: The policy found no deny reason but no grant either; denied by default
+# custom:
+#   code: POLICY_INCOMPLETE
+_incomplete := util.reason(rego.metadata.rule())
+
+_reasons := set() if allow
+
+else := _deny if count(_deny) > 0
+
+else := {_incomplete}
+
+reasons := sort(_reasons)
+
+# allowed_categories: resource type -> categories, where purpose or scopes restrict them
+# (the intersection when both do). A type absent from the map is unrestricted.
+allowed_categories := {request.resource_type: cats} if {
+	cats := purpose.categories(purpose.definition, request.resource_type) & scopes.request_categories
+} else := {request.resource_type: cats} if {
+	cats := purpose.categories(purpose.definition, request.resource_type)
+} else := {request.resource_type: cats} if {
+	cats := scopes.request_categories
+} else := {}
+
+_closed_obligations := {
+	"exclude_security_labels": sort(sensitivity.all_labels),
+	"allowed_categories": {},
+	"redact": [],
+	"max_lookback_days": 0,
+	"max_results": 0,
+}
+
+_granted_obligations := {
+	"exclude_security_labels": sort(sensitivity.excluded),
+	"allowed_categories": {rt: sort(cats) | some rt, cats in allowed_categories},
+	"redact": sort(rbac.role_redact | purpose.redact),
+	"max_lookback_days": purpose.max_lookback_days,
+	"max_results": purpose.max_results,
+}
+
+# obligations: what the sidecar must enforce on an allowed result; closed (nothing passes) on deny.
+obligations := _granted_obligations if allow
+
+else := _closed_obligations
+
+_sensitivity := "restricted" if {
+	allow
+	sensitivity.break_glass_active
+} else := "sensitive" if {
+	allow
+	count(sensitivity.let_through) > 0
+} else := "standard"
+
+_alerts contains alert if {
+	request.well_formed
+	some alert in anomalies.alerts
+}
+
+_alerts contains "sensitive_access_non_clinician" if {
+	allow
+	sensitivity.non_clinician_release
+}
+
+audit := {"sensitivity": _sensitivity, "alerts": sort(_alerts)}
+
+# METADATA
+# title: Visible tools
+# description: >-
+#   Sorted names of the tools the subject could ever call: a role permits the tool's operation
+#   on one of its resource types under some purpose (the given one, if any) and the scopes
+#   cover it. POST /v1/data/mcp_fhir/authz/visible_tools with {"subject": ...}.
+# entrypoint: true
+default visible_tools := []
+
+visible_tools := sort({name |
+	some name, tool in data.mcp_fhir.config.tools
+	some rt in tool.resource_types
+	_could_call(tool.operation, rt)
+}) if request.subject_well_formed
+
+_could_call(operation, rt) if {
+	acc := data.mcp_fhir.config.defaults.access[operation]
+	letter := data.mcp_fhir.config.defaults.scope_letter[operation]
+	scopes.covers(scopes.parsed_scopes(request.scopes), rt, letter, true)
+	some r in rbac.roles
+	role := rbac.role_definition(r)
+	rbac.permits(role, acc, rt)
+	some p in role.purposes
+	_purpose_fits(p)
+	purpose.covers(data.mcp_fhir.config.purposes[p], acc, rt)
+}
+
+_purpose_fits(p) if p == purpose.effective
+
+_purpose_fits(_) if not purpose.effective

@@ -1,0 +1,228 @@
+# METADATA
+# title: Decision input validation and normalisation
+# description: >-
+#   Checks the shape of the decision input against the contract and exposes normalised
+#   values. Every other package reads the request through this one, and only after
+#   well_formed holds, so no builtin ever sees a value of the wrong type.
+package mcp_fhir.authz.request
+
+import data.mcp_fhir.authz.util
+
+_authn := {"oauth", "api_key", "local"}
+
+_operations := {"read", "search", "create", "update"}
+
+# RFC 3339 date-time; day-of-month is checked separately so that parsing can never error.
+_rfc3339 := `^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$`
+
+# Epoch nanoseconds fit int64 only from 1677-09-21 to 2262-04-11; whole years inside that.
+_min_year := 1678
+
+_max_year := 2261
+
+_month_days := [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]
+
+_subject := input.subject if is_object(input.subject)
+
+_action := input.action if is_object(input.action)
+
+_resource := input.resource if is_object(input.resource)
+
+_context := input.context if is_object(input.context)
+
+# Each check is a positive rule; the malformed sets negate the rule itself, never a builtin
+# call, because a builtin given an undefined argument makes a negated expression fail.
+_subject_ok if is_object(_subject)
+
+_subject_id_ok if util.non_empty_string(_subject.id)
+
+_subject_authn_ok if _subject.authn in _authn
+
+_subject_claims_ok if is_object(_subject.claims)
+
+_subject_scopes_ok if util.string_array(_subject.scopes)
+
+_subject_on_behalf_of_ok if util.null_or_string(object.get(_subject, "on_behalf_of", null))
+
+_input_ok if is_object(input)
+
+_action_ok if is_object(_action)
+
+_action_tool_ok if util.non_empty_string(_action.tool)
+
+_action_operation_ok if _action.operation in _operations
+
+_action_resource_type_ok if util.non_empty_string(_action.resource_type)
+
+_resource_ok if is_object(_resource)
+
+_resource_patient_ok if _patient_ok(object.get(_resource, "patient", null))
+
+_resource_params_ok if is_object(object.get(_resource, "params", {}))
+
+_context_ok if is_object(_context)
+
+_context_time_ok if valid_time(_context.time)
+
+_context_purpose_ok if util.null_or_string(object.get(_context, "purpose", null))
+
+_context_break_glass_ok if _break_glass_ok(object.get(_context, "break_glass", null))
+
+_context_field_ok(key) if util.null_or_string(object.get(_context, key, null))
+
+# malformed_subject names each subject field that breaks the contract.
+malformed_subject contains "subject" if not _subject_ok
+
+malformed_subject contains "subject.id" if not _subject_id_ok
+
+malformed_subject contains "subject.authn" if not _subject_authn_ok
+
+malformed_subject contains "subject.claims" if not _subject_claims_ok
+
+malformed_subject contains "subject.scopes" if not _subject_scopes_ok
+
+malformed_subject contains "subject.on_behalf_of" if {
+	_subject_ok
+	not _subject_on_behalf_of_ok
+}
+
+# malformed names every field (subject, action, resource, context) that breaks the contract.
+malformed contains "input" if not _input_ok
+
+malformed contains field if some field in malformed_subject
+
+malformed contains "action" if not _action_ok
+
+malformed contains "action.tool" if not _action_tool_ok
+
+malformed contains "action.operation" if not _action_operation_ok
+
+malformed contains "action.resource_type" if not _action_resource_type_ok
+
+malformed contains "resource" if not _resource_ok
+
+malformed contains "resource.patient" if {
+	_resource_ok
+	not _resource_patient_ok
+}
+
+malformed contains "resource.params" if {
+	_resource_ok
+	not _resource_params_ok
+}
+
+malformed contains "context" if not _context_ok
+
+malformed contains "context.time" if not _context_time_ok
+
+malformed contains "context.purpose" if {
+	_context_ok
+	not _context_purpose_ok
+}
+
+malformed contains "context.break_glass" if {
+	_context_ok
+	not _context_break_glass_ok
+}
+
+malformed contains field if {
+	_context_ok
+	some key in ["backend", "request_id"]
+	not _context_field_ok(key)
+	field := concat(".", ["context", key])
+}
+
+_patient_ok(p) if p == null
+
+_patient_ok(p) if util.non_empty_string(p)
+
+_break_glass_ok(bg) if bg == null
+
+_break_glass_ok(bg) if {
+	is_object(bg)
+	util.null_or_string(object.get(bg, "reason", null))
+}
+
+# valid_time is true for an RFC 3339 date-time that time.parse_rfc3339_ns accepts
+# (years 1678-2261, so the instant fits in epoch nanoseconds).
+valid_time(t) if {
+	is_string(t)
+	regex.match(_rfc3339, t)
+	year := _number(substring(t, 0, 4), 10000)
+	month := _number(substring(t, 5, 2), 100)
+	day := _number(substring(t, 8, 2), 100)
+	year >= _min_year
+	year <= _max_year
+	day <= _days_in_month(year, month)
+}
+
+# _number reads a zero-padded decimal string without tripping on leading zeros.
+_number(digits, scale) := to_number(concat("", ["1", digits])) - scale
+
+_days_in_month(year, month) := 29 if {
+	month == 2
+	_leap(year)
+} else := _month_days[month - 1]
+
+_leap(year) if {
+	year % 4 == 0
+	year % 100 != 0
+}
+
+_leap(year) if year % 400 == 0
+
+default well_formed := false
+
+# well_formed holds when the whole input matches the contract.
+well_formed if count(malformed) == 0
+
+default subject_well_formed := false
+
+# subject_well_formed holds when input.subject alone matches the contract (visible_tools).
+subject_well_formed if count(malformed_subject) == 0
+
+# METADATA
+# title: Input malformed
+# description: The decision input does not match the contract
+# custom:
+#   code: INPUT_MALFORMED
+deny contains util.reason_with_detail(rego.metadata.rule(), concat(", ", sort(malformed))) if count(malformed) > 0
+
+# Normalised request values; meaningful only when well_formed holds.
+# Each is defined only when it has the contract's type, so downstream builtins are safe.
+claims := _subject.claims if _subject_claims_ok
+
+scopes := _subject.scopes if _subject_scopes_ok
+
+tool := _action.tool if _action_tool_ok
+
+operation := _action.operation if _action_operation_ok
+
+resource_type := _action.resource_type if _action_resource_type_ok
+
+default patient := null
+
+patient := _resource.patient if util.non_empty_string(_resource.patient)
+
+default params := {}
+
+params := _resource.params if is_object(_resource.params)
+
+default declared_purpose := null
+
+declared_purpose := _context.purpose if util.non_empty_string(_context.purpose)
+
+default context_given := false
+
+context_given if is_object(_context)
+
+time_ns := time.parse_rfc3339_ns(_context.time) if valid_time(_context.time)
+
+default break_glass_requested := false
+
+# break_glass_requested: the caller sent a break_glass object (with or without a reason).
+break_glass_requested if is_object(_context.break_glass)
+
+default break_glass_reason_given := false
+
+break_glass_reason_given if util.non_empty_string(_context.break_glass.reason)

@@ -1,0 +1,73 @@
+# METADATA
+# title: Patient binding
+# description: >-
+#   Patient data always needs a patient. A subject bound to a patient (launch-context claim)
+#   never reaches another patient. Naming a patient on non-patient data (the audit log) needs
+#   a granting role with patient_filter.
+package mcp_fhir.authz.patient
+
+import data.mcp_fhir.authz.rbac
+import data.mcp_fhir.authz.request
+import data.mcp_fhir.authz.util
+
+_claim_name := data.mcp_fhir.config.claims.patient
+
+_non_patient_types := data.mcp_fhir.config.defaults.non_patient_resource_types
+
+# canonical strips a leading "Patient/" so "Patient/123" and "123" compare equal.
+canonical(id) := trim_prefix(id, "Patient/")
+
+default patient_data := false
+
+# patient_data holds for every resource type except the configured non-patient ones.
+patient_data if not request.resource_type in _non_patient_types
+
+# The subject is bound when the claim is present with any non-null value.
+bound if object.get(request.claims, _claim_name, null) != null
+
+_bound_patient := canonical(request.claims[_claim_name]) if util.non_empty_string(request.claims[_claim_name])
+
+_same_patient if {
+	is_string(request.patient)
+	canonical(request.patient) == _bound_patient
+}
+
+_patient_given if request.patient != null
+
+_filter_permitted if {
+	some r in rbac.granting_roles
+	rbac.role_definition(r).patient_filter == true
+}
+
+# METADATA
+# title: Patient required
+# description: Patient data can only be reached for one named patient
+# custom:
+#   code: PATIENT_REQUIRED
+deny contains util.reason(rego.metadata.rule()) if {
+	patient_data
+	not _patient_given
+}
+
+# METADATA
+# title: Patient mismatch
+# description: The subject is bound to a different patient
+# custom:
+#   code: PATIENT_MISMATCH
+deny contains util.reason(rego.metadata.rule()) if {
+	bound
+	_patient_given
+	not _same_patient
+}
+
+# METADATA
+# title: Patient filter not permitted
+# description: The subject's role may not name a patient when reading this resource type
+# custom:
+#   code: PATIENT_FILTER_NOT_PERMITTED
+deny contains util.reason(rego.metadata.rule()) if {
+	not patient_data
+	_patient_given
+	count(rbac.granting_roles) > 0
+	not _filter_permitted
+}

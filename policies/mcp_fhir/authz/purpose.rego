@@ -1,0 +1,119 @@
+# METADATA
+# title: Purpose of use
+# description: >-
+#   The effective purpose is the declared context.purpose, else the purpose bound by the
+#   credential. A declared purpose never overrides a bound one. Each purpose lists the
+#   access kinds, resource types and categories it may touch.
+package mcp_fhir.authz.purpose
+
+import data.mcp_fhir.authz.request
+import data.mcp_fhir.authz.util
+
+_purposes := data.mcp_fhir.config.purposes
+
+_defaults := data.mcp_fhir.config.defaults
+
+_claim_name := data.mcp_fhir.config.claims.purpose
+
+# The credential binds a purpose when it carries the claim at all (any value but null).
+_bound if object.get(request.claims, _claim_name, null) != null
+
+_bound_purpose := request.claims[_claim_name] if util.non_empty_string(request.claims[_claim_name])
+
+_declared if request.declared_purpose != null
+
+_mismatch if {
+	_bound
+	_declared
+	not _bound_matches_declared
+}
+
+_mismatch if {
+	_bound
+	not _bound_purpose
+}
+
+_bound_matches_declared if _bound_purpose == request.declared_purpose
+
+# effective is the purpose this request acts under; undefined when missing or contradictory.
+effective := request.declared_purpose if {
+	_declared
+	not _mismatch
+}
+
+effective := _bound_purpose if {
+	not _declared
+	not _mismatch
+}
+
+_known if _purposes[effective]
+
+# definition is the data entry of the effective purpose.
+definition := _purposes[effective]
+
+access := _defaults.access[request.operation]
+
+default permitted := false
+
+# permitted holds when the effective purpose covers this access kind and resource type.
+permitted if covers(definition, access, request.resource_type)
+
+# covers is true when purpose definition def allows access kind acc on resource type rt.
+covers(def, acc, rt) if {
+	acc in def.access
+	def.resource_types[rt]
+}
+
+# categories is the category list the purpose allows for rt; undefined when unrestricted.
+categories(def, rt) := util.as_set(def.resource_types[rt].categories)
+
+default max_lookback_days := 36500
+
+# max_lookback_days is the purpose's lookback, or the "unbounded" sentinel from defaults.
+max_lookback_days := object.get(definition, "max_lookback_days", _defaults.unbounded_lookback_days)
+
+default max_results := 0
+
+# max_results is the smaller of the default cap and the purpose's own cap.
+max_results := min({_defaults.max_results, object.get(definition, "max_results", _defaults.max_results)})
+
+default redact := set()
+
+redact := util.as_set(definition.redact)
+
+# METADATA
+# title: Purpose required
+# description: No purpose of use was declared and the credential binds none
+# custom:
+#   code: PURPOSE_REQUIRED
+deny contains util.reason(rego.metadata.rule()) if {
+	not _declared
+	not _bound
+}
+
+# METADATA
+# title: Purpose mismatch
+# description: The declared purpose differs from the purpose bound by the credential
+# custom:
+#   code: PURPOSE_MISMATCH
+deny contains util.reason(rego.metadata.rule()) if _mismatch
+
+# METADATA
+# title: Unknown purpose
+# description: The purpose of use is not defined in policy data
+# custom:
+#   code: PURPOSE_UNKNOWN
+deny contains util.reason(rego.metadata.rule()) if {
+	effective
+	not _known
+}
+
+# METADATA
+# title: Purpose does not cover the action
+# description: The purpose of use does not permit this operation on this resource type
+# custom:
+#   code: PURPOSE_NOT_PERMITTED
+deny contains util.reason(rego.metadata.rule()) if {
+	_known
+	not permitted
+}

@@ -1,0 +1,76 @@
+# METADATA
+# title: Roles
+# description: >-
+#   Roles come from the credential's claims through the mapping in claims data; Python never
+#   computes a role. A role permits read (read, search) or write (create, update) per resource
+#   type and lists the purposes it may act under.
+package mcp_fhir.authz.rbac
+
+import data.mcp_fhir.authz.purpose
+import data.mcp_fhir.authz.request
+import data.mcp_fhir.authz.util
+
+_roles_data := data.mcp_fhir.config.roles
+
+_claims_cfg := data.mcp_fhir.config.claims
+
+# roles_from_claims maps the configured roles claim (a list of strings) to known roles.
+roles_from_claims(claims, cfg, known) := {role |
+	values := claims[cfg.roles]
+	is_array(values)
+	some value in values
+	is_string(value)
+	role := cfg.role_map[value]
+	known[role]
+}
+
+default roles := set()
+
+roles := roles_from_claims(request.claims, _claims_cfg, _roles_data)
+
+# permits is true when role definition def grants access kind acc on resource type rt.
+permits(def, acc, rt) if rt in def[acc]
+
+# permitting_roles grant this access on this resource type, whatever the purpose.
+permitting_roles := {r | some r in roles; permits(_roles_data[r], purpose.access, request.resource_type)}
+
+# granting_roles grant this access on this resource type AND list the effective purpose.
+granting_roles := {r | some r in permitting_roles; purpose.effective in _roles_data[r].purposes}
+
+# role_redact: what every granting role redacts (the most permissive granting role wins).
+default role_redact := set()
+
+role_redact := intersection({util.as_set(_roles_data[r].redact) | some r in granting_roles}) if {
+	count(granting_roles) > 0
+}
+
+# role_definition gives the data entry of a role (for other packages).
+role_definition(r) := _roles_data[r]
+
+# METADATA
+# title: No role
+# description: The credential carries no role known to the policy
+# custom:
+#   code: NO_ROLE
+deny contains util.reason(rego.metadata.rule()) if count(roles) == 0
+
+# METADATA
+# title: Role not permitted
+# description: None of the subject's roles permits this operation on this resource type
+# custom:
+#   code: ROLE_NOT_PERMITTED
+deny contains util.reason(rego.metadata.rule()) if {
+	count(roles) > 0
+	count(permitting_roles) == 0
+}
+
+# METADATA
+# title: Purpose not permitted for role
+# description: No role that permits this action may act under the effective purpose
+# custom:
+#   code: ROLE_PURPOSE_NOT_PERMITTED
+deny contains util.reason(rego.metadata.rule()) if {
+	purpose.effective
+	count(permitting_roles) > 0
+	count(granting_roles) == 0
+}

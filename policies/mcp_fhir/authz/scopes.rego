@@ -1,0 +1,99 @@
+# METADATA
+# title: SMART scopes
+# description: >-
+#   The subject's SMART scopes must cover the resource type and operation. Accepts v1
+#   (patient/Observation.read, user/*.write, *.*) and v2 (patient/Observation.rs, with an
+#   optional ?category= query). A v2 category query narrows allowed_categories. A scope with
+#   any other query parameter grants nothing, because the sidecar could not enforce it.
+package mcp_fhir.authz.scopes
+
+import data.mcp_fhir.authz.request
+import data.mcp_fhir.authz.util
+
+_defaults := data.mcp_fhir.config.defaults
+
+_pattern := `^(?:(patient|user|system)/)?([A-Za-z]+|\*)\.(read|write|\*|c?r?u?d?s?)(?:\?(.+))?$`
+
+# parse turns one scope string into {context, type, letters, categories}; categories is
+# null when the scope does not restrict categories. Undefined for scopes it cannot honour.
+parse(scope) := {"context": m[1], "type": m[2], "letters": letters, "categories": cats} if {
+	[m] := regex.find_all_string_submatch_n(_pattern, scope, 1)
+	letters := _letters(m[3], m[4])
+	count(letters) > 0
+	cats := _query_categories(m[4])
+}
+
+# v1 permissions carry no query; v2 letters may.
+_letters(perm, "") := util.as_set(_defaults.scope_v1[perm])
+
+_letters(perm, _) := {l | some l in split(perm, "")} if not _defaults.scope_v1[perm]
+
+_query_categories("") := null
+
+_query_categories(query) := cats if {
+	query != ""
+	params := split(query, "&")
+	every param in params {
+		startswith(param, "category=")
+	}
+	cats := {_code(value) |
+		some param in params
+		some value in split(trim_prefix(param, "category="), ",")
+		value != ""
+	}
+	count(cats) > 0
+}
+
+# _code keeps the code of a "system|code" token.
+_code(token) := code if {
+	parts := split(token, "|")
+	code := parts[count(parts) - 1]
+}
+
+# parsed_scopes is every scope of the subject that the policy can honour.
+parsed_scopes(raw) := {s | some scope in raw; s := parse(scope)}
+
+# covering gives the scopes that grant letter on resource type rt. A patient/ scope only
+# covers a request that names a patient (patient_given).
+covering(scopes, rt, letter, patient_given) := {s |
+	some s in scopes
+	s.type in {rt, "*"}
+	letter in s.letters
+	_context_fits(s.context, patient_given)
+}
+
+_context_fits(ctx, _) if ctx != "patient"
+
+_context_fits("patient", true)
+
+# covers is true when some honoured scope grants letter on rt.
+covers(scopes, rt, letter, patient_given) if count(covering(scopes, rt, letter, patient_given)) > 0
+
+# categories gives the categories the covering scopes allow; undefined when unrestricted.
+categories(scopes, rt, letter, patient_given) := cats if {
+	cover := covering(scopes, rt, letter, patient_given)
+	count(cover) > 0
+	every s in cover {
+		s.categories != null
+	}
+	cats := {c | some s in cover; some c in s.categories}
+}
+
+letter := _defaults.scope_letter[request.operation]
+
+_subject_scopes := parsed_scopes(request.scopes)
+
+default covered := false
+
+# covered holds when the subject's scopes grant this request.
+covered if covers(_subject_scopes, request.resource_type, letter, request.patient != null)
+
+# request_categories: the scope-imposed categories for this request; undefined when unrestricted.
+request_categories := categories(_subject_scopes, request.resource_type, letter, request.patient != null)
+
+# METADATA
+# title: Scope not granted
+# description: The subject's SMART scopes do not cover this operation on this resource type
+# custom:
+#   code: SCOPE_NOT_GRANTED
+deny contains util.reason(rego.metadata.rule()) if not covered
