@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import sys
+from pathlib import Path
+
+_ROOT = str(Path(__file__).resolve().parents[2])
+if _ROOT not in sys.path:  # `tests.testbed` is not importable under --import-mode=importlib otherwise
+    sys.path.insert(0, _ROOT)
+
+import pytest  # noqa: E402
 
 
 class FakeClock:
