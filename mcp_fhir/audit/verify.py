@@ -49,6 +49,7 @@ __all__ = [
     "PROBLEM_KINDS",
     "Problem",
     "VerifyReport",
+    "file_items",
     "verify_entries",
     "verify_file",
     "verify_postgres",
