@@ -42,6 +42,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from mcp_fhir._exceptions import UpstreamBadResponse
 from mcp_fhir.ehr.profiles.base import (
     DEFAULT_PATIENT_SEARCH_PARAM,
     FHIR_STU3,
@@ -195,7 +196,8 @@ class _Converter:
 
     def condition(self, r: dict[str, Any]) -> None:
         self.code_to_concept(r, "clinicalStatus", CONDITION_CLINICAL)
-        if r.get("verificationStatus") is not None and r.get("verificationStatus") not in _VER_STATUS_R4:
+        status = r.get("verificationStatus")
+        if isinstance(status, str) and status not in _VER_STATUS_R4:
             self.drop(r, "verificationStatus", "Condition.verificationStatus")
         self.code_to_concept(r, "verificationStatus", CONDITION_VER_STATUS)
         asserted = r.pop("assertedDate", None)
@@ -322,7 +324,10 @@ class _Converter:
 def normalise_stu3(resource: dict[str, Any]) -> Normalised:
     """Convert one STU3 resource (already deep-copied by the caller) to R4."""
     converter = _Converter()
-    converter.convert(resource)
+    try:
+        converter.convert(resource)
+    except (TypeError, AttributeError, KeyError, ValueError) as exc:
+        raise UpstreamBadResponse("an STU3 resource had an element of an unexpected shape") from exc
     _rewrite_systems(resource)
     extras = common_extras(resource)
     extras["source_fhir_version"] = FHIR_STU3
