@@ -54,9 +54,15 @@ deny contains util.reason(rego.metadata.rule()) if {
 	count(allowed_categories[request.resource_type]) == 0
 }
 
+# METADATA
+# title: Requested category not permitted
+# description: The requested category is not among the categories allowed for this resource type
+# custom:
+#   code: CATEGORY_NOT_PERMITTED
 deny contains util.reason(rego.metadata.rule()) if {
 	is_string(request.params.category)
-	not _code(request.params.category) in allowed_categories[request.resource_type]
+	cats := allowed_categories[request.resource_type]
+	not _code(request.params.category) in cats
 }
 
 _code(token) := code if {

@@ -70,7 +70,7 @@ deny contains util.reason(rego.metadata.rule()) if {
 # custom:
 #   code: ROLE_PURPOSE_NOT_PERMITTED
 deny contains util.reason(rego.metadata.rule()) if {
-	purpose.effective
+	purpose.definition
 	count(permitting_roles) > 0
 	count(granting_roles) == 0
 }

@@ -1,0 +1,37 @@
+# METADATA
+# title: Fixture corpus agreement
+# description: policies/fixtures/decisions.json (loaded as data.fixtures) must agree with the policy.
+package mcp_fhir.authz.fixtures_test
+
+import data.mcp_fhir.authz
+
+_agrees(case) if {
+	decision := authz.decision with input as case.input
+	decision.allow == case.expect.allow
+	sort({r.code | some r in decision.reasons}) == case.expect.reasons
+	_obligations_agree(decision, case.expect)
+	_alerts_agree(decision, case.expect)
+}
+
+_obligations_agree(_, expect) if not expect.obligations
+
+_obligations_agree(decision, expect) if decision.obligations == expect.obligations
+
+_alerts_agree(_, expect) if not expect.alerts
+
+_alerts_agree(decision, expect) if decision.audit.alerts == expect.alerts
+
+test_fixture_corpus_has_at_least_thirty_cases if count(data.fixtures) >= 30
+
+test_fixture_corpus_agrees_with_policy if {
+	failures := {case.note | some case in data.fixtures; not _agrees(case)}
+	print("fixture failures:", failures)
+	count(failures) == 0
+}
+
+test_fixture_corpus_covers_allow_and_deny if {
+	some a in data.fixtures
+	a.expect.allow == true
+	some d in data.fixtures
+	d.expect.allow == false
+}
