@@ -1,0 +1,62 @@
+package mcp_fhir.authz.request_test
+
+import data.mcp_fhir.authz.request
+import data.mcp_fhir.authz.testing
+
+_malformed_cases := {
+	"subject.id": {"/subject/id": ""},
+	"subject.authn": {"/subject/authn": "password"},
+	"subject.on_behalf_of": {"/subject/on_behalf_of": 7},
+	"resource.patient": {"/resource/patient": 7},
+	"resource.params": {"/resource/params": []},
+	"context.purpose": {"/context/purpose": ["treatment"]},
+	"context.break_glass": {"/context/break_glass": "yes"},
+	"context.backend": {"/context/backend": 1},
+	"context.time": {"/context/time": "2025-06-03 01:00:00"},
+}
+
+test_each_malformed_field_is_named if {
+	failures := {field |
+		some field, ops in _malformed_cases
+		not field in request.malformed with input as testing.patched(testing.clinician_obs, ops)
+	}
+	count(failures) == 0
+}
+
+test_well_formed_input_has_no_deny if {
+	count(request.deny) == 0 with input as testing.clinician_obs
+}
+
+test_empty_input_denied_malformed if {
+	some r in request.deny with input as {}
+	r.code == "INPUT_MALFORMED"
+}
+
+test_valid_times_accepted if {
+	every t in ["2024-02-29T00:00:00Z", "2000-02-29T10:00:00.123+10:00", "2025-12-31T23:59:59-05:30"] {
+		request.valid_time(t)
+	}
+}
+
+test_invalid_times_rejected if {
+	every t in ["2023-02-29T00:00:00Z", "1900-02-29T00:00:00Z", "9999-01-01T00:00:00Z", "2025-04-31T00:00:00Z", "2025-06-03T24:00:00Z", 5] {
+		not request.valid_time(t)
+	}
+}
+
+test_normalised_values_follow_input if {
+	request.patient == "p1" with input as testing.clinician_obs
+	request.params == {} with input as testing.clinician_obs
+	request.context_given with input as testing.clinician_obs
+	request.time_ns == time.parse_rfc3339_ns(testing.business_time) with input as testing.clinician_obs
+}
+
+test_params_object_is_passed_through if {
+	i := testing.patched(testing.clinician_obs, {"/resource/params": {"category": "laboratory"}})
+	request.params == {"category": "laboratory"} with input as i
+}
+
+test_subject_only_input_is_subject_well_formed if {
+	request.subject_well_formed with input as {"subject": testing.clinician_obs.subject}
+	not request.well_formed with input as {"subject": testing.clinician_obs.subject}
+}

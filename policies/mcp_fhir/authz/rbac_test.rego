@@ -1,0 +1,56 @@
+package mcp_fhir.authz.rbac_test
+
+import data.mcp_fhir.authz.rbac
+import data.mcp_fhir.authz.testing
+
+_cfg := data.mcp_fhir.config.claims
+
+_roles := data.mcp_fhir.config.roles
+
+test_roles_claim_maps_to_roles if {
+	rbac.roles_from_claims({"roles": ["nurse", "clinician", "x", 5]}, _cfg, _roles) == {"nurse", "clinician"}
+}
+
+test_roles_claim_name_is_configurable if {
+	cfg := object.union(_cfg, {"roles": "groups"})
+	rbac.roles_from_claims({"groups": ["auditor"], "roles": ["admin"]}, cfg, _roles) == {"auditor"}
+}
+
+test_roles_claim_not_a_list_grants_nothing if {
+	rbac.roles_from_claims({"roles": "clinician"}, _cfg, _roles) == set()
+}
+
+test_clinician_cannot_write_medications if {
+	not rbac.permits(_roles.clinician, "write", "MedicationRequest")
+	rbac.permits(_roles.clinician, "write", "DocumentReference")
+}
+
+test_nurse_writes_nothing if {
+	count(_roles.nurse.write) == 0
+}
+
+test_admin_and_auditor_read_only_audit_events if {
+	_roles.admin.read == ["AuditEvent"]
+	_roles.auditor.read == ["AuditEvent"]
+}
+
+test_admin_and_auditor_together_get_auditor_view if {
+	i := testing.req(["admin", "auditor"], ["user/*.rs"], "search_audit_log", "search", "AuditEvent", null, "audit")
+	rbac.granting_roles == {"admin", "auditor"} with input as i
+	rbac.role_redact == set() with input as i
+}
+
+test_admin_alone_has_entity_redacted if {
+	i := testing.req(["admin"], ["user/*.rs"], "search_audit_log", "search", "AuditEvent", null, "audit")
+	rbac.role_redact == {"AuditEvent.entity"} with input as i
+}
+
+test_no_role_denied if {
+	i := testing.req([], ["user/*.rs"], "search_observations", "search", "Observation", "p1", "treatment")
+	{r.code | some r in rbac.deny with input as i} == {"NO_ROLE"}
+}
+
+test_nurse_under_discharge_summary_denied_role_purpose if {
+	i := testing.req(["nurse"], ["user/*.rs"], "search_observations", "search", "Observation", "p1", "discharge_summary")
+	{r.code | some r in rbac.deny with input as i} == {"ROLE_PURPOSE_NOT_PERMITTED"}
+}

@@ -1,0 +1,42 @@
+package mcp_fhir.authz.sensitivity_test
+
+import data.mcp_fhir.authz.sensitivity
+import data.mcp_fhir.authz.testing
+
+_bg(i, reason) := testing.patched(i, {"/context/break_glass": {"reason": reason}})
+
+test_sensitive_and_restricted_labels_excluded_by_default if {
+	ex := sensitivity.excluded with input as testing.clinician_obs
+	{"PSY", "HIV", "ETH", "SDV", "STD", "R", "V"} - ex == set()
+}
+
+test_role_purpose_pair_releases_labels if {
+	ex := sensitivity.excluded with input as testing.clinician_obs
+		with data.mcp_fhir.config.roles.clinician.sensitive_labels as {"treatment": ["HIV", "NOT_A_LABEL"]}
+	not "HIV" in ex
+	"PSY" in ex
+}
+
+test_clinician_break_glass_excludes_nothing if {
+	sensitivity.excluded == set() with input as _bg(testing.clinician_obs, "arrest")
+}
+
+test_break_glass_still_excluded_labels_are_kept if {
+	sensitivity.excluded == {"PSYTHPN"} with input as _bg(testing.clinician_obs, "arrest")
+		with data.mcp_fhir.config.labels.break_glass_excluded as ["PSYTHPN"]
+}
+
+test_nurse_break_glass_denied if {
+	i := testing.req(["nurse"], ["user/*.rs"], "search_observations", "search", "Observation", "p1", "treatment")
+	{r.code | some r in sensitivity.deny with input as _bg(i, "arrest")} == {"BREAK_GLASS_NOT_PERMITTED"}
+}
+
+test_break_glass_without_reason_denied if {
+	i := testing.patched(testing.clinician_obs, {"/context/break_glass": {}})
+	{r.code | some r in sensitivity.deny with input as i} == {"BREAK_GLASS_REASON_REQUIRED"}
+	not sensitivity.break_glass_invoked with input as i
+}
+
+test_clinician_release_is_not_a_non_clinician_release if {
+	not sensitivity.non_clinician_release with input as _bg(testing.clinician_obs, "arrest")
+}
