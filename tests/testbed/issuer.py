@@ -44,14 +44,23 @@ DEFAULT_TOKEN_LIFETIME: Final = 300
 EVIL_ISSUER: Final = "http://127.0.0.1:1/not-the-issuer"
 
 
-class ServerThread:
-    """Serve an ASGI app with uvicorn on a pre-bound free loopback port, in a daemon thread."""
+def bind_loopback() -> socket.socket:
+    """A listening socket on a free loopback port (pass it to ``ServerThread``)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock
 
-    def __init__(self, app: ASGIApp, *, lifespan: str = "auto") -> None:
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(128)
+
+class ServerThread:
+    """Serve an ASGI app with uvicorn on a pre-bound free loopback port, in a daemon thread.
+
+    Pass ``sock`` (from ``bind_loopback``) when the app must know its own port before it is built.
+    """
+
+    def __init__(self, app: ASGIApp, *, lifespan: str = "auto", sock: socket.socket | None = None) -> None:
+        self._sock = sock or bind_loopback()
         self.port: int = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, lifespan=lifespan, log_level="warning", access_log=False)
