@@ -178,8 +178,9 @@ class SmartSettings:
                 raise ConfigError(key, "must be a mapping with key_id, algorithm and a key source")
             if not extra.key_id:
                 raise ConfigError(f"{key}.key_id", "is required")
-            if extra.key_id == self.key_id:
-                raise ConfigError(f"{key}.key_id", "repeats the active key_id")
+            earlier = {k.key_id for k in self.additional_keys[:index]} | {self.key_id}
+            if extra.key_id in earlier:
+                raise ConfigError(f"{key}.key_id", "repeats another key_id")
             if extra.algorithm not in ALLOWED_ALGORITHMS:
                 raise ConfigError(f"{key}.algorithm", f"must be one of {sorted(ALLOWED_ALGORITHMS)}")
             _exactly_one(

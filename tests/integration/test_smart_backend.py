@@ -13,12 +13,19 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx2
+import jwt
 import pytest
 
 from mcp_fhir._exceptions import UpstreamAuthError
 from mcp_fhir.ehr.keys import public_jwks, signing_key_from_pem
 from mcp_fhir.ehr.scopes import required_scopes, unavailable_tools
-from mcp_fhir.ehr.smart import SmartBackendAuth, SmartSettings, build_http_client, with_token_retry
+from mcp_fhir.ehr.smart import (
+    CLIENT_ASSERTION_TYPE,
+    SmartBackendAuth,
+    SmartSettings,
+    build_http_client,
+    with_token_retry,
+)
 from tests.testbed.token_server import RegisteredClient, TokenServer, make_private_key_pem, start_token_server
 
 SECRET = "integration secret: not & real"
@@ -409,3 +416,54 @@ async def test_a_401_refresh_works_against_the_real_fhir_test_bed(
         assert response.json()["id"] == "pat-au-001"
         assert server.token_requests == 2
         assert server.proxied_requests == 1
+
+
+def _raw_assertion(keys: dict[str, bytes], audience: str, now: float, **claims: Any) -> str:
+    payload = {
+        "iss": "jwt-client",
+        "sub": "jwt-client",
+        "aud": audience,
+        "exp": int(now) + 60,
+        "jti": str(now),
+    }
+    payload.update(claims)
+    key = signing_key_from_pem(keys["rs-1"], kid="rs-1", algorithm="RS384", key="t").private_key
+    return jwt.encode(payload, key, algorithm="RS384", headers={"kid": "rs-1"})
+
+
+@pytest.mark.parametrize(
+    ("claims", "assertion_type"),
+    [
+        (
+            {"aud": "https://other.example.org/token"},
+            "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        ),
+        ({"sub": "someone-else"}, "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
+        ({"jti": "j" * 152}, "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
+        ({}, "urn:ietf:params:oauth:client-assertion-type:saml2-bearer"),
+    ],
+    ids=["wrong-aud", "sub-not-iss", "jti-too-long", "wrong-assertion-type"],
+)
+async def test_the_token_server_rejects_assertions_a_real_ehr_would_reject(
+    claims: dict[str, Any],
+    assertion_type: str,
+    smart_server: TokenServer,
+    smart_http: httpx2.AsyncClient,
+    smart_clock: SmartSharedClock,
+    smart_keys: dict[str, bytes],
+) -> None:
+    assertion = _raw_assertion(smart_keys, smart_server.token_url, smart_clock.now, **claims)
+    form = {
+        "grant_type": "client_credentials",
+        "client_assertion_type": assertion_type,
+        "client_assertion": assertion,
+    }
+    response = await smart_http.post(smart_server.token_url, data=form)
+    assert response.status_code == 401
+    assert response.json() == {"error": "invalid_client"}
+    good = _raw_assertion(smart_keys, smart_server.token_url, smart_clock.now, jti="a-fresh-jti")
+    ok = await smart_http.post(
+        smart_server.token_url,
+        data={**form, "client_assertion_type": CLIENT_ASSERTION_TYPE, "client_assertion": good},
+    )
+    assert ok.status_code == 200  # the same request with a well-formed assertion is accepted
