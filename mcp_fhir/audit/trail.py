@@ -361,7 +361,7 @@ def load_cipher(
                 raise ConfigError(f"{section}.encryption_key_env", "the named environment variable is empty")
         else:
             text = Path(str(key_file)).read_text()
-        return RecordCipher(decode_aes_key(text), key_id or "default")
+        return RecordCipher(decode_aes_key(text), key_id)
     except ConfigError:
         raise
     except (OSError, ValueError) as exc:

@@ -229,11 +229,10 @@ def _print_report(report: VerifyReport, as_json: bool, out: TextIO) -> None:
 @_guarded
 def run_query(args: argparse.Namespace) -> int:
     """``audit query``."""
-    rows, cursor = page(
-        decode_entries(_after(_entries(args), parse_cursor(args.cursor)), _cipher(args)),
-        _query(args),
-        limit=check_limit(args.limit),
-    )
+    cipher = _cipher(args)
+    source = _SkippedCounter(_after(_entries(args), parse_cursor(args.cursor)), cipher)
+    rows, cursor = page(decode_entries(source, cipher), _query(args), limit=check_limit(args.limit))
+    source.warn()
     if args.json:
         print(json.dumps({"records": rows, "next_cursor": cursor}, sort_keys=True))
         return EXIT_OK
@@ -248,6 +247,28 @@ def run_query(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _SkippedCounter:
+    """Counts encrypted entries that pass by when no key was given, to warn on stderr."""
+
+    def __init__(self, entries: Iterable[dict[str, Any]], cipher: RecordCipher | None) -> None:
+        self._entries = entries
+        self._watch = cipher is None
+        self.skipped = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for entry in self._entries:
+            if self._watch and "ct" in entry:
+                self.skipped += 1
+            yield entry
+
+    def warn(self) -> None:
+        if self.skipped:
+            print(
+                f"warning: {self.skipped} encrypted records skipped (no encryption key given)",
+                file=sys.stderr,
+            )
+
+
 def _after(entries: Iterable[dict[str, Any]], seq: int) -> Iterator[dict[str, Any]]:
     return (e for e in entries if int(e.get("seq", 0)) > seq)
 
@@ -255,7 +276,10 @@ def _after(entries: Iterable[dict[str, Any]], seq: int) -> Iterator[dict[str, An
 @_guarded
 def run_export(args: argparse.Namespace) -> int:
     """``audit export``."""
-    rows, _ = page(decode_entries(_entries(args), _cipher(args)), _query(args), limit=max(1, args.limit))
+    cipher = _cipher(args)
+    source = _SkippedCounter(_entries(args), cipher)
+    rows, _ = page(decode_entries(source, cipher), _query(args), limit=max(1, args.limit))
+    source.warn()
     if args.format == "fhir":
         writer = args.writer or "mcp-fhir"
         events = [to_audit_event(r, seq=r["seq"], writer=writer) for r in rows]

@@ -92,6 +92,6 @@ async def test_a_torn_last_line_is_cut_with_a_recovery_entry_and_verify_passes(t
     report = verify_file(path, public_key=Path(str(path) + ".signing.pem.pub").read_bytes())
     assert report.ok, report.problem
     assert report.recoveries == 1
-    recovery = next(json.loads(x) for x in path.read_text().splitlines() if "\"recovery\"" in x)["recovery"]
+    recovery = next(json.loads(x) for x in path.read_text().splitlines() if '"recovery"' in x)["recovery"]
     assert recovery["kind"] == "torn_tail"
     assert recovery["truncated_bytes"] == len(b'{"hash":"ab12","prev":"')
