@@ -566,6 +566,13 @@ def _au_patient(pid: str) -> dict[str, Any]:
         "resourceType": "Patient",
         "id": pid,
         "meta": {"profile": ["http://hl7.org.au/fhir/core/StructureDefinition/au-core-patient"]},
+        "text": {
+            "status": "generated",
+            "div": '<div xmlns="http://www.w3.org/1999/xhtml">'
+            "<p><b>SYNTHETIC TEST DATA - not a real person.</b></p>"
+            f"<p>{' '.join(person['given'])} {person['family']}, {person['gender']}, "
+            f"born {person['birthDate']}.</p></div>",
+        },
         "identifier": identifiers,
         "name": [{"use": "official", "family": person["family"], "given": person["given"]}],
         "telecom": [{"system": "phone", "value": number, "use": use} for use, number in person["phones"]],
