@@ -351,6 +351,10 @@ class FaultProxy:
 
     async def _stop(self) -> None:
         await self._go_down()
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in pending:  # connections still inside a latency fault
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
 
