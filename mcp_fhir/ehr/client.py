@@ -7,9 +7,10 @@ breaker and read retries); `FakeEHRClient` is the in-package fake for unit tests
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -21,8 +22,11 @@ from mcp_fhir._exceptions import (
     UpstreamAuthError,
     UpstreamBadResponse,
     UpstreamError,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
 )
 from mcp_fhir.ehr.transport import PooledFHIRClient, Response, send
+from mcp_fhir.resilience.cache import Cache, CacheKey
 
 Params = Mapping[str, str | Sequence[str]]
 DEFAULT_PAGE_SIZE = 50
@@ -85,6 +89,36 @@ class EHRClient(Protocol):
     async def close(self) -> None: ...
 
 
+def _to_cache(result: FetchResult) -> dict[str, Any]:
+    return {
+        "resources": result.resources,
+        "total": result.total,
+        "next": result.next_url,
+        "retrieved_at": result.retrieved_at.isoformat(),
+    }
+
+
+def _from_cache(
+    value: Mapping[str, Any], backend: str, outcome: str, age: float, *, stale: bool = False
+) -> FetchResult:
+    return FetchResult(
+        list(value["resources"]),
+        backend,
+        datetime.fromisoformat(value["retrieved_at"]),
+        cache=outcome,
+        cache_age_seconds=age,
+        total=value.get("total"),
+        next_url=value.get("next"),
+        stale=stale,
+    )
+
+
+class Guard(Protocol):
+    """Rate limit → circuit breaker → retries (reads only), around one upstream request."""
+
+    async def run(self, call: Callable[[], Awaitable[Any]], *, idempotent: bool) -> Any: ...
+
+
 def _bundle_resources(body: Any, resource_type: str) -> tuple[list[dict[str, Any]], int | None, str | None]:
     """Resources of `resource_type` from a searchset Bundle; OperationOutcome entries are dropped."""
     if not isinstance(body, Mapping) or body.get("resourceType") != "Bundle":
@@ -115,7 +149,7 @@ Normaliser = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 class FhirEHRClient:
-    """The real EHR client for one backend."""
+    """The real EHR client for one backend: cache → (rate limit → breaker → retry) → token → HTTP."""
 
     def __init__(
         self,
@@ -125,43 +159,49 @@ class FhirEHRClient:
         http: httpx2.AsyncClient,
         token_provider: TokenProvider | None = None,
         normalise: Normaliser | None = None,
-        resilience: Any = None,
+        guard: Guard | None = None,
+        cache: Cache | None = None,
+        allow_stale: bool = False,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
         self._http = http
         self._tokens = token_provider
         self._normalise = normalise
-        self._resilience = resilience
+        self._guard = guard
+        self._cache = cache
+        self._allow_stale = allow_stale
         self.fhir = PooledFHIRClient(self.base_url, self._send)
 
+    async def _request(self, method: str, url: str, body: Any, headers: Mapping[str, str]) -> Response:
+        if self._tokens is None:
+            return await send(self._http, method, url, json_body=body, headers=headers)
+        token = await self._tokens.token()
+        try:
+            return await send(
+                self._http,
+                method,
+                url,
+                json_body=body,
+                headers={**headers, "Authorization": f"Bearer {token}"},
+            )
+        except UpstreamAuthError:
+            # One retry with a fresh token, then the error stands.
+            await self._tokens.invalidate(token)
+            token = await self._tokens.token()
+            return await send(
+                self._http,
+                method,
+                url,
+                json_body=body,
+                headers={**headers, "Authorization": f"Bearer {token}"},
+            )
+
     async def _send(self, method: str, url: str, body: Any, headers: Mapping[str, str]) -> Response:
-        """One request with a SMART token; on a 401, one retry with a fresh token, then a clear error."""
         started = time.perf_counter()
         status = "error"
         try:
-            if self._tokens is None:
-                response = await send(self._http, method, url, json_body=body, headers=headers)
-            else:
-                token = await self._tokens.token()
-                try:
-                    response = await send(
-                        self._http,
-                        method,
-                        url,
-                        json_body=body,
-                        headers={**headers, "Authorization": f"Bearer {token}"},
-                    )
-                except UpstreamAuthError:
-                    await self._tokens.invalidate(token)
-                    token = await self._tokens.token()
-                    response = await send(
-                        self._http,
-                        method,
-                        url,
-                        json_body=body,
-                        headers={**headers, "Authorization": f"Bearer {token}"},
-                    )
+            response = await self._request(method, url, body, headers)
             status = str(response.status)
             return response
         except MCPFhirError as exc:
@@ -172,12 +212,31 @@ class FhirEHRClient:
             metrics.UPSTREAM_STATUS.labels(self.name, status).inc()
 
     async def _guarded(self, call: Callable[[], Awaitable[Any]], *, idempotent: bool) -> Any:
-        if self._resilience is None:
+        if self._guard is None:
             return await call()
-        return await self._resilience.run(self.name, call, idempotent=idempotent)
+        return await self._guard.run(call, idempotent=idempotent)
 
     def _norm(self, resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [self._normalise(r) for r in resources] if self._normalise else resources
+
+    async def _cached(
+        self, key: CacheKey | None, bypass: bool, fetch: Callable[[], Awaitable[FetchResult]]
+    ) -> FetchResult:
+        """A fresh entry answers; otherwise fetch. On an upstream failure a stale entry answers only if allowed."""
+        if self._cache is None or key is None:
+            return await fetch()
+        found = None if bypass else await self._cache.lookup(key)
+        entry = found.entry if found is not None else None
+        if found is not None and found.outcome == "hit" and entry is not None:
+            return _from_cache(entry.value, self.name, "hit", entry.age(self._cache.now()))
+        try:
+            result = await fetch()
+        except (UpstreamUnavailable, UpstreamRateLimited):
+            if self._allow_stale and entry is not None:
+                return _from_cache(entry.value, self.name, "stale", entry.age(self._cache.now()), stale=True)
+            raise
+        await self._cache.put(key, _to_cache(result))
+        return replace(result, cache="bypass" if bypass else "miss")
 
     async def search(
         self,
@@ -191,32 +250,36 @@ class FhirEHRClient:
     ) -> FetchResult:
         if next_url is not None and not next_url.startswith(self.base_url + "/"):
             raise UpstreamBadResponse("a continuation points outside the backend")
-        count = max(1, min(page_size, MAX_PAGE_SIZE))
+        query: Any = None
+        path = next_url or resource_type
         if next_url is None:
-            searchset = (
-                self.fhir.resources(resource_type).search(**{k: v for k, v in params.items()}).limit(count)
-            )
-            path, query = resource_type, searchset.params
-        else:
-            path, query = next_url, None
+            count = max(1, min(page_size, MAX_PAGE_SIZE))
+            query = self.fhir.resources(resource_type).search(**dict(params)).limit(count).params
 
-        async def call() -> Any:
-            return await self.fhir._fetch_resource(path, query)
+        async def fetch() -> FetchResult:
+            body = await self._guarded(lambda: self.fhir._fetch_resource(path, query), idempotent=True)
+            resources, total, nxt = _bundle_resources(body, resource_type)
+            return FetchResult(self._norm(resources), self.name, datetime.now(UTC), total=total, next_url=nxt)
 
-        body = await self._guarded(call, idempotent=True)
-        resources, total, nxt = _bundle_resources(body, resource_type)
-        return FetchResult(self._norm(resources), self.name, datetime.now(UTC), total=total, next_url=nxt)
+        key = None
+        if self._cache is not None:
+            canonical = json.dumps(query, sort_keys=True, default=str) if query is not None else next_url
+            key = CacheKey.build(self.name, patient, resource_type, {"q": canonical or ""})
+        return await self._cached(key, bypass_cache, fetch)
 
     async def read(
         self, resource_type: str, resource_id: str, *, patient: str | None, bypass_cache: bool = False
     ) -> FetchResult:
-        async def call() -> Any:
-            return await self.fhir._fetch_resource(f"{resource_type}/{resource_id}")
+        async def fetch() -> FetchResult:
+            body = await self._guarded(
+                lambda: self.fhir._fetch_resource(f"{resource_type}/{resource_id}"), idempotent=True
+            )
+            if not isinstance(body, Mapping) or body.get("resourceType") != resource_type:
+                raise UpstreamBadResponse("the EHR answered a read with the wrong resource type")
+            return FetchResult(self._norm([dict(body)]), self.name, datetime.now(UTC))
 
-        body = await self._guarded(call, idempotent=True)
-        if not isinstance(body, Mapping) or body.get("resourceType") != resource_type:
-            raise UpstreamBadResponse("the EHR answered a read with the wrong resource type")
-        return FetchResult(self._norm([dict(body)]), self.name, datetime.now(UTC))
+        key = CacheKey.build(self.name, patient, resource_type, {"id": resource_id}) if self._cache else None
+        return await self._cached(key, bypass_cache, fetch)
 
     async def create(
         self, resource: dict[str, Any], *, patient: str | None, if_none_exist: str | None
@@ -229,8 +292,10 @@ class FhirEHRClient:
                 "post", rtype, data=resource, extra_headers=headers, returning_status=True
             )
 
-        # Writes are never retried blindly: the conditional create makes a client retry safe instead.
+        # Writes are never retried blindly; the conditional create makes a client's own retry safe instead.
         body, status = await self._guarded(call, idempotent=False)
+        if self._cache is not None:
+            await self._cache.invalidate_patient(self.name, patient, [rtype])
         if not isinstance(body, Mapping) or body.get("resourceType") != rtype:
             raise UpstreamBadResponse("the EHR answered a create with the wrong resource type")
         return FetchResult([dict(body)], self.name, datetime.now(UTC), created=status == 201)

@@ -1,0 +1,139 @@
+"""`mcp-fhir`: serve, check configuration, report status, mint API keys, and read the audit trail."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from mcp_fhir._exceptions import MCPFhirError
+from mcp_fhir._version import __version__
+
+log = logging.getLogger("mcp_fhir.cli")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from prometheus_client import start_http_server
+
+    from mcp_fhir import config
+    from mcp_fhir.http_app import build_http_app
+    from mcp_fhir.logs import configure_logging
+    from mcp_fhir.metrics import REGISTRY
+    from mcp_fhir.server import build_server
+
+    configure_logging(args.log_level)
+    settings = config.load(args.config)
+    if args.transport:
+        settings = settings.model_copy(update={"server": settings.server.model_copy(update={"transport": args.transport})})
+        settings.check_sections()
+    server = build_server(settings)
+    if settings.server.metrics_port:
+        start_http_server(settings.server.metrics_port, addr=settings.server.host, registry=REGISTRY)
+    if settings.server.transport == "stdio":
+        server.run("stdio")
+        return 0
+    app = build_http_app(settings, server)
+    tls: dict[str, Any] = {}
+    if settings.server.tls_cert_file:
+        import ssl
+
+        tls = {"ssl_certfile": str(settings.server.tls_cert_file), "ssl_keyfile": str(settings.server.tls_key_file),
+               "ssl_version": ssl.PROTOCOL_TLS_SERVER}
+    uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level="warning",
+                access_log=False, **tls)
+    return 0
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    from mcp_fhir import config
+
+    settings = config.load(args.file)
+    print(f"ok: {args.file}: {len(settings.backends)} backend(s), transport {settings.server.transport}, "
+          f"{len(settings.tools)} tool(s)")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import httpx2
+
+    url = args.url.rstrip("/") + "/readyz"
+    try:
+        response = httpx2.get(url, timeout=5.0)
+    except httpx2.HTTPError as exc:
+        print(f"not reachable: {url} ({type(exc).__name__})")
+        return 2
+    report = response.json()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print("READY" if report.get("ready") else "NOT READY")
+        for name, value in (report.get("checks") or {}).items():
+            print(f"  {name:16} {value}")
+    return 0 if report.get("ready") else 1
+
+
+def _keys_new(args: argparse.Namespace) -> int:
+    from mcp_fhir.agent_auth.api_keys import generate_api_key
+
+    key, digest = generate_api_key()
+    print(f"key (give it to the agent once; it is not stored):\n  {key}\n"
+          f"config entry:\n  - id: {args.id}\n    hash: \"{digest}\"\n    claims: {{}}\n    scopes: []")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mcp-fhir", description=__doc__)
+    p.add_argument("--version", action="version", version=f"mcp-fhir {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the MCP server (stdio or streamable HTTP)")
+    serve.add_argument("--config", help="YAML configuration (default: $MCP_FHIR_CONFIG)")
+    serve.add_argument("--transport", choices=["stdio", "http"], help="override server.transport")
+    serve.add_argument("--log-level", default="INFO")
+    serve.set_defaults(func=_serve)
+
+    cfg = sub.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)
+    check = cfg.add_parser("check", help="validate a configuration file without starting anything")
+    check.add_argument("file")
+    check.set_defaults(func=_config_check)
+
+    status = sub.add_parser("status", help="print a running server's readiness")
+    status.add_argument("--url", default="http://127.0.0.1:8765")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=_status)
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    new = keys.add_parser("new", help="mint an API key and print its config entry (hash only)")
+    new.add_argument("--id", required=True)
+    new.set_defaults(func=_keys_new)
+
+    from mcp_fhir.cli import audit
+
+    audit.add_parser(sub)
+    try:
+        from mcp_fhir.cli import policy
+    except ImportError:  # pragma: no cover - the policy commands ship with the policy lifecycle
+        pass
+    else:
+        policy.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MCPFhirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+

@@ -1,0 +1,175 @@
+"""Assemble each configured backend: profile, SMART credentials, TLS, pooled HTTP, and resilience.
+
+Least privilege starts here: the token request asks only for the scopes the enabled tools
+need, and tools whose scopes the EHR did not grant are reported unavailable.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack
+from typing import Any
+
+from mcp_fhir._exceptions import CircuitOpen, MCPFhirError, UpstreamRateLimited, UpstreamUnavailable
+from mcp_fhir.config import IdMapConfig, Settings
+from mcp_fhir.ehr.client import FhirEHRClient
+from mcp_fhir.ehr.idmap import PostgresIdMap, SqliteIdMap, load_idmap_yaml
+from mcp_fhir.ehr.profiles import get_profile
+from mcp_fhir.ehr.scopes import required_scopes, unavailable_tools
+from mcp_fhir.ehr.smart import SmartBackendAuth, SmartSettings
+from mcp_fhir.ehr.smart import build_http_client as build_token_http_client
+from mcp_fhir.ehr.tls import build_ssl_context
+from mcp_fhir.ehr.transport import build_http_client
+from mcp_fhir.resilience.breaker import Breakers, CircuitBreaker
+from mcp_fhir.resilience.cache import Cache
+from mcp_fhir.resilience.ratelimit import RateLimit, RateLimiter, parse_retry_after
+from mcp_fhir.resilience.retry import retry_idempotent
+from mcp_fhir.tools.catalog import CATALOGUE, LOCAL_TYPES
+
+log = logging.getLogger("mcp_fhir.ehr")
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Reads are retried on outages and on the EHR's own 429; never when our breaker or limiter said no."""
+    if isinstance(exc, CircuitOpen):
+        return False
+    if isinstance(exc, UpstreamRateLimited):
+        return isinstance(exc, MCPFhirError) and exc.details.get("status") == 429
+    return isinstance(exc, UpstreamUnavailable)
+
+
+class BackendGuard:
+    """Rate limit → circuit breaker → request, with jittered retries for idempotent reads only."""
+
+    def __init__(self, backend: str, *, limiter: RateLimiter | None, breaker: CircuitBreaker) -> None:
+        self.backend = backend
+        self.limiter = limiter
+        self.breaker = breaker
+
+    async def _once(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        if self.limiter is not None:
+            await self.limiter.acquire(self.backend)
+        async with self.breaker.guard():
+            try:
+                return await call()
+            except UpstreamRateLimited as exc:
+                if self.limiter is not None:
+                    wait = parse_retry_after(getattr(exc, "retry_after", None), 0.0)
+                    await self.limiter.penalise(self.backend, wait)
+                    exc.retry_after = wait  # type: ignore[attr-defined] - honoured by the retry loop
+                raise
+
+    async def run(self, call: Callable[[], Awaitable[Any]], *, idempotent: bool) -> Any:
+        if not idempotent:
+            return await self._once(call)
+        return await retry_idempotent(lambda: self._once(call), retryable=_retryable)
+
+
+def _normaliser(profile_name: str) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+    profile = get_profile(profile_name)
+    if profile.name == "r4":
+        return None
+
+    def normalise(resource: dict[str, Any]) -> dict[str, Any]:
+        out = profile.normalise(resource)
+        resource = out.resource
+        if out.extras:
+            resource = {**resource, "_normalised": out.extras}
+        if out.unmapped:
+            resource = {**resource, "_unmapped": out.unmapped}
+        return resource
+
+    return normalise
+
+
+async def _smart(
+    stack: AsyncExitStack, name: str, smart_settings: SmartSettings | None, tools: tuple[str, ...]
+) -> tuple[SmartBackendAuth | None, dict[str, tuple[str, ...]]]:
+    if smart_settings is None:
+        return None, {}
+    syntax: Any = smart_settings.scope_syntax
+    ehr_tools = [t for t in tools if not set(CATALOGUE[t][1]) <= LOCAL_TYPES]
+    scopes = required_scopes(ehr_tools, syntax=syntax, catalogue=CATALOGUE)
+    http = build_token_http_client(smart_settings)
+    stack.push_async_callback(http.aclose)
+    auth = SmartBackendAuth(smart_settings, backend=name, scopes=scopes, http_client=http)
+    try:
+        await auth.token()
+    except MCPFhirError as exc:
+        log.warning("backend %s: no token at start (%s); tools will report it per call", name, exc.code)
+        return auth, {}
+    missing = unavailable_tools(ehr_tools, auth.granted_scopes, syntax, CATALOGUE)
+    return auth, {tool: tuple(scopes) for tool, scopes in missing.items()}
+
+
+async def open_backends(
+    stack: AsyncExitStack, settings: Settings
+) -> tuple[dict[str, FhirEHRClient], dict[str, tuple[str, ...]]]:
+    """Open every backend's clients (closed by `stack`). Returns the clients and the unavailable tools."""
+    cache = Cache.from_settings(settings.cache_settings()) if settings.cache_enabled else None
+    if cache is not None:
+        stack.push_async_callback(cache.aclose)
+    limits = {}
+    for name, cfg in settings.backends.items():
+        per_minute = cfg.rate_limit_per_minute or get_profile(cfg.profile).default_rate_limit_per_minute
+        if per_minute:
+            limits[name] = RateLimit(float(per_minute))
+    limiter = RateLimiter(limits) if limits else None
+    breakers = Breakers()
+    clients: dict[str, FhirEHRClient] = {}
+    unavailable: dict[str, tuple[str, ...]] = {}
+    for name, cfg in settings.backends.items():
+        ssl_ctx = build_ssl_context(cfg.ca_bundle, cfg.client_cert, cfg.client_key, prefix=f"backends.{name}")
+        http = build_http_client(
+            connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout, verify=ssl_ctx
+        )
+        tokens, missing = await _smart(stack, name, settings.smart_settings(name), settings.tools)
+        unavailable.update(missing)
+        client = FhirEHRClient(
+            name,
+            cfg.base_url,
+            http=http,
+            token_provider=tokens,
+            normalise=_normaliser(cfg.profile),
+            guard=BackendGuard(name, limiter=limiter if name in limits else None, breaker=breakers.get(name)),
+            cache=cache,
+            allow_stale=cfg.allow_stale,
+        )
+        stack.push_async_callback(client.close)
+        clients[name] = client
+    return clients, unavailable
+
+
+async def open_idmap(cfg: IdMapConfig) -> Any:
+    """The patient-id map the config names, seeded from `seed_file` when given."""
+    import os
+
+    if cfg.kind == "postgres":
+        dsn = os.environ.get(cfg.dsn_env or "")
+        if not dsn:
+            from mcp_fhir._exceptions import ConfigError
+
+            raise ConfigError("idmap.dsn_env", f"environment variable {cfg.dsn_env} is not set")
+        idmap: Any = await PostgresIdMap.connect(dsn)
+    else:
+        cfg.path.parent.mkdir(parents=True, exist_ok=True)
+        idmap = SqliteIdMap(cfg.path)
+    if cfg.seed_file is not None:
+        for entry in load_idmap_yaml(cfg.seed_file):
+            try:
+                await idmap.put(entry.canonical, entry.backend, entry.kind, entry.value)
+            except MCPFhirError as exc:
+                if exc.code != "config_invalid":
+                    raise
+    return idmap
+
+
+def breaker_snapshot(clients: Mapping[str, FhirEHRClient]) -> dict[str, str]:
+    """Breaker states for health, by backend."""
+    out = {}
+    for name, client in clients.items():
+        guard = getattr(client, "_guard", None)
+        if isinstance(guard, BackendGuard):
+            out[name] = guard.breaker.state.name.lower()
+    return out
