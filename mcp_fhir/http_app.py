@@ -48,7 +48,7 @@ def build_http_app(settings: Settings, server: SidecarServer) -> Any:
         host=settings.server.host,
     )
     on_reject = server.on_reject  # type: ignore[attr-defined]
-    return protect_http_app(app, on_reject) if on_reject else app
+    return protect_http_app(app, on_reject, protected_paths=[settings.server.path]) if on_reject else app
 
 
 __all__ = ["build_http_app", "public_jwks"]

@@ -7,6 +7,7 @@ need, and tools whose scopes the EHR did not grant are reported unavailable.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from typing import Any
@@ -55,7 +56,7 @@ class BackendGuard:
                 return await call()
             except UpstreamRateLimited as exc:
                 if self.limiter is not None:
-                    wait = parse_retry_after(getattr(exc, "retry_after", None), 0.0)
+                    wait = parse_retry_after(getattr(exc, "retry_after", None), time.time())
                     await self.limiter.penalise(self.backend, wait)
                     exc.retry_after = wait  # type: ignore[attr-defined] - honoured by the retry loop
                 raise
