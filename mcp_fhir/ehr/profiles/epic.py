@@ -17,7 +17,7 @@ Epic's default rate limit is not published; 60/min is our conservative default (
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from mcp_fhir.ehr.profiles.base import (
@@ -68,6 +68,13 @@ def _is_epic_mrn_oid(identifier: Mapping[str, Any]) -> bool:
     )
 
 
+def _has_type(label: str) -> Callable[[Mapping[str, Any]], bool]:
+    def matches(identifier: Mapping[str, Any]) -> bool:
+        return label in identifier_type_codes(identifier)
+
+    return matches
+
+
 def epic_patient_extras(patient: Mapping[str, Any]) -> dict[str, Any]:
     """Epic Patient fields: MRN, EPI, CEID, Epic FHIR id, sexes, gender identity, race and ethnicity."""
     extras: dict[str, Any] = {}
@@ -76,7 +83,7 @@ def epic_patient_extras(patient: Mapping[str, Any]) -> dict[str, Any]:
     if mrn is not None:
         extras["mrn"] = mrn
     for label in ("EPI", "CEID"):
-        value = pick_identifier(identifiers, lambda i, lbl=label: lbl in identifier_type_codes(i))
+        value = pick_identifier(identifiers, _has_type(label))
         if value is not None:
             extras[label.lower()] = value
     if isinstance(patient.get("id"), str):
