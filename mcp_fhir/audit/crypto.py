@@ -173,7 +173,7 @@ class RecordCipher:
         nonce = os.urandom(NONCE_BYTES)
         ct = self._aead.encrypt(nonce, canonical_json(record), self._aad(seq, prev))
         return {
-            "kid": self.kid,
+            "kid": self.kid or "default",
             "nonce": base64.b64encode(nonce).decode(),
             "ct": base64.b64encode(ct).decode(),
         }

@@ -1,4 +1,4 @@
-"""Export to FHIR R4 AuditEvent (IHE BALP), validated with fhir.resources R4B (AuditEvent is unchanged R4→R4B)."""
+"""Export to FHIR R4 AuditEvent (IHE BALP), validated with fhir.resources R4B (AuditEvent: R4 = R4B)."""
 
 from __future__ import annotations
 
