@@ -186,19 +186,21 @@ function prepareSearch(type, params) {
       throw new HttpError(400, `unknown search parameter '${code}' for ${type}`);
     }
     if (code === '_count' || code === '_offset') continue; // set below, once
-    if (key === 'patient' && PATIENT_VIA_SUBJECT.has(type)) {
-      rewritten.append('subject', value.includes('/') ? value : `Patient/${value}`);
-    } else if (key === 'patient') {
-      rewritten.append('patient', value.includes('/') ? value : `Patient/${value}`);
+    if (key === 'patient') {
+      // Both rewrites keep the meaning: `patient` IS `subject` restricted to Patients, and Medplum
+      // matches references only in the typed form. Comma-separated values are ORed, so map each.
+      const typed = value.split(',').map((v) => (v.includes('/') ? v : `Patient/${v}`)).join(',');
+      rewritten.append(PATIENT_VIA_SUBJECT.has(type) ? 'subject' : 'patient', typed);
     } else {
       rewritten.append(key, value);
     }
   }
   const count = Math.min(parseNonNegative(params, '_count', DEFAULT_PAGE_SIZE), MAX_PAGE_SIZE);
   const offset = parseNonNegative(params, '_offset', 0);
-  if (params.get('_summary') !== 'count') rewritten.set('_count', String(count));
+  const summaryOnly = params.get('_summary') === 'count'; // Medplum sets count 0 itself
+  if (!summaryOnly) rewritten.set('_count', String(count));
   rewritten.set('_offset', String(offset));
-  return { rewritten, count, offset };
+  return { rewritten, count: summaryOnly ? 0 : count, offset };
 }
 
 function pageLinks(baseUrl, type, params, count, offset, total) {
