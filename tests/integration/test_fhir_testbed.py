@@ -177,6 +177,19 @@ def test_patient_search_returns_the_same_as_subject_search(client: httpx2.Client
         assert _ids(_search(client, resource_type, patient=f"Patient/{pid}", _count=1000)) == by_subject
 
 
+def test_patient_search_ors_comma_separated_ids(client: httpx2.Client) -> None:
+    both = f"{data.AU_PATIENT_ID},{data.AU_DVA_PATIENT_ID}"
+    each = [_search(client, "Condition", patient=pid)["total"] for pid in both.split(",")]
+    assert _search(client, "Condition", patient=both)["total"] == sum(each)
+
+
+def test_summary_count_gives_the_total_without_entries_or_a_next_link(client: httpx2.Client) -> None:
+    page = _search(client, "Observation", patient=data.SERIES_PATIENT_ID, _summary="count")
+    assert page["total"] > 50
+    assert "entry" not in page
+    assert _link(page, "next") is None
+
+
 def test_allergy_search_by_patient_accepts_bare_and_typed_ids(client: httpx2.Client) -> None:
     bare = _ids(_search(client, "AllergyIntolerance", patient=data.AU_PATIENT_ID))
     typed = _ids(_search(client, "AllergyIntolerance", patient=f"Patient/{data.AU_PATIENT_ID}"))
