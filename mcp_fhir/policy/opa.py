@@ -119,6 +119,18 @@ class OpaPolicyEngine:
             raise PolicyMalformed("visible_tools is not a list of tool names")
         return frozenset(result)
 
+    async def active_revision(self) -> str | None:
+        """The active bundle revisions from OPA's status API, or None when OPA runs from files."""
+        try:
+            with _translate():
+                async with asyncio.timeout(DEFAULT_HEALTH_TIMEOUT):
+                    status = await self._client.get_status()
+        except PolicyError:
+            return None
+        bundles = ((status or {}).get("result") or {}).get("bundles") or {}
+        revisions = sorted(str(b["active_revision"]) for b in bundles.values() if b.get("active_revision"))
+        return ",".join(revisions) or None
+
     async def healthy(self) -> bool:
         """OPA's /health answered 200 (plugins and bundles included when configured)."""
         try:
