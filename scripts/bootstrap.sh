@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up everything the demo and the tests need on a fresh machine; fast when it is already there.
+#   .venv (Python deps), .tools/bin/opa (OPA v1.22.3 from the Go module proxy), the FHIR test bed's Node 22 deps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  echo "bootstrap: creating .venv and installing Python dependencies" >&2
+  [ -x .venv/bin/python ] || "$PY" -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check --upgrade pip >&2
+  .venv/bin/pip install -q --disable-pip-version-check -e ".[dev]" >&2
+  rm -f .venv/.installed-* && touch "$stamp"
+fi
+scripts/opa.sh
+scripts/testbed.sh >&2

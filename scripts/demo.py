@@ -1,0 +1,169 @@
+"""The demo: two agents, one sidecar, the real OPA and a real FHIR server, and the audit trail they leave.
+
+    make demo
+
+It starts the FHIR test bed (Medplum's FHIR router, loaded with the synthetic patients), then
+`mcp-fhir serve` over streamable HTTP (which starts its own OPA child), and drives a scripted
+session through the official MCP Python client with two API keys: a nurse agent and a clinician
+agent. It prints each call, allowed or denied and why, then the audit records those calls wrote,
+and verifies the audit chain. It exits non-zero if anything is not as it should be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mcp import Client  # noqa: E402
+from mcp.client.streamable_http import streamable_http_client  # noqa: E402
+
+from mcp_fhir.agent_auth.api_keys import generate_api_key  # noqa: E402
+from mcp_fhir.policy.managed_opa import free_port  # noqa: E402
+from tests.testbed import data  # noqa: E402
+from tests.testbed.fhir import start_fhir_server  # noqa: E402
+from tests.testbed.sidecar import CLINICIAN, NURSE, sidecar_config  # noqa: E402
+
+START_TIMEOUT = 30.0
+BOLD, DIM, GREEN, RED, RESET = ("\033[1m", "\033[2m", "\033[32m", "\033[31m", "\033[0m") if sys.stdout.isatty() \
+    else ("", "", "", "", "")
+failures: list[str] = []
+
+
+def expect(ok: bool, what: str) -> None:
+    if not ok:
+        failures.append(what)
+        print(f"  {RED}UNEXPECTED: {what}{RESET}")
+
+
+def show(agent: str, tool: str, args: dict[str, Any], result: Any) -> dict[str, Any]:
+    shown = ", ".join(f"{k}={v!r}" for k, v in args.items() if k != "break_glass_reason")
+    if "break_glass_reason" in args:
+        shown += ", break_glass_reason=…"
+    print(f"\n{BOLD}{agent}{RESET} → {tool}({shown})")
+    if result.is_error:
+        err = json.loads(result.content[0].text)
+        print(f"  {RED}DENIED{RESET} {err['code']}: reasons {err.get('reasons')} · decision {err.get('decision_id')}")
+        return err
+    body = result.structured_content or {}
+    withheld = body.get("withheld") or {}
+    held = sum(v for k, v in withheld.items() if k != "redacted_elements")
+    prov = body.get("provenance") or {}
+    print(f"  {GREEN}ALLOWED{RESET} {body.get('count')} {body.get('resource_type', '')} returned, {held} withheld by "
+          f"policy · decision {prov.get('decision_id')} · cache {prov.get('cache')}")
+    for line in result.content[0].text.splitlines()[1:4]:
+        print(f"  {DIM}{line}{RESET}")
+    return body
+
+
+async def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    async with httpx2.AsyncClient(timeout=2.0) as http:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"the sidecar exited with status {proc.returncode}")
+            try:
+                if (await http.get(url + "/readyz")).status_code == 200:
+                    return
+            except httpx2.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+    raise SystemExit("the sidecar did not become ready in time")
+
+
+def agent(url: str, key: str) -> Client:
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=30.0)
+    return Client(streamable_http_client(url + "/mcp", http_client=http))
+
+
+async def session(url: str, nurse_key: str, clinician_key: str) -> None:
+    async with agent(url, nurse_key) as nurse:
+        tools = sorted(t.name for t in (await nurse.list_tools()).tools)
+        print(f"\n{BOLD}nurse agent{RESET} sees {len(tools)} tools: {', '.join(tools)}")
+        expect("search_medication_statements" not in tools, "the nurse should not see medication tools")
+        args = {"patient_id": data.SERIES_PATIENT_ID, "purpose": "treatment", "category": "laboratory", "page_size": 5}
+        body = show("nurse agent", "search_observations", args, await nurse.call_tool("search_observations", args))
+        expect(body.get("count", 0) > 0, "the nurse should read lab observations")
+        args = {"patient_id": data.SERIES_PATIENT_ID, "purpose": "treatment"}
+        err = show("nurse agent", "search_medication_statements", args,
+                   await nurse.call_tool("search_medication_statements", args))
+        expect(err.get("code") == "policy_denied", "the nurse should be denied medications")
+
+    async with agent(url, clinician_key) as clinician:
+        args = {"patient_id": data.AU_PATIENT_ID, "purpose": "discharge_summary"}
+        body = show("clinician agent", "list_documents", args, await clinician.call_tool("list_documents", args))
+        ids = {r["id"] for r in body.get("resources", [])}
+        expect(data.PSY_NOTE_ID not in ids, "the psychiatric note should be withheld for a discharge summary")
+        args = {**args, "purpose": "treatment", "break_glass_reason": "Patient deteriorating; need full history now."}
+        body = show("clinician agent", "list_documents", args, await clinician.call_tool("list_documents", args))
+        ids = {r["id"] for r in body.get("resources", [])}
+        expect(data.PSY_NOTE_ID in ids, "break-glass should release the psychiatric note")
+
+
+def print_audit(path: Path) -> None:
+    print(f"\n{BOLD}Audit trail{RESET} ({path.name}, hash-chained, fsynced before each result left):")
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        rec = entry.get("record")
+        if not rec:
+            continue
+        mark = GREEN if rec["result"] == "allowed" else RED
+        print(f"  #{entry['seq']:<3} {rec['ts']} {rec['kind']:<12} {rec.get('subject_id') or '-':<16} "
+              f"{rec.get('tool') or '-':<30} {mark}{rec['result']:<8}{RESET} "
+              f"{','.join(rec.get('reason_codes') or []) or '-':<24} alerts={','.join(rec.get('alerts') or []) or '-'} "
+              f"decision={str(rec.get('decision_id'))[:8]}… prev={entry['prev'][:8]}…")
+
+
+def main() -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="mcp-fhir-demo-"))
+    nurse_key, nurse_hash = generate_api_key()
+    clinician_key, clinician_hash = generate_api_key()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    print(f"{BOLD}mcp-fhir demo{RESET}: starting the FHIR test bed …")
+    with start_fhir_server() as fhir:
+        cfg = sidecar_config(workdir, fhir.base_url, transport="http")
+        cfg["server"] = {"transport": "http", "host": "127.0.0.1", "port": port}
+        cfg["auth"] = {"api_keys": [
+            {"id": NURSE["id"], "hash": nurse_hash, "claims": NURSE["claims"], "scopes": NURSE["scopes"]},
+            {"id": CLINICIAN["id"], "hash": clinician_hash, "claims": CLINICIAN["claims"],
+             "scopes": CLINICIAN["scopes"]},
+        ]}
+        config_path = workdir / "config.yaml"
+        config_path.write_text(yaml.safe_dump(cfg))
+        print(f"  FHIR R4 server at {fhir.base_url}; starting `mcp-fhir serve` (with its OPA child) at {url}/mcp")
+        proc = subprocess.Popen([str(REPO / ".venv/bin/mcp-fhir"), "serve", "--config", str(config_path),
+                                 "--log-level", "WARNING"], env={**os.environ})
+        try:
+            asyncio.run(wait_ready(url, proc))
+            asyncio.run(session(url, nurse_key, clinician_key))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    audit = workdir / "audit.jsonl"
+    print_audit(audit)
+    verify = subprocess.run([str(REPO / ".venv/bin/mcp-fhir"), "audit", "verify", "--path", str(audit)],
+                            capture_output=True, text=True)
+    print(f"\n{BOLD}mcp-fhir audit verify{RESET}: {verify.stdout.strip() or verify.stderr.strip()}")
+    expect(verify.returncode == 0, "the audit chain should verify")
+    if failures:
+        print(f"\n{RED}demo FAILED: {len(failures)} unexpected outcome(s){RESET}")
+        return 1
+    print(f"\n{GREEN}demo OK{RESET} (files in {workdir})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

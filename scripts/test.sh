@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The whole test suite: the README's test command, and what .ci/run calls.
+#   policy gates (opa fmt, check --strict, test --coverage), ruff, then pytest (unit + integration
+#   against the real OPA, the FHIR test bed, PostgreSQL and Redis, and real MCP clients).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+COVERAGE_THRESHOLD=${COVERAGE_THRESHOLD:-95}
+
+scripts/bootstrap.sh
+eval "$(scripts/services.sh start)"
+OPA=.tools/bin/opa
+
+echo "== policy: fmt, check --strict, test --coverage (threshold ${COVERAGE_THRESHOLD}%)"
+"$OPA" fmt --fail -l policies/
+"$OPA" check --strict policies/
+"$OPA" test policies/ --fail-on-empty --coverage --threshold "$COVERAGE_THRESHOLD" --format json > /tmp/mcp-fhir-opa-coverage.json \
+  || { echo "opa test failed or coverage below ${COVERAGE_THRESHOLD}%"; "$OPA" test policies/ --fail-on-empty | tail -20; exit 1; }
+"$OPA" test policies/ --fail-on-empty | tail -1
+.venv/bin/python -c "import json; print('policy coverage: %.1f%%' % json.load(open('/tmp/mcp-fhir-opa-coverage.json'))['coverage'])"
+
+echo "== ruff"
+.venv/bin/ruff check mcp_fhir tests bench examples scripts
+
+echo "== pytest"
+.venv/bin/pytest -q -p no:cacheprovider "$@"
