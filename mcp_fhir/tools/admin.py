@@ -12,6 +12,8 @@ from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 
 from mcp_fhir._exceptions import UpstreamRateLimited
+from mcp_fhir.audit.export_fhir import to_audit_event
+from mcp_fhir.policy.obligations import redact
 from mcp_fhir.tools.catalog import PATIENT_TYPES
 from mcp_fhir.tools.clinical import READ_ONLY, app_of, current_subject_id, search_tool
 from mcp_fhir.tools.params import FHIR_ID, BreakGlassReason, PatientId, Purpose, audit_params
@@ -42,10 +44,11 @@ class _RefreshLimiter:
 
 
 class AuditLogResult(BaseModel):
-    """Audit records matching the filters, newest first, as the policy allows them to be seen."""
+    """Audit records matching the filters, as FHIR AuditEvents, with the policy's redactions applied."""
 
     count: int
-    records: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    redacted_elements: int = 0
     continuation: str | None = None
     decision_id: str | None = None
 
@@ -66,7 +69,7 @@ def register(server: MCPServer) -> None:
         purpose: Purpose = None,
         break_glass_reason: BreakGlassReason = None,
     ) -> SearchResult:
-        """Re-read a patient's resources of one type straight from the EHR, bypassing the cache (rate-limited)."""
+        """Re-read a patient's resources of one type from the EHR, bypassing the cache (rate-limited)."""
         limiter.check(current_subject_id(ctx))
         return await search_tool(  # type: ignore[return-value]
             ctx,
@@ -117,23 +120,19 @@ def register(server: MCPServer) -> None:
                 limit=cap,
                 cursor=continuation,
             )
-            shown = [redact_record(r, ob.redact) for r in records]
+            events = [to_audit_event(r) for r in records]
+            redacted = sum(redact(e, ob.redact) for e in events)
             out = AuditLogResult(
-                count=len(shown), records=shown, continuation=cursor, decision_id=call.decision.decision_id
+                count=len(events),
+                events=events,
+                redacted_elements=redacted,
+                continuation=cursor,
+                decision_id=call.decision.decision_id,
             )
-            await call.commit(returned=len(shown), filtered=0, cache=None)
-        lines = [f"### {out.count} audit records"] + [
-            f"- {r.get('ts')} {r.get('subject_id')} {r.get('tool')} {r.get('result')} {','.join(r.get('reason_codes') or [])}"
-            for r in shown
+            await call.commit(returned=len(events), filtered=0, cache=None)
+        lines = [f"### {out.count} audit events"] + [
+            f"- {e.get('recorded')} {e.get('subtype', [{}])[0].get('code', '')} outcome={e.get('outcome')} "
+            f"{e.get('outcomeDesc', '')}"
+            for e in events
         ]
         return respond(out, "\n".join(lines))  # type: ignore[return-value]
-
-
-def redact_record(record: dict[str, Any], paths: tuple[str, ...]) -> dict[str, Any]:
-    """Apply `AuditEvent.<field>` redactions from the decision to an audit record; drop the raw decision input."""
-    out = {k: v for k, v in record.items() if k != "decision_input"}
-    for path in paths:
-        head, _, field = path.partition(".")
-        if head in ("AuditEvent", "*") and field:
-            out.pop(field, None)
-    return out
