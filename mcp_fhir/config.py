@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -63,6 +64,8 @@ class ServerSettings(_Strict):
     def _tls_pair(self) -> ServerSettings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.metrics_port is not None and self.metrics_port == self.port and self.transport == "http":
+            raise ValueError("metrics_port must differ from port")
         return self
 
     @property
@@ -87,6 +90,12 @@ class OpaConfig(_Strict):
     )
 
     _v_url = field_validator("url", "shadow_url")(lambda v: _http_url(v))
+
+    @model_validator(mode="after")
+    def _one_shadow(self) -> OpaConfig:
+        if self.shadow_url is not None and self.shadow_policies is not None:
+            raise ValueError("set shadow_url or shadow_policies, not both")
+        return self
 
 
 class BackendConfig(_Strict):
@@ -275,6 +284,30 @@ def from_mapping(data: Any) -> Settings:
     return settings
 
 
+def _env_references(node: Any, path: str = "") -> list[tuple[str, str]]:
+    """Every `*_env` key with a value in a (dumped) settings tree, as (key path, variable name)."""
+    found: list[tuple[str, str]] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            where = f"{path}.{key}" if path else str(key)
+            if str(key).endswith("_env") and isinstance(value, str) and value:
+                found.append((where, value))
+            else:
+                found += _env_references(value, where)
+    elif isinstance(node, list | tuple):
+        for i, item in enumerate(node):
+            found += _env_references(item, f"{path}[{i}]")
+    return found
+
+
+def check_environment(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+    """Every secret the file names by environment variable (`*_env`) must be set now, not at first use."""
+    env = os.environ if environ is None else environ
+    for key, name in _env_references(settings.model_dump(mode="python")):
+        if not env.get(name):
+            raise ConfigError(key, f"environment variable {name} is not set")
+
+
 def load(path: str | os.PathLike[str] | None = None) -> Settings:
     """Load and validate the YAML file at `path` (or $MCP_FHIR_CONFIG)."""
     path = path or os.environ.get(DEFAULT_CONFIG_ENV)
@@ -290,4 +323,6 @@ def load(path: str | os.PathLike[str] | None = None) -> Settings:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError("(root)", f"not valid YAML{where}") from None
-    return from_mapping(data)
+    settings = from_mapping(data)
+    check_environment(settings)
+    return settings

@@ -94,7 +94,7 @@ class AppContext:
                 reasons=({"code": exc.code, "message": exc.message},),
                 decision_id=exc.decision_id,
             )
-        except Exception as exc:  # noqa: BLE001 - an engine bug must deny, never allow
+        except Exception as exc:
             log.error("policy engine failed unexpectedly: %s", type(exc).__name__)
             decision = Decision(
                 allow=False, reasons=({"code": "opa_unavailable", "message": "engine error"},)
@@ -167,7 +167,7 @@ class AppContext:
             visible = await self.engine.visible_tools(
                 visible_tools_input(subject, backend=self.default_backend)
             )
-        except Exception:  # noqa: BLE001 - listing fails closed: show nothing
+        except Exception:
             return frozenset()
         return (visible & self.enabled_tools) - frozenset(self.unavailable_tools)
 

@@ -32,7 +32,6 @@ from mcp.shared.exceptions import MCPError
 from mcp.types import CallToolResult, ListToolsResult, TextContent
 from pydantic import ValidationError
 
-from mcp_fhir._version import __version__
 from mcp_fhir._exceptions import (
     AuditUnavailable,
     InvalidArgument,
@@ -42,6 +41,7 @@ from mcp_fhir._exceptions import (
     UpstreamBadResponse,
     UpstreamUnavailable,
 )
+from mcp_fhir._version import __version__
 from mcp_fhir.agent_auth.local import local_subject
 from mcp_fhir.agent_auth.verifier import auth_settings_for, build_token_verifier, subject_from_access_token
 from mcp_fhir.audit.query import AuditQuery
@@ -68,6 +68,8 @@ INFRA_ERRORS: tuple[type[MCPFhirError], ...] = (
     UpstreamAuthError,
     UpstreamBadResponse,
 )
+# An unknown argument is named in the error only when its name is a plain identifier (it is caller data).
+NAMEABLE_ARGUMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
 def _root(exc: BaseException) -> BaseException:
@@ -111,10 +113,11 @@ class SidecarServer(MCPServer[AppContext]):
             request_context=ctx, mcp_server=self, input_params=params, subscriptions=self._subscriptions
         )
         try:
+            self._reject_unknown_arguments(params.name, params.arguments or {})
             return await self.call_tool(params.name, params.arguments or {}, context)
         except MCPError:
             raise
-        except Exception as exc:  # noqa: BLE001 - every error leaves through here, translated
+        except Exception as exc:
             root = _root(exc)
             if isinstance(root, ValidationError):
                 root = _invalid_from_validation(root)
@@ -133,6 +136,19 @@ class SidecarServer(MCPServer[AppContext]):
             if isinstance(root, INFRA_ERRORS):
                 raise MCPError(INFRA_ERROR, str(root), root.to_dict()) from None
             return tool_error(root)
+
+    def _reject_unknown_arguments(self, name: str, arguments: dict[str, Any]) -> None:
+        """An argument the tool does not declare is refused, not silently dropped (it may be an injection)."""
+        tool = self._tool_manager.get_tool(name)
+        if tool is None:
+            return
+        unknown = sorted(set(arguments) - set(tool.parameters.get("properties") or {}))
+        if unknown:
+            first = unknown[0]
+            raise InvalidArgument(
+                first if NAMEABLE_ARGUMENT.fullmatch(first) else "arguments",
+                "is not an argument of this tool",
+            )
 
     async def _audit_rejected(self, app: AppContext, tool: str, exc: MCPFhirError) -> None:
         """Bad arguments never reach OPA or the EHR, but they are audited."""
@@ -178,7 +194,7 @@ async def _open_engine(
     return await stack.enter_async_context(OpaPolicyEngine(_engine_settings(settings, url)))
 
 
-def make_lifespan(settings: Settings, holder: dict[str, AppContext]):  # noqa: ANN201 - the SDK's lifespan shape
+def make_lifespan(settings: Settings, holder: dict[str, AppContext]):
     @asynccontextmanager
     async def lifespan(server: MCPServer[AppContext]) -> AsyncIterator[AppContext]:
         async with AsyncExitStack() as stack:
@@ -271,6 +287,8 @@ def build_server(settings: Settings, *, token_http: httpx2.AsyncClient | None = 
     register_resources_and_prompts(server, holder)
     for name in set(CATALOGUE) - set(settings.tools):
         server.remove_tool(name)
+    for tool in server._tool_manager.list_tools():
+        tool.parameters["additionalProperties"] = False  # published: unknown arguments are refused
     server.app_holder = holder  # type: ignore[attr-defined] - the HTTP wrapper reports rejections through it
     server.on_reject = auth_kwargs and _rejection_recorder(holder)  # type: ignore[attr-defined]
     return server
@@ -288,7 +306,7 @@ def auth_settings_for_keys(settings: Settings) -> Any:
     )
 
 
-def _rejection_recorder(holder: dict[str, AppContext]):  # noqa: ANN202
+def _rejection_recorder(holder: dict[str, AppContext]):
     """Authentication rejections happen in HTTP middleware, before any tool runs; they are audited too."""
 
     async def on_reject(reason: str, subject_id: str | None) -> None:

@@ -37,8 +37,9 @@ from tests.testbed.fhir import start_fhir_server  # noqa: E402
 from tests.testbed.sidecar import CLINICIAN, NURSE, sidecar_config  # noqa: E402
 
 START_TIMEOUT = 30.0
-BOLD, DIM, GREEN, RED, RESET = ("\033[1m", "\033[2m", "\033[32m", "\033[31m", "\033[0m") if sys.stdout.isatty() \
-    else ("", "", "", "", "")
+BOLD, DIM, GREEN, RED, RESET = (
+    ("\033[1m", "\033[2m", "\033[32m", "\033[31m", "\033[0m") if sys.stdout.isatty() else ("", "", "", "", "")
+)
 failures: list[str] = []
 
 
@@ -55,14 +56,18 @@ def show(agent: str, tool: str, args: dict[str, Any], result: Any) -> dict[str, 
     print(f"\n{BOLD}{agent}{RESET} → {tool}({shown})")
     if result.is_error:
         err = json.loads(result.content[0].text)
-        print(f"  {RED}DENIED{RESET} {err['code']}: reasons {err.get('reasons')} · decision {err.get('decision_id')}")
+        print(
+            f"  {RED}DENIED{RESET} {err['code']}: reasons {err.get('reasons')} · decision {err.get('decision_id')}"
+        )
         return err
     body = result.structured_content or {}
     withheld = body.get("withheld") or {}
     held = sum(v for k, v in withheld.items() if k != "redacted_elements")
     prov = body.get("provenance") or {}
-    print(f"  {GREEN}ALLOWED{RESET} {body.get('count')} {body.get('resource_type', '')} returned, {held} withheld by "
-          f"policy · decision {prov.get('decision_id')} · cache {prov.get('cache')}")
+    print(
+        f"  {GREEN}ALLOWED{RESET} {body.get('count')} {body.get('resource_type', '')} returned, {held} withheld by "
+        f"policy · decision {prov.get('decision_id')} · cache {prov.get('cache')}"
+    )
     for line in result.content[0].text.splitlines()[1:4]:
         print(f"  {DIM}{line}{RESET}")
     return body
@@ -93,21 +98,40 @@ async def session(url: str, nurse_key: str, clinician_key: str) -> None:
         tools = sorted(t.name for t in (await nurse.list_tools()).tools)
         print(f"\n{BOLD}nurse agent{RESET} sees {len(tools)} tools: {', '.join(tools)}")
         expect("search_medication_statements" not in tools, "the nurse should not see medication tools")
-        args = {"patient_id": data.SERIES_PATIENT_ID, "purpose": "treatment", "category": "laboratory", "page_size": 5}
-        body = show("nurse agent", "search_observations", args, await nurse.call_tool("search_observations", args))
+        args = {
+            "patient_id": data.SERIES_PATIENT_ID,
+            "purpose": "treatment",
+            "category": "laboratory",
+            "page_size": 5,
+        }
+        body = show(
+            "nurse agent", "search_observations", args, await nurse.call_tool("search_observations", args)
+        )
         expect(body.get("count", 0) > 0, "the nurse should read lab observations")
         args = {"patient_id": data.SERIES_PATIENT_ID, "purpose": "treatment"}
-        err = show("nurse agent", "search_medication_statements", args,
-                   await nurse.call_tool("search_medication_statements", args))
+        err = show(
+            "nurse agent",
+            "search_medication_statements",
+            args,
+            await nurse.call_tool("search_medication_statements", args),
+        )
         expect(err.get("code") == "policy_denied", "the nurse should be denied medications")
 
     async with agent(url, clinician_key) as clinician:
         args = {"patient_id": data.AU_PATIENT_ID, "purpose": "discharge_summary"}
-        body = show("clinician agent", "list_documents", args, await clinician.call_tool("list_documents", args))
+        body = show(
+            "clinician agent", "list_documents", args, await clinician.call_tool("list_documents", args)
+        )
         ids = {r["id"] for r in body.get("resources", [])}
         expect(data.PSY_NOTE_ID not in ids, "the psychiatric note should be withheld for a discharge summary")
-        args = {**args, "purpose": "treatment", "break_glass_reason": "Patient deteriorating; need full history now."}
-        body = show("clinician agent", "list_documents", args, await clinician.call_tool("list_documents", args))
+        args = {
+            **args,
+            "purpose": "treatment",
+            "break_glass_reason": "Patient deteriorating; need full history now.",
+        }
+        body = show(
+            "clinician agent", "list_documents", args, await clinician.call_tool("list_documents", args)
+        )
         ids = {r["id"] for r in body.get("resources", [])}
         expect(data.PSY_NOTE_ID in ids, "break-glass should release the psychiatric note")
 
@@ -120,10 +144,12 @@ def print_audit(path: Path) -> None:
         if not rec:
             continue
         mark = GREEN if rec["result"] == "allowed" else RED
-        print(f"  #{entry['seq']:<3} {rec['ts']} {rec['kind']:<12} {rec.get('subject_id') or '-':<16} "
-              f"{rec.get('tool') or '-':<30} {mark}{rec['result']:<8}{RESET} "
-              f"{','.join(rec.get('reason_codes') or []) or '-':<24} alerts={','.join(rec.get('alerts') or []) or '-'} "
-              f"decision={str(rec.get('decision_id'))[:8]}… prev={entry['prev'][:8]}…")
+        print(
+            f"  #{entry['seq']:<3} {rec['ts']} {rec['kind']:<12} {rec.get('subject_id') or '-':<16} "
+            f"{rec.get('tool') or '-':<30} {mark}{rec['result']:<8}{RESET} "
+            f"{','.join(rec.get('reason_codes') or []) or '-':<24} alerts={','.join(rec.get('alerts') or []) or '-'} "
+            f"decision={str(rec.get('decision_id'))[:8]}… prev={entry['prev'][:8]}…"
+        )
 
 
 def main() -> int:
@@ -136,16 +162,33 @@ def main() -> int:
     with start_fhir_server() as fhir:
         cfg = sidecar_config(workdir, fhir.base_url, transport="http")
         cfg["server"] = {"transport": "http", "host": "127.0.0.1", "port": port}
-        cfg["auth"] = {"api_keys": [
-            {"id": NURSE["id"], "hash": nurse_hash, "claims": NURSE["claims"], "scopes": NURSE["scopes"]},
-            {"id": CLINICIAN["id"], "hash": clinician_hash, "claims": CLINICIAN["claims"],
-             "scopes": CLINICIAN["scopes"]},
-        ]}
+        cfg["auth"] = {
+            "api_keys": [
+                {"id": NURSE["id"], "hash": nurse_hash, "claims": NURSE["claims"], "scopes": NURSE["scopes"]},
+                {
+                    "id": CLINICIAN["id"],
+                    "hash": clinician_hash,
+                    "claims": CLINICIAN["claims"],
+                    "scopes": CLINICIAN["scopes"],
+                },
+            ]
+        }
         config_path = workdir / "config.yaml"
         config_path.write_text(yaml.safe_dump(cfg))
-        print(f"  FHIR R4 server at {fhir.base_url}; starting `mcp-fhir serve` (with its OPA child) at {url}/mcp")
-        proc = subprocess.Popen([str(REPO / ".venv/bin/mcp-fhir"), "serve", "--config", str(config_path),
-                                 "--log-level", "WARNING"], env={**os.environ})
+        print(
+            f"  FHIR R4 server at {fhir.base_url}; starting `mcp-fhir serve` (with its OPA child) at {url}/mcp"
+        )
+        proc = subprocess.Popen(
+            [
+                str(REPO / ".venv/bin/mcp-fhir"),
+                "serve",
+                "--config",
+                str(config_path),
+                "--log-level",
+                "WARNING",
+            ],
+            env={**os.environ},
+        )
         try:
             asyncio.run(wait_ready(url, proc))
             asyncio.run(session(url, nurse_key, clinician_key))
@@ -154,8 +197,11 @@ def main() -> int:
             proc.wait(timeout=10)
     audit = workdir / "audit.jsonl"
     print_audit(audit)
-    verify = subprocess.run([str(REPO / ".venv/bin/mcp-fhir"), "audit", "verify", "--path", str(audit)],
-                            capture_output=True, text=True)
+    verify = subprocess.run(
+        [str(REPO / ".venv/bin/mcp-fhir"), "audit", "verify", "--path", str(audit)],
+        capture_output=True,
+        text=True,
+    )
     print(f"\n{BOLD}mcp-fhir audit verify{RESET}: {verify.stdout.strip() or verify.stderr.strip()}")
     expect(verify.returncode == 0, "the audit chain should verify")
     if failures:

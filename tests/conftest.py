@@ -26,7 +26,7 @@ def require_env(name: str) -> str:
     if not value:
         if os.environ.get("CI"):
             pytest.fail(f"{name} is not set: .ci/run must start the service")
-        pytest.skip(f"{name} is not set (run: eval \"$(scripts/services.sh start)\")")
+        pytest.skip(f'{name} is not set (run: eval "$(scripts/services.sh start)")')
     return value
 
 

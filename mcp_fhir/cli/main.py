@@ -27,7 +27,9 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     settings = config.load(args.config)
     if args.transport:
-        settings = settings.model_copy(update={"server": settings.server.model_copy(update={"transport": args.transport})})
+        settings = settings.model_copy(
+            update={"server": settings.server.model_copy(update={"transport": args.transport})}
+        )
         settings.check_sections()
     server = build_server(settings)
     if settings.server.metrics_port:
@@ -40,10 +42,19 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.server.tls_cert_file:
         import ssl
 
-        tls = {"ssl_certfile": str(settings.server.tls_cert_file), "ssl_keyfile": str(settings.server.tls_key_file),
-               "ssl_version": ssl.PROTOCOL_TLS_SERVER}
-    uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level="warning",
-                access_log=False, **tls)
+        tls = {
+            "ssl_certfile": str(settings.server.tls_cert_file),
+            "ssl_keyfile": str(settings.server.tls_key_file),
+            "ssl_version": ssl.PROTOCOL_TLS_SERVER,
+        }
+    uvicorn.run(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        log_level="warning",
+        access_log=False,
+        **tls,
+    )
     return 0
 
 
@@ -51,8 +62,10 @@ def _config_check(args: argparse.Namespace) -> int:
     from mcp_fhir import config
 
     settings = config.load(args.file)
-    print(f"ok: {args.file}: {len(settings.backends)} backend(s), transport {settings.server.transport}, "
-          f"{len(settings.tools)} tool(s)")
+    print(
+        f"ok: {args.file}: {len(settings.backends)} backend(s), transport {settings.server.transport}, "
+        f"{len(settings.tools)} tool(s)"
+    )
     return 0
 
 
@@ -79,8 +92,10 @@ def _keys_new(args: argparse.Namespace) -> int:
     from mcp_fhir.agent_auth.api_keys import generate_api_key
 
     key, digest = generate_api_key()
-    print(f"key (give it to the agent once; it is not stored):\n  {key}\n"
-          f"config entry:\n  - id: {args.id}\n    hash: \"{digest}\"\n    claims: {{}}\n    scopes: []")
+    print(
+        f"key (give it to the agent once; it is not stored):\n  {key}\n"
+        f'config entry:\n  - id: {args.id}\n    hash: "{digest}"\n    claims: {{}}\n    scopes: []'
+    )
     return 0
 
 
@@ -135,5 +150,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-

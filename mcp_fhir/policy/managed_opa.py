@@ -87,8 +87,10 @@ class ManagedOpa:
         out = subprocess.DEVNULL
         if self.decision_log is not None:
             self.decision_log.parent.mkdir(parents=True, exist_ok=True)
-            out = self._log_file = open(self.decision_log, "ab")
-        self.process = subprocess.Popen(self.command(), stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+            out = self._log_file = open(self.decision_log, "ab")  # noqa: ASYNC230 - once, at start
+        self.process = subprocess.Popen(  # noqa: ASYNC220 - a child we own; Popen returns at once
+            self.command(), stdout=out, stderr=out, stdin=subprocess.DEVNULL
+        )
         await self.wait_healthy()
 
     async def wait_healthy(self) -> None:

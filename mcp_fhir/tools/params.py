@@ -14,8 +14,8 @@ from pydantic import Field
 from mcp_fhir._exceptions import InvalidArgument
 
 FHIR_ID = r"^[A-Za-z0-9\-\.]{1,64}$"
-TOKEN = r"^[A-Za-z0-9\-\._:/]{1,128}$"
-CODE_TOKEN = r"^([A-Za-z0-9\-\._:/]{1,200}\|)?[A-Za-z0-9\-\._:]{1,64}$"
+CATEGORY_PATTERN = r"^[A-Za-z0-9\-\._:/]{1,128}$"
+CODE_PATTERN = r"^([A-Za-z0-9\-\._:/]{1,200}\|)?[A-Za-z0-9\-\._:]{1,64}$"
 
 PatientId = Annotated[str, Field(pattern=FHIR_ID, description="Canonical patient id (FHIR id grammar).")]
 ResourceId = Annotated[str, Field(pattern=FHIR_ID, description="FHIR resource id.")]
@@ -33,10 +33,10 @@ BreakGlassReason = Annotated[
         default=None, min_length=10, max_length=500, description="Emergency access justification (audited)."
     ),
 ]
-Category = Annotated[str | None, Field(default=None, pattern=TOKEN, description="FHIR category code.")]
+Category = Annotated[str | None, Field(default=None, pattern=CATEGORY_PATTERN, description="FHIR category code.")]
 Code = Annotated[
     str | None,
-    Field(default=None, pattern=CODE_TOKEN, description="Code as `system|code` or `code` (e.g. LOINC)."),
+    Field(default=None, pattern=CODE_PATTERN, description="Code as `system|code` or `code` (e.g. LOINC)."),
 ]
 DateFrom = Annotated[date | None, Field(default=None, description="Earliest clinical date (inclusive).")]
 DateTo = Annotated[date | None, Field(default=None, description="Latest clinical date (inclusive).")]

@@ -127,7 +127,7 @@ class Call:
 
 
 class CallPath:
-    """Runs steps 1 and 3–5 of every tool call, and audits whatever happens."""
+    """Runs steps 1 and 3 to 5 of every tool call, and audits whatever happens."""
 
     def __init__(self, app: AppContext) -> None:
         self.app = app

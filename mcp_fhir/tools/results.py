@@ -202,7 +202,7 @@ def summarise(r: dict[str, Any]) -> str:
             day,
             label,
             _value(r),
-            str(r.get("status") or r.get("clinicalStatus", {}) and _concept(r.get("clinicalStatus"))),
+            str(r.get("status") or (r.get("clinicalStatus", {}) and _concept(r.get("clinicalStatus")))),
         )
         if p
     )

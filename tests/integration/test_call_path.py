@@ -35,7 +35,9 @@ def error_of(result) -> dict:
 async def test_an_allowed_read_returns_the_patient_and_writes_an_audit_record_first(tmp_path, fhir_server):
     settings = config.from_mapping(sidecar_config(tmp_path, fhir_server.base_url, identity=NURSE))
     async with Client(build_server(settings)) as client:
-        result = await client.call_tool("read_patient", {"patient_id": data.AU_PATIENT_ID, "purpose": "treatment"})
+        result = await client.call_tool(
+            "read_patient", {"patient_id": data.AU_PATIENT_ID, "purpose": "treatment"}
+        )
     assert not result.is_error, result.content[0].text
     body = result.structured_content
     assert body["resources"][0]["id"] == data.AU_PATIENT_ID
@@ -49,7 +51,9 @@ async def test_an_allowed_read_returns_the_patient_and_writes_an_audit_record_fi
     assert record["returned_count"] == 1
 
 
-async def test_a_denied_call_is_a_tool_error_with_reason_codes_and_decision_id_and_is_audited(tmp_path, fhir_server):
+async def test_a_denied_call_is_a_tool_error_with_reason_codes_and_decision_id_and_is_audited(
+    tmp_path, fhir_server
+):
     settings = config.from_mapping(sidecar_config(tmp_path, fhir_server.base_url, identity=NURSE))
     async with Client(build_server(settings)) as client:
         result = await client.call_tool(
@@ -65,7 +69,9 @@ async def test_a_denied_call_is_a_tool_error_with_reason_codes_and_decision_id_a
     assert record["decision_id"] == err["decision_id"]
 
 
-async def test_stopping_opa_mid_run_makes_the_next_call_fail_closed_with_opa_unavailable(tmp_path, fhir_server):
+async def test_stopping_opa_mid_run_makes_the_next_call_fail_closed_with_opa_unavailable(
+    tmp_path, fhir_server
+):
     opa = ManagedOpa([POLICIES])
     await opa.start()
     try:

@@ -15,12 +15,21 @@ REPO = Path(__file__).resolve().parents[2]
 POLICIES = REPO / "policies"
 
 # Identities the tests and demo use. Claims are raw: the policy derives roles from them.
-CLINICIAN = {"id": "agent-clinician", "claims": {"roles": ["clinician"], "sub": "agent-clinician"},
-             "scopes": ["user/*.rs", "user/DocumentReference.c"]}
-NURSE = {"id": "agent-nurse", "claims": {"roles": ["nurse"], "sub": "agent-nurse"},
-         "scopes": ["user/Patient.rs", "user/Observation.rs"]}
-AUDITOR = {"id": "agent-auditor", "claims": {"roles": ["auditor"], "sub": "agent-auditor"},
-           "scopes": ["user/AuditEvent.rs"]}
+CLINICIAN = {
+    "id": "agent-clinician",
+    "claims": {"roles": ["clinician"], "sub": "agent-clinician"},
+    "scopes": ["user/*.rs", "user/DocumentReference.c"],
+}
+NURSE = {
+    "id": "agent-nurse",
+    "claims": {"roles": ["nurse"], "sub": "agent-nurse"},
+    "scopes": ["user/Patient.rs", "user/Observation.rs"],
+}
+AUDITOR = {
+    "id": "agent-auditor",
+    "claims": {"roles": ["auditor"], "sub": "agent-auditor"},
+    "scopes": ["user/AuditEvent.rs"],
+}
 
 
 def idmap_seed(path: Path, backend: str = "testbed") -> Path:
@@ -44,10 +53,17 @@ def sidecar_config(
     cfg: dict[str, Any] = {
         "server": {"transport": transport},
         "auth": {"local": dict(identity or CLINICIAN)},
-        "opa": {"url": opa_url, "policies": str(POLICIES), "decision_log": str(workdir / "opa-decisions.log")},
+        "opa": {
+            "url": opa_url,
+            "policies": str(POLICIES),
+            "decision_log": str(workdir / "opa-decisions.log"),
+        },
         "backends": {"testbed": {"base_url": fhir_base_url}},
-        "idmap": {"kind": "sqlite", "path": str(workdir / "idmap.db"),
-                  "seed_file": str(idmap_seed(workdir / "idmap.yaml"))},
+        "idmap": {
+            "kind": "sqlite",
+            "path": str(workdir / "idmap.db"),
+            "seed_file": str(idmap_seed(workdir / "idmap.yaml")),
+        },
         "audit": {"sink": "file", "path": str(workdir / "audit.jsonl")},
     }
     for key, value in overrides.items():
