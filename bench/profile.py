@@ -1,0 +1,106 @@
+"""A py-spy profile of the sidecar under load, summarised by call-path layer.
+
+`py-spy record --format raw` writes collapsed stacks (`frame;frame;... count`, root first). Each
+sample is charged to the first layer met walking from the leaf towards the root, so time in
+`json` or `asyncio` called from the audit sink is audit time, and time in pydantic called by the
+MCP SDK is validation/serialisation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from bench.procs import Child
+
+PROFILE_CONCURRENCY = (1, 32)
+DEFAULT_PROFILE_SECONDS = 8.0
+PY_SPY_RATE = 200  # samples per second
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# (layer, substrings of a frame's file path), checked in order for each frame.
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("audit", ("mcp_fhir/audit/",)),
+    ("obligations", ("mcp_fhir/policy/obligations.py", "mcp_fhir/tools/results.py")),
+    ("decision", ("mcp_fhir/policy/", "opa_client/", "aiohttp/", "yarl/", "multidict/")),
+    ("FHIR", ("mcp_fhir/ehr/", "mcp_fhir/resilience/", "fhirpy/", "httpx2/", "httpcore")),
+    ("auth", ("mcp_fhir/agent_auth/", "mcp/server/auth/")),
+    ("call path (other)", ("mcp_fhir/tools/", "mcp_fhir/context.py", "mcp_fhir/server.py")),
+    ("validation/serialisation", ("pydantic", "jsonschema")),
+    ("MCP framing", ("mcp/", "starlette/", "uvicorn/", "sse_starlette/", "anyio/", "h11/", "httptools")),
+    ("idmap", ("sqlite3", "aiosqlite")),
+    ("event loop", ("asyncio/", "selectors.py", "uvloop")),
+)
+
+
+def layer_of(stack: str) -> str:
+    frames = stack.split(";")
+    for frame in reversed(frames):
+        for layer, needles in LAYERS:
+            if any(n in frame for n in needles):
+                return layer
+    return "other"
+
+
+def summarise(raw_lines: Iterable[str]) -> dict[str, float]:
+    """Fraction of samples per layer, from py-spy raw output."""
+    counts: Counter[str] = Counter()
+    for line in raw_lines:
+        stack, _, n = line.rstrip().rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        counts[layer_of(stack)] += int(n)
+    total = sum(counts.values()) or 1
+    return {layer: round(count / total, 4) for layer, count in counts.most_common()}
+
+
+async def profile_sidecar(bench: Any, child: Child, stream: Callable[[], Any]) -> dict[str, Any]:
+    """Record the sidecar while `stream`s load it, at each of `PROFILE_CONCURRENCY`."""
+    from bench.load import run_cell
+
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(py_spy).is_file():
+        return {"tool": None, "note": "py-spy is not installed (pip install py-spy)"}
+    out: dict[str, Any] = {"tool": "py-spy", "rate": PY_SPY_RATE, "layers": {}}
+    seconds = DEFAULT_PROFILE_SECONDS
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for conc in PROFILE_CONCURRENCY:
+        raw = RESULTS / f"profile-c{conc}.txt"
+        proc = subprocess.Popen(
+            [
+                py_spy,
+                "record",
+                "--pid",
+                str(child.pid),
+                "--duration",
+                str(int(seconds)),
+                "--rate",
+                str(PY_SPY_RATE),
+                "--format",
+                "raw",
+                "--output",
+                str(raw),
+                "--nonblocking",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        cell = await run_cell(stream, conc, seconds=seconds + 1.0)
+        _, err = await asyncio.to_thread(proc.communicate, None, seconds + 30)
+        if proc.returncode != 0 or not raw.is_file():
+            out["layers"][str(conc)] = {"error": err.decode(errors="replace")[-300:]}
+            continue
+        layers = summarise(raw.read_text(encoding="utf-8").splitlines())
+        out["layers"][str(conc)] = {
+            "throughput": round(cell.throughput, 1),
+            "p50_ms": round(cell.p50_ms, 3),
+            "share": layers,
+        }
+        bench.log(f"profile c={conc}: " + ", ".join(f"{k} {v * 100:.0f}%" for k, v in layers.items()))
+    return out

@@ -1,0 +1,533 @@
+"""`python -m bench.run`: every figure of issue #10 in one run, on the same data.
+
+Starts the FHIR test bed, one managed OPA with decision logging on, and sidecar processes
+(`mcp-fhir serve`, streamable HTTP, API-key auth, durable file audit), then measures:
+
+    a  bare HTTP POST of the decision input to OPA (httpx2, keep-alive)
+    b  the sidecar's decision step in-process (decision_input + OpaPolicyEngine.evaluate)
+    c  bare FHIR GET Patient/<id>
+    d  read_patient through the sidecar, cache off
+    e  read_patient through a second sidecar, cache on and warm
+    f  WSO2 fhir-mcp-server 0.10.0 `read` on the same test bed, no policy (when installed)
+
+at each concurrency, plus (b) under a paced 300 calls/s load, sidecar memory, and optionally a
+py-spy profile (`--profile`) and a two-replica scale-out (`--scale-out`). Prints one table and
+writes `bench/results/latest.json`. `--quick --check bench/baseline.json` is the CI guard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx2
+
+from bench import profile as profiling
+from bench.load import Op, run_cell, run_paced
+from bench.mcp_session import McpSession
+from bench.procs import REPO, Child, memory_kib, peer_available, start_peer, start_sidecar
+from bench.stats import RATIOS, BenchError, CellResult, compare_to_baseline, ratios, target_report
+
+FULL_CONCURRENCY = (1, 8, 32, 128)
+QUICK_CONCURRENCY = (1, 8)
+FULL_CELL_SECONDS = 5.0
+QUICK_CELL_SECONDS = 1.0
+PACED_RATE = 300.0  # calls/s for the decision-latency target
+FULL_PACED_SECONDS = 5.0
+QUICK_PACED_SECONDS = 2.0
+DEFAULT_RESULTS = REPO / "bench" / "results" / "latest.json"
+HTTP_POOL = 256  # connections in each bare client: more than the largest concurrency
+PATIENT = "pat-au-001"
+PURPOSE = "treatment"
+CELL_LABELS = {
+    "a_opa_bare": "a  OPA bare POST",
+    "b_decision_inproc": "b  decision in-process",
+    "c_fhir_bare": "c  FHIR bare GET",
+    "d_sidecar_nocache": "d  sidecar, cache off",
+    "e_sidecar_cache": "e  sidecar, cache warm",
+    "f_peer_wso2": "f  WSO2 peer",
+}
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace").splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_kib = 0
+    try:
+        mem_kib = int(Path("/proc/meminfo").read_text(encoding="ascii").split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    from mcp_fhir.policy.managed_opa import find_opa
+    from tests.testbed.fhir import NODE_BINARY
+
+    def version(argv: list[str]) -> str:
+        try:
+            return (
+                subprocess.run(argv, capture_output=True, text=True, timeout=10)
+                .stdout.splitlines()[0]
+                .strip()
+            )
+        except (OSError, IndexError, subprocess.SubprocessError):
+            return "unknown"
+
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(mem_kib / 1024 / 1024, 1),
+        "python": platform.python_version(),
+        "opa": version([find_opa(), "version"]),
+        "node": version([str(NODE_BINARY), "--version"]),
+        "kernel": platform.release(),
+        # Other work on the machine skews absolute figures; ratios are measured side by side.
+        "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
+    }
+
+
+def sidecar_cfg(
+    workdir: Path, fhir_url: str, opa_url: str, key_hash: str, port: int, **overrides: Any
+) -> dict[str, Any]:
+    """An HTTP sidecar config over the test bed, authenticated by one API key (the nurse's claims)."""
+    from tests.testbed.sidecar import NURSE, sidecar_config
+
+    cfg = sidecar_config(
+        workdir,
+        fhir_url,
+        opa_url=opa_url,
+        identity=NURSE,
+        transport="http",
+        server={"transport": "http", "host": "127.0.0.1", "port": port},
+        **overrides,
+    )
+    cfg["auth"] = {
+        "api_keys": [
+            {"id": "bench-agent", "hash": key_hash, "claims": NURSE["claims"], "scopes": NURSE["scopes"]}
+        ]
+    }
+    return cfg
+
+
+@asynccontextmanager
+async def mcp_stream(url: str, bearer: str | None, tool: str, arguments: dict[str, Any]) -> AsyncIterator[Op]:
+    session = McpSession(url, bearer=bearer)
+    try:
+        await session.open()
+        yield lambda: session.call_tool(tool, arguments)
+    finally:
+        await session.aclose()
+
+
+def shared(op: Op):
+    @asynccontextmanager
+    async def factory() -> AsyncIterator[Op]:
+        yield op
+
+    return factory
+
+
+async def official_client_check(
+    url: str, bearer: str | None, tool: str, arguments: dict[str, Any], *, legacy: bool = False
+) -> None:
+    """One call through the official `mcp.Client`: the lean load session must match what it sees."""
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
+    http = httpx2.AsyncClient(headers=headers, timeout=30)
+    kwargs: dict[str, Any] = {"mode": "legacy"} if legacy else {}
+    async with http, Client(streamable_http_client(url, http_client=http), **kwargs) as client:
+        result = await client.call_tool(tool, arguments)
+    if result.is_error:
+        raise BenchError(f"{tool} through the official client returned a tool error")
+
+
+def recorded_decision_input(audit_path: Path) -> dict[str, Any]:
+    """The decision input of the sanity call, as the sidecar sent it (from its audit record)."""
+    for line in reversed(audit_path.read_text(encoding="utf-8").splitlines()):
+        record = json.loads(line).get("record") or {}
+        if record.get("kind") == "access" and record.get("decision_input"):
+            return dict(record["decision_input"])
+    raise BenchError("no decision input in the sidecar's audit trail")
+
+
+async def peer_read_args(url: str) -> tuple[str, dict[str, Any]]:
+    """The WSO2 peer's `read` tool and arguments for Patient/<id>, checked against its tools/list schema."""
+    session = McpSession(url)
+    try:
+        await session.open()
+        tools = {t["name"]: t for t in await session.list_tools()}
+    finally:
+        await session.aclose()
+    if "read" not in tools:
+        raise BenchError("the peer has no `read` tool")
+    props = set((tools["read"].get("inputSchema") or {}).get("properties") or {})
+    args: dict[str, Any] = {}
+    args["type" if "type" in props else "resource_type"] = "Patient"
+    args["id" if "id" in props else "resource_id"] = PATIENT
+    unknown = set(args) - props
+    if unknown:
+        raise BenchError(f"the peer's read schema does not take {sorted(unknown)}")
+    return "read", args
+
+
+class Bench:
+    """One run: the children it started, the cells it measured, and what it found."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.quick: bool = args.quick
+        self.concurrency = QUICK_CONCURRENCY if self.quick else tuple(args.concurrency or FULL_CONCURRENCY)
+        self.seconds = QUICK_CELL_SECONDS if self.quick else args.seconds
+        self.cells: dict[str, dict[int, CellResult]] = {}
+        self.notes: list[str] = []
+        self.extra: dict[str, Any] = {}
+        self.children: list[Child] = []
+
+    def log(self, text: str) -> None:
+        print(f"[bench] {text}", file=sys.stderr, flush=True)
+
+    async def cell(self, name: str, factory: Any, conc: int) -> CellResult:
+        result = await run_cell(factory, conc, seconds=self.seconds)
+        self.cells.setdefault(name, {})[conc] = result
+        self.log(
+            f"{name:20} c={conc:<4} p50={result.p50_ms:7.2f} ms p99={result.p99_ms:7.2f} ms "
+            f"{result.throughput:8.1f}/s errors={result.errors}"
+        )
+        return result
+
+    async def run(self) -> dict[str, Any]:
+        from mcp_fhir.agent_auth.api_keys import generate_api_key
+        from mcp_fhir.policy.managed_opa import ManagedOpa
+        from tests.testbed.fhir import start_fhir_server
+        from tests.testbed.sidecar import POLICIES
+
+        self.log("starting the FHIR test bed")
+        with start_fhir_server() as fhir:
+            async with ManagedOpa([POLICIES], decision_log=self.workdir / "opa-decisions.log") as opa:
+                key, digest = generate_api_key()
+                nocache = await self._sidecar(
+                    "sidecar-nocache", fhir.base_url, opa.url, digest, cache={"enabled": False}
+                )
+                cached = await self._sidecar(
+                    "sidecar-cache", fhir.base_url, opa.url, digest, cache={"enabled": True}
+                )
+                try:
+                    await self._measure(fhir.base_url, opa.url, key, nocache, cached)
+                finally:
+                    for child in self.children:
+                        await child.stop()
+            if self.args.scale_out:
+                from bench.scaleout import scale_out
+
+                self.extra["scale_out"] = await scale_out(self, fhir.base_url)
+        return self.report()
+
+    async def _sidecar(self, name: str, fhir_url: str, opa_url: str, digest: str, **overrides: Any) -> Child:
+        from mcp_fhir.policy.managed_opa import free_port
+
+        port = free_port()
+        cfg = sidecar_cfg(self.workdir / name, fhir_url, opa_url, digest, port, **overrides)
+        self.log(f"starting {name} on port {port}")
+        child = await start_sidecar(name, cfg, self.workdir)
+        self.children.append(child)
+        return child
+
+    async def _measure(self, fhir_url: str, opa_url: str, key: str, nocache: Child, cached: Child) -> None:
+        from mcp_fhir.agent_auth.subject import Subject
+        from mcp_fhir.policy.input import decision_input
+        from mcp_fhir.policy.opa import OpaPolicyEngine, OpaSettings
+
+        arguments = {"patient_id": PATIENT, "purpose": PURPOSE}
+        for child in (nocache, cached):
+            await official_client_check(child.url, key, "read_patient", arguments)
+        recorded = recorded_decision_input(self.workdir / "sidecar-nocache" / "audit.jsonl")
+        subject_in = recorded["subject"]
+        subject = Subject(
+            id=subject_in["id"],
+            authn=subject_in["authn"],
+            claims=subject_in["claims"],
+            scopes=tuple(subject_in["scopes"]),
+            on_behalf_of=subject_in.get("on_behalf_of"),
+        )
+        action, resource = recorded["action"], recorded["resource"]
+        body = json.dumps({"input": recorded}).encode()
+        decision_url = f"{opa_url}/v1/data/mcp_fhir/authz/decision?provenance=true"
+        limits = httpx2.Limits(max_connections=HTTP_POOL, max_keepalive_connections=HTTP_POOL)
+        self.extra["memory"] = {"idle_kib": {c.name: memory_kib(c.pid) for c in (nocache, cached)}}
+
+        async with (
+            httpx2.AsyncClient(limits=limits, timeout=10) as http,
+            OpaPolicyEngine(OpaSettings(url=opa_url)) as engine,
+        ):
+
+            async def opa_bare() -> None:
+                r = await http.post(decision_url, content=body, headers={"Content-Type": "application/json"})
+                if r.status_code != 200 or "result" not in r.json():
+                    raise BenchError("OPA answered without a result")
+
+            async def decide() -> None:
+                d_input = decision_input(
+                    subject=subject,
+                    tool=action["tool"],
+                    operation=action["operation"],
+                    resource_type=action["resource_type"],
+                    patient=resource["patient"],
+                    params=resource["params"],
+                    purpose=PURPOSE,
+                    break_glass_reason=None,
+                    backend="testbed",
+                    request_id=os.urandom(16).hex(),
+                )
+                if not (await engine.evaluate(d_input)).allow:
+                    raise BenchError("the benchmark decision was a deny")
+
+            async def fhir_bare() -> None:
+                r = await http.get(
+                    f"{fhir_url}/Patient/{PATIENT}", headers={"Accept": "application/fhir+json"}
+                )
+                if r.status_code != 200:
+                    raise BenchError("the FHIR read failed")
+
+            peer = await self._peer(fhir_url)
+            for conc in self.concurrency:
+                await self.cell("a_opa_bare", shared(opa_bare), conc)
+                await self.cell("b_decision_inproc", shared(decide), conc)
+                await self.cell("c_fhir_bare", shared(fhir_bare), conc)
+                sampler = MemorySampler(nocache.pid)
+                async with sampler:
+                    await self.cell(
+                        "d_sidecar_nocache",
+                        lambda: mcp_stream(nocache.url, key, "read_patient", arguments),
+                        conc,
+                    )
+                self.extra["memory"].setdefault("under_load_kib", {})[f"d c={conc}"] = sampler.result()
+                await self.cell(
+                    "e_sidecar_cache", lambda: mcp_stream(cached.url, key, "read_patient", arguments), conc
+                )
+                if peer is not None:
+                    peer_url, (tool, peer_args) = peer[0].url, peer[1]
+                    await self.cell(
+                        "f_peer_wso2",
+                        lambda u=peer_url, t=tool, a=peer_args: mcp_stream(u, None, t, a),  # type: ignore[misc]
+                        conc,
+                    )
+            paced_seconds = QUICK_PACED_SECONDS if self.quick else FULL_PACED_SECONDS
+            paced = await run_paced(decide, rate=PACED_RATE, seconds=paced_seconds)
+            self.extra["paced_decision"] = {"rate": PACED_RATE, "seconds": paced_seconds, **paced.to_dict()}
+            self.log(
+                f"paced decision at {PACED_RATE:g}/s: p50={paced.p50_ms:.2f} ms p99={paced.p99_ms:.2f} ms"
+            )
+            self.extra["memory"]["final_kib"] = {c.name: memory_kib(c.pid) for c in (nocache, cached)}
+            if self.args.profile:
+                self.extra["profile"] = await profiling.profile_sidecar(
+                    self, nocache, lambda: mcp_stream(nocache.url, key, "read_patient", arguments)
+                )
+
+    async def _peer(self, fhir_url: str) -> tuple[Child, tuple[str, dict[str, Any]]] | None:
+        want = self.args.peer if self.args.peer is not None else not self.quick
+        if not want:
+            return None
+        if not peer_available():
+            self.notes.append("peer skipped: .tools/peer-venv is not installed (see docs/performance.md)")
+            return None
+        from mcp_fhir.policy.managed_opa import free_port
+
+        try:
+            child = await start_peer(fhir_url, free_port(), self.workdir)
+        except BenchError as exc:
+            self.notes.append(f"peer skipped: {exc}")
+            return None
+        self.children.append(child)
+        tool_args = await peer_read_args(child.url)
+        await official_client_check(child.url, None, *tool_args, legacy=True)
+        return child, tool_args
+
+    def report(self) -> dict[str, Any]:
+        p50 = {name: {c: r.p50_ms for c, r in by_c.items()} for name, by_c in self.cells.items()}
+        ratio_values = ratios(p50)
+        return {
+            "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "mode": "quick" if self.quick else "full",
+            "cell_seconds": self.seconds,
+            "machine": machine(),
+            "cells": {n: {str(c): r.to_dict() for c, r in by_c.items()} for n, by_c in self.cells.items()},
+            "ratios": {n: {str(c): round(v, 4) for c, v in by_c.items()} for n, by_c in ratio_values.items()},
+            "targets": target_targets(self, ratio_values),
+            "notes": self.notes,
+            **self.extra,
+        }
+
+
+def target_targets(bench: Bench, ratio_values: dict[str, dict[int, float]]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = [
+        {"target": f"{name} <= {target:g} (p50, c=1)", "value": value, "met": met}
+        for name, value, target, met in target_report(ratio_values)
+    ]
+    paced = bench.extra.get("paced_decision")
+    if paced:
+        rows.append(
+            {
+                "target": "decision p99 <= 2 ms at 300 calls/s",
+                "value": paced["p99_ms"],
+                "met": paced["p99_ms"] <= 2.0,
+            }
+        )
+    warm = (bench.cells.get("e_sidecar_cache") or {}).get(32)
+    if warm is not None:
+        rows.append(
+            {
+                "target": ">= 400 tool calls/s at c=32, cache warm",
+                "value": round(warm.throughput, 1),
+                "met": warm.throughput >= 400,
+            }
+        )
+    return rows
+
+
+class MemorySampler:
+    """Polls a child's VmRSS while a cell runs and keeps the maximum (VmHWM is the lifetime peak)."""
+
+    INTERVAL = 0.1
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.max_rss = 0
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    async def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.max_rss = max(self.max_rss, memory_kib(self.pid).get("VmRSS", 0))
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.INTERVAL)
+            except TimeoutError:
+                pass
+
+    async def __aenter__(self) -> MemorySampler:
+        self._task = asyncio.create_task(self._poll())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+    def result(self) -> dict[str, int]:
+        return {"max_VmRSS": self.max_rss, **{k: v for k, v in memory_kib(self.pid).items() if k == "VmHWM"}}
+
+
+def fmt(value: float) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+
+
+def table(report: dict[str, Any]) -> str:
+    """The one table: p50/p90/p99 (ms) and calls/s per measurement and concurrency; ratios; targets."""
+    lines = [
+        f"{'measurement':26} {'c':>4} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'calls/s':>9} {'err':>5}"
+    ]
+    for name, by_c in report["cells"].items():
+        for conc, cell in by_c.items():
+            lines.append(
+                f"{CELL_LABELS.get(name, name):26} {conc:>4} {fmt(cell['p50_ms']):>8} "
+                f"{fmt(cell['p90_ms']):>8} "
+                f"{fmt(cell['p99_ms']):>8} {cell['throughput']:>9.1f} {cell['errors']:>5}"
+            )
+    lines.append("")
+    lines.append(
+        "ratios of p50 latency: "
+        + "  ".join(
+            f"{name} " + ", ".join(f"c={c}: {v:.2f}" for c, v in by_c.items())
+            for name, by_c in report["ratios"].items()
+        )
+    )
+    for row in report["targets"]:
+        status = "n/a" if row["met"] is None else ("MET" if row["met"] else "MISSED")
+        value = "—" if row["value"] is None else f"{row['value']:.3f}"
+        lines.append(f"  {row['target']:44} {value:>10}  {status}")
+    paced = report.get("paced_decision")
+    if paced:
+        lines.append(
+            f"  paced decision {paced['rate']:g}/s: p50 {paced['p50_ms']:.2f} ms, "
+            f"p99 {paced['p99_ms']:.2f} ms, "
+            f"{paced['errors']} errors"
+        )
+    for note in report["notes"]:
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="CI mode: 1 s cells, concurrency 1 and 8, no peer")
+    p.add_argument("--seconds", type=float, default=FULL_CELL_SECONDS, help="seconds per cell (full mode)")
+    p.add_argument("--concurrency", type=int, nargs="+", help="streams per cell (full mode)")
+    peer = p.add_mutually_exclusive_group()
+    peer.add_argument("--peer", dest="peer", action="store_true", default=None, help="measure the WSO2 peer")
+    peer.add_argument("--no-peer", dest="peer", action="store_false")
+    p.add_argument("--profile", action="store_true", help="py-spy the sidecar at c=1 and c=32")
+    p.add_argument("--scale-out", action="store_true", help="two replicas over Redis and PostgreSQL")
+    p.add_argument("--out", type=Path, default=DEFAULT_RESULTS, help="where to write the JSON results")
+    p.add_argument("--check", type=Path, help="fail if a ratio grew >25%% over this baseline")
+    p.add_argument("--write-baseline", type=Path, help="write this run's ratios as a baseline")
+    p.add_argument("--keep-workdir", action="store_true")
+    args = p.parse_args(argv)
+    if args.seconds <= 0 or args.seconds > 120:
+        p.error("--seconds must be between 0 and 120")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="mcp-fhir-bench-"))
+    try:
+        report = asyncio.run(Bench(args, workdir).run())
+    finally:
+        if not args.keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(table(report))
+    print(f"\nwrote {args.out}")
+    if args.write_baseline:
+        baseline = {
+            "comment": "ratios of p50 latency from `python -m bench.run --quick`; lower is better",
+            "ratios": report["ratios"],
+        }
+        args.write_baseline.write_text(json.dumps(baseline, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.write_baseline}")
+    if args.check:
+        baseline = json.loads(args.check.read_text(encoding="utf-8"))
+        regressions = compare_to_baseline(report["ratios"], baseline.get("ratios") or {})
+        for regression in regressions:
+            print(f"REGRESSION {regression}")
+        if regressions:
+            return 1
+        print(f"no ratio regressed by more than 25% against {args.check}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["RATIOS", "main"]
