@@ -1,0 +1,95 @@
+"""The harness's pure parts: percentile maths, ratio calculation, baseline comparison, profile layers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench.profile import layer_of
+from bench.profile import summarise as summarise_profile
+from bench.stats import BenchError, compare_to_baseline, percentile, ratios, summarise, target_report
+
+
+def test_percentile_interpolates_between_closest_ranks():
+    samples = [4.0, 1.0, 3.0, 2.0]
+    assert percentile(samples, 0) == 1.0
+    assert percentile(samples, 100) == 4.0
+    assert percentile(samples, 50) == pytest.approx(2.5)
+    assert percentile(list(range(1, 101)), 99) == pytest.approx(99.01)
+
+
+def test_percentile_of_nothing_is_an_error():
+    with pytest.raises(BenchError):
+        percentile([], 50)
+    with pytest.raises(BenchError):
+        percentile([1.0], 101)
+
+
+def test_summarise_reports_milliseconds_and_calls_per_second():
+    cell = summarise([0.001] * 99 + [0.011], errors=2, seconds=2.0)
+    assert cell.calls == 100
+    assert cell.errors == 2
+    assert cell.p50_ms == pytest.approx(1.0)
+    assert cell.p99_ms == pytest.approx(1.1)
+    assert cell.throughput == pytest.approx(50.0)
+
+
+def test_a_cell_without_successful_calls_has_no_latency_and_zero_throughput():
+    cell = summarise([], errors=5, seconds=1.0)
+    assert math.isnan(cell.p50_ms)
+    assert cell.throughput == 0.0
+
+
+def test_ratios_divide_by_the_sum_of_their_denominator_cells():
+    p50 = {
+        "a_opa_bare": {1: 1.0, 8: 2.0},
+        "b_decision_inproc": {1: 1.2, 8: 3.0},
+        "c_fhir_bare": {1: 3.0},
+        "d_sidecar_nocache": {1: 6.0, 8: 10.0},
+        "e_sidecar_cache": {1: 2.0},
+    }
+    got = ratios(p50)
+    assert got["b/a"] == {1: pytest.approx(1.2), 8: pytest.approx(1.5)}
+    assert got["d/(a+c)"] == {1: pytest.approx(1.5)}  # c=8 has no FHIR figure, so no ratio
+    assert got["e/d"] == {1: pytest.approx(1 / 3)}
+    assert "d/f" not in got  # no peer measured
+
+
+def test_a_missing_or_nan_cell_leaves_the_ratio_out():
+    assert ratios({"a_opa_bare": {1: math.nan}, "b_decision_inproc": {1: 1.0}}) == {}
+
+
+def test_a_ratio_that_grew_more_than_a_quarter_is_a_regression():
+    baseline = {"b/a": {"1": 1.0, "8": 1.0}, "e/d": {"1": 0.4}}
+    current = {"b/a": {"1": 1.26, "8": 1.24}, "e/d": {"1": 0.3}}
+    [regression] = compare_to_baseline(current, baseline)
+    assert (regression.ratio, regression.concurrency) == ("b/a", 1)
+    assert regression.growth == pytest.approx(0.26)
+
+
+def test_an_improved_or_unmeasured_ratio_is_not_a_regression():
+    baseline = {"d/f": {"1": 1.0}, "e/d": {"1": 0.5}}
+    assert compare_to_baseline({"e/d": {1: 0.1}}, baseline) == []
+
+
+def test_the_tolerance_must_be_a_sensible_fraction():
+    with pytest.raises(BenchError):
+        compare_to_baseline({}, {}, tolerance=0)
+
+
+def test_target_report_marks_each_target_met_missed_or_unmeasured():
+    rows = {name: (value, met) for name, value, _t, met in target_report({"b/a": {1: 1.2}, "e/d": {1: 0.9}})}
+    assert rows["b/a"] == (1.2, True)
+    assert rows["e/d"] == (0.9, False)
+    assert rows["d/f"] == (None, None)
+
+
+def test_profile_samples_are_charged_to_the_innermost_known_layer():
+    audit = "main (x.py:1);record (mcp_fhir/audit/sinks/file.py:10);dumps (json/__init__.py:5)"
+    framing = "main (x.py:1);handle (mcp/server/lowlevel.py:3);validate (pydantic/main.py:7)"
+    assert layer_of(audit) == "audit"
+    assert layer_of(framing) == "validation/serialisation"
+    assert layer_of("main (x.py:1)") == "other"
+    shares = summarise_profile([f"{audit} 3", f"{framing} 1", "garbage"])
+    assert shares == {"audit": 0.75, "validation/serialisation": 0.25}
