@@ -29,7 +29,7 @@ import yaml
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.prompts.base import UserMessage
 from mcp.shared.exceptions import MCPError
-from mcp.types import CallToolResult, ListToolsResult, TextContent
+from mcp.types import INVALID_PARAMS, CallToolResult, ListToolsResult, TextContent
 from pydantic import ValidationError
 
 from mcp_fhir._exceptions import (
@@ -121,9 +121,11 @@ class SidecarServer(MCPServer[AppContext]):
             root = _root(exc)
             if isinstance(root, ValidationError):
                 root = _invalid_from_validation(root)
+            unknown_tool = False
             if not isinstance(root, MCPFhirError):
                 if str(exc).startswith("Unknown tool"):
                     root = InvalidArgument("name", "is not a tool of this server")
+                    unknown_tool = True
                 else:
                     log.error("tool %s failed: %s", params.name, type(root).__name__)
                     root = MCPFhirError("internal error")
@@ -135,7 +137,23 @@ class SidecarServer(MCPServer[AppContext]):
                 await self._audit_rejected(app, params.name, root)
             if isinstance(root, INFRA_ERRORS):
                 raise MCPError(INFRA_ERROR, str(root), root.to_dict()) from None
+            if unknown_tool:  # the spec's protocol error for an unknown tool (still audited above)
+                raise MCPError(INVALID_PARAMS, str(root), root.to_dict()) from None
             return tool_error(root)
+
+    async def _handle_get_prompt(self, ctx: Any, params: Any) -> Any:
+        """An unknown prompt or a bad prompt argument is JSON-RPC -32602, never the SDK's code 0."""
+        if self._prompt_manager.get_prompt(params.name) is None:
+            err = InvalidArgument("name", "is not a prompt of this server")
+            raise MCPError(INVALID_PARAMS, str(err), err.to_dict())
+        try:
+            return await super()._handle_get_prompt(ctx, params)
+        except MCPError:
+            raise
+        except Exception as exc:  # the SDK wraps argument errors in a bare ValueError
+            root = _root(exc)
+            err = root if isinstance(root, InvalidArgument) else InvalidArgument("arguments", "are not valid")
+            raise MCPError(INVALID_PARAMS, str(err), err.to_dict()) from None
 
     def _reject_unknown_arguments(self, name: str, arguments: dict[str, Any]) -> None:
         """An argument the tool does not declare is refused, not silently dropped (it may be an injection)."""
@@ -362,6 +380,8 @@ def register_resources_and_prompts(server: MCPServer, holder: dict[str, AppConte
 
 def _register_prompt(server: MCPServer, name: str, purpose: str, task: str) -> None:
     def build(patient_id: str) -> list[UserMessage]:
+        if not re.fullmatch(FHIR_ID, patient_id):  # it is pasted into the prompt text
+            raise InvalidArgument("patient_id", "must match the FHIR id grammar")
         return [
             UserMessage(
                 f'{task} for patient {patient_id}. Call the mcp-fhir tools with purpose="{purpose}" every time. '
