@@ -28,7 +28,9 @@ def clinician(**claims_and_scopes):
 
 
 async def call(tmp_path, fhir_server, tool, args, identity=None):
-    settings = config.from_mapping(sidecar_config(tmp_path, fhir_server.base_url, identity=identity or CLINICIAN))
+    settings = config.from_mapping(
+        sidecar_config(tmp_path, fhir_server.base_url, identity=identity or CLINICIAN)
+    )
     async with Client(build_server(settings)) as client:
         result = await client.call_tool(tool, args)
     assert not result.is_error, result.content[0].text
@@ -47,7 +49,10 @@ async def test_a_psy_labelled_note_is_absent_from_a_discharge_summary_search_and
     assert data.PSY_NOTE_ID not in {r["id"] for r in normal["resources"]}
     assert normal["withheld"]["security_label"] >= 1
     glass = await call(
-        tmp_path / "b", fhir_server, "list_documents", {**args, "purpose": "treatment", "break_glass_reason": BREAK_GLASS}
+        tmp_path / "b",
+        fhir_server,
+        "list_documents",
+        {**args, "purpose": "treatment", "break_glass_reason": BREAK_GLASS},
     )
     assert data.PSY_NOTE_ID in {r["id"] for r in glass["resources"]}
 
@@ -97,7 +102,9 @@ async def test_max_lookback_days_drops_observations_older_than_the_discharge_win
         {"patient_id": data.SERIES_PATIENT_ID, "purpose": "discharge_summary", "page_size": 100},
     )
     cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
-    dates = [dt.datetime.fromisoformat(r["effectiveDateTime"].replace("Z", "+00:00")) for r in body["resources"]]
+    dates = [
+        dt.datetime.fromisoformat(r["effectiveDateTime"].replace("Z", "+00:00")) for r in body["resources"]
+    ]
     assert dates, "the series patient has observations in the last 30 days"
     assert min(dates) >= cutoff
     everything = await call(
@@ -123,7 +130,10 @@ async def test_redact_removes_patient_contact_details_for_medication_reconciliat
     assert "telecom" not in patient and "address" not in patient
     assert body["withheld"]["redacted_elements"] >= 1
     unredacted = await call(
-        tmp_path / "t", fhir_server, "read_patient", {"patient_id": data.AU_PATIENT_ID, "purpose": "treatment"}
+        tmp_path / "t",
+        fhir_server,
+        "read_patient",
+        {"patient_id": data.AU_PATIENT_ID, "purpose": "treatment"},
     )
     assert "telecom" in unredacted["resources"][0]
 
