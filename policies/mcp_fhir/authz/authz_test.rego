@@ -2,8 +2,11 @@ package mcp_fhir.authz_test
 
 import data.mcp_fhir.authz
 import data.mcp_fhir.authz.testing
+import data.mcp_fhir.authz.util
 
-_all_labels := sort(data.mcp_fhir.config.labels.sensitivity | data.mcp_fhir.config.labels.confidentiality)
+_labels := data.mcp_fhir.config.labels
+
+_all_labels := sort(util.as_set(_labels.sensitivity) | util.as_set(_labels.confidentiality))
 
 _closed := {
 	"exclude_security_labels": _all_labels,
@@ -72,6 +75,7 @@ _cases := {
 }
 
 test_whole_decisions_match_expected if {
+	count(_cases) == 4
 	failures := {note |
 		some note, case in _cases
 		authz.decision != case.decision with input as case.input
