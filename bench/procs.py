@@ -51,6 +51,7 @@ class Child:
     url: str
     log_path: Path
     _log: IO[bytes] | None = field(default=None, repr=False)
+    metrics_port: int | None = None
 
     @property
     def pid(self) -> int:

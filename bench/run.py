@@ -247,8 +247,10 @@ class Bench:
 
         port = free_port()
         cfg = sidecar_cfg(self.workdir / name, fhir_url, opa_url, digest, port, **overrides)
+        cfg["server"]["metrics_port"] = free_port()
         self.log(f"starting {name} on port {port}")
         child = await start_sidecar(name, cfg, self.workdir)
+        child.metrics_port = cfg["server"]["metrics_port"]
         self.children.append(child)
         return child
 
@@ -338,6 +340,7 @@ class Bench:
                 f"paced decision at {PACED_RATE:g}/s: p50={paced.p50_ms:.2f} ms p99={paced.p99_ms:.2f} ms"
             )
             self.extra["memory"]["final_kib"] = {c.name: memory_kib(c.pid) for c in (nocache, cached)}
+            self.extra["step_means_ms"] = {c.name: await step_means(http, c) for c in (nocache, cached)}
             if self.args.profile:
                 self.extra["profile"] = await profiling.profile_sidecar(
                     self, nocache, lambda: mcp_stream(nocache.url, key, "read_patient", arguments)
@@ -404,6 +407,39 @@ def target_targets(bench: Bench, ratio_values: dict[str, dict[int, float]]) -> l
     return rows
 
 
+STEP_HISTOGRAMS = {
+    "decision": "mcp_fhir_decision_seconds",
+    "audit_write": "mcp_fhir_audit_write_seconds",
+    "fhir_upstream": "mcp_fhir_upstream_seconds",
+}
+
+
+def histogram_means(text: str) -> dict[str, float]:
+    """Mean of each step histogram (sum/count over all label sets), in ms, from Prometheus text."""
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        metric, _, value = line.rpartition(" ")
+        name = metric.split("{", 1)[0]
+        for step, base in STEP_HISTOGRAMS.items():
+            if name == base + "_sum":
+                sums[step] = sums.get(step, 0.0) + float(value)
+            elif name == base + "_count":
+                counts[step] = counts.get(step, 0.0) + float(value)
+    return {step: round(sums[step] / counts[step] * 1000.0, 3) for step in sums if counts.get(step)}
+
+
+async def step_means(http: httpx2.AsyncClient, child: Child) -> dict[str, float]:
+    """The sidecar's own per-step timings over the whole run, from its metrics endpoint."""
+    port = child.metrics_port
+    if port is None:
+        return {}
+    response = await http.get(f"http://127.0.0.1:{port}/metrics")
+    return histogram_means(response.text) if response.status_code == 200 else {}
+
+
 class MemorySampler:
     """Polls a child's VmRSS while a cell runs and keeps the maximum (VmHWM is the lifetime peak)."""
 
@@ -464,6 +500,10 @@ def table(report: dict[str, Any]) -> str:
         status = "n/a" if row["met"] is None else ("MET" if row["met"] else "MISSED")
         value = "—" if row["value"] is None else f"{row['value']:.3f}"
         lines.append(f"  {row['target']:44} {value:>10}  {status}")
+    for name, steps in (report.get("step_means_ms") or {}).items():
+        lines.append(
+            f"  {name} mean per step (ms, whole run): " + ", ".join(f"{k} {v:.2f}" for k, v in steps.items())
+        )
     paced = report.get("paced_decision")
     if paced:
         lines.append(
