@@ -1,0 +1,66 @@
+"""`Decision.parse` is the one place an OPA answer is interpreted: anything off-contract fails closed."""
+
+import pytest
+
+from mcp_fhir._exceptions import PolicyMalformed, PolicyUndefined
+from mcp_fhir.policy.engine import Decision
+
+OBLIGATIONS = {
+    "exclude_security_labels": ["PSY"],
+    "allowed_categories": {"Observation": ["laboratory"]},
+    "redact": ["Patient.telecom"],
+    "max_lookback_days": 30,
+    "max_results": 50,
+}
+
+
+def allow(**over):
+    return {"result": {"allow": True, "reasons": [], "obligations": {**OBLIGATIONS, **over}, "audit": {}}}
+
+
+def test_a_well_formed_allow_is_parsed_with_every_obligation():
+    d = Decision.parse(allow(), decision_id="d1", revision="r1")
+    assert d.allow and d.decision_id == "d1" and d.revision == "r1"
+    assert d.obligations.exclude_security_labels == {"PSY"}
+    assert d.obligations.allowed_categories == {"Observation": {"laboratory"}}
+    assert d.obligations.redact == ("Patient.telecom",)
+    assert (d.obligations.max_lookback_days, d.obligations.max_results) == (30, 50)
+
+
+def test_a_deny_keeps_its_reason_codes_sorted():
+    body = {"result": {"allow": False, "reasons": [{"code": "B"}, {"code": "A", "message": "m"}]}}
+    assert Decision.parse(body).reason_codes == ("A", "B")
+
+
+def test_a_missing_result_is_undefined():
+    with pytest.raises(PolicyUndefined) as err:
+        Decision.parse({"decision_id": "x"}, decision_id="x")
+    assert err.value.code == "opa_undefined"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        [],
+        "allow",
+        {"result": True},
+        {"result": {"allow": "yes"}},
+        {"result": {"allow": 1}},
+        {"result": {"allow": False, "reasons": []}},
+        {"result": {"allow": False, "reasons": [{"message": "no code"}]}},
+        {"result": {"allow": False, "reasons": "ROLE"}},
+        {"result": {"allow": True, "reasons": []}},
+        {"result": {"allow": True, "obligations": {"redact": []}}},
+        allow(exclude_security_labels="PSY"),
+        allow(allowed_categories=["laboratory"]),
+        allow(max_results=-1),
+        allow(max_results=True),
+        allow(max_lookback_days=1.5),
+        {"result": {"allow": True, "obligations": OBLIGATIONS, "audit": {"alerts": "after_hours"}}},
+    ],
+    ids=lambda b: str(b)[:60],
+)
+def test_an_off_contract_answer_is_malformed_and_never_an_allow(body):
+    with pytest.raises(PolicyMalformed) as err:
+        Decision.parse(body)
+    assert err.value.code == "opa_malformed"
