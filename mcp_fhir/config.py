@@ -63,9 +63,9 @@ class ServerSettings(_Strict):
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerSettings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
-            raise ValueError("tls_cert_file and tls_key_file go together")
+            raise ConfigError("server.tls_key_file", "tls_cert_file and tls_key_file go together")
         if self.metrics_port is not None and self.metrics_port == self.port and self.transport == "http":
-            raise ValueError("metrics_port must differ from port")
+            raise ConfigError("server.metrics_port", "must differ from server.port")
         return self
 
     @property
@@ -94,7 +94,7 @@ class OpaConfig(_Strict):
     @model_validator(mode="after")
     def _one_shadow(self) -> OpaConfig:
         if self.shadow_url is not None and self.shadow_policies is not None:
-            raise ValueError("set shadow_url or shadow_policies, not both")
+            raise ConfigError("opa.shadow_policies", "set shadow_url or shadow_policies, not both")
         return self
 
 
@@ -134,7 +134,7 @@ class IdMapConfig(_Strict):
     @model_validator(mode="after")
     def _dsn(self) -> IdMapConfig:
         if self.kind == "postgres" and not self.dsn_env:
-            raise ValueError("kind postgres needs dsn_env")
+            raise ConfigError("idmap.dsn_env", "required when idmap.kind is postgres")
         return self
 
 
@@ -147,7 +147,7 @@ class LimitsConfig(_Strict):
     @model_validator(mode="after")
     def _pages(self) -> LimitsConfig:
         if self.default_page_size > self.max_page_size:
-            raise ValueError("default_page_size must not exceed max_page_size")
+            raise ConfigError("limits.default_page_size", "must not exceed limits.max_page_size")
         return self
 
 
@@ -183,7 +183,7 @@ class Settings(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.default_backend is not None and self.default_backend not in self.backends:
-            raise ValueError("default_backend must name one of backends")
+            raise ConfigError("default_backend", "must name one of backends")
         return self
 
     def agent_auth(self) -> AgentAuthSettings:
