@@ -129,11 +129,7 @@ class SidecarServer(MCPServer[AppContext]):
                 else:
                     log.error("tool %s failed: %s", params.name, type(root).__name__)
                     root = MCPFhirError("internal error")
-            if (
-                isinstance(root, InvalidArgument | MCPFhirError)
-                and not getattr(root, "audited", False)
-                and type(root) in (InvalidArgument, MCPFhirError)
-            ):
+            if not root.audited:  # failed before the call path could audit it: bad arguments, limits, bugs
                 await self._audit_rejected(app, params.name, root)
             if isinstance(root, INFRA_ERRORS):
                 raise MCPError(INFRA_ERROR, str(root), root.to_dict()) from None

@@ -410,8 +410,10 @@ async def summary(
         if app.flag_injection:
             flagged += flag_resources(kept)
     if not any(s.allowed for s in sections):
-        denied = next(s for s in sections)
-        raise PolicyDenied([{"code": c} for c in denied.reasons], decision_id=denied.decision_id)
+        first = sections[0]
+        err = PolicyDenied([{"code": c} for c in first.reasons], decision_id=first.decision_id)
+        err.audited = True  # every section's denial was audited on its own
+        raise err
     result = SummaryResult(patient=patient_id, sections=sections, untrusted_text_flags=flagged)
     lines = [f"### Summary of patient {patient_id}"]
     for s in sections:

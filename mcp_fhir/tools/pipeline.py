@@ -115,11 +115,13 @@ class Call:
     async def fail(self, exc: MCPFhirError) -> None:
         """A failure after an allow: audited as an error (best effort; the error itself still goes out)."""
         if self._done:
+            exc.audited = True
             return
         self._done = True
         metrics.TOOL_CALLS.labels(self.tool, "error").inc()
         try:
             await self.app.write_audit(self._record(result="error", error_code=exc.code))
+            exc.audited = True
         except AuditUnavailable:
             log.error(
                 "audit record for a failed call could not be written", extra={"request_id": self.request_id}
@@ -181,6 +183,7 @@ class CallPath:
             subject = current_subject(app)
             backend_patient = await app.backend_patient_id(patient, backend_name) if patient else None
         except MCPFhirError as exc:
+            exc.audited = True  # audited right here, before it leaves
             await self.audit_error(
                 tool=tool, exc=exc, subject=subject, request_id=request_id, patient=patient, params=params
             )
@@ -218,7 +221,9 @@ class CallPath:
             await app.write_audit(call._record(result="denied"))
             call._done = True
             metrics.TOOL_CALLS.labels(tool, "denied").inc()
-            raise PolicyDenied(decision.reasons, decision_id=decision.decision_id)
+            denied = PolicyDenied(decision.reasons, decision_id=decision.decision_id)
+            denied.audited = True
+            raise denied
         try:
             yield call
         except MCPFhirError as exc:
