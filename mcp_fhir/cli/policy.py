@@ -1,0 +1,401 @@
+"""``mcp-fhir policy``: test, lint, explain, diff and bundle the Rego policy.
+
+    mcp-fhir policy test   [--policies DIR] [--threshold 95]
+    mcp-fhir policy lint   [--policies DIR]
+    mcp-fhir policy eval   [--policies DIR] (--input FILE | --input-json '{...}' | --tool T [--role R]
+                           [--purpose P] [--patient ID] [--scope S]... [--break-glass REASON]
+                           [--time RFC3339] [--claim k=v]...) [--json]
+    mcp-fhir policy diff   BASE HEAD [--replay TRAIL]... [--no-fixtures] [--no-grid]
+                           [--approvals FILE] [--format md|json] [--out FILE] [--html FILE]
+                           [--fail-on-narrowing]
+    mcp-fhir policy bundle --signing-key priv.pem [--verification-key pub.pem] -o bundle.tar.gz
+                           [--revision R] [--policies DIR]
+    mcp-fhir policy opa-config --verification-key pub.pem --service-url URL [--resource bundle.tar.gz]
+
+BASE and HEAD are git refs (``policies/`` is read at each with ``git archive``) or folders (a
+``policies/`` folder, or a folder that holds one). Exit codes: 0 ok; 1 a test, lint or signature
+failed, or the diff found an unapproved widening; 2 usage or configuration error. Progress goes
+to stderr; reports to stdout or ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mcp_fhir._exceptions import ConfigError
+
+__all__ = ["add_parser", "main"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+DEFAULT_POLICIES = Path("policies")
+DEFAULT_GIT_TIMEOUT = 60.0
+CLI_SUBJECT_ID = "policy-cli"
+
+
+def add_parser(subparsers: Any) -> None:
+    """Add ``policy`` and its subcommands to a parent parser's subparsers."""
+    policy = subparsers.add_parser("policy", help="test, lint, explain, diff and bundle the Rego policy")
+    sub = policy.add_subparsers(dest="policy_command", required=True)
+
+    test = sub.add_parser("test", help="run the Rego tests with coverage against the real OPA")
+    test.add_argument("--policies", type=Path, default=DEFAULT_POLICIES)
+    test.add_argument("--threshold", type=float, default=95.0, help="minimum coverage %% (default 95)")
+    test.add_argument("--json", action="store_true")
+    test.set_defaults(func=run_test)
+
+    lint = sub.add_parser("lint", help="opa fmt, opa check --strict, and Regal when installed")
+    lint.add_argument("--policies", type=Path, default=DEFAULT_POLICIES)
+    lint.set_defaults(func=run_lint)
+
+    ev = sub.add_parser(
+        "eval", help="decide one input and show reasons, obligations and the rules that fired"
+    )
+    ev.add_argument("--policies", type=Path, default=DEFAULT_POLICIES)
+    ev.add_argument("--input", type=Path, help="a decision input JSON file")
+    ev.add_argument("--input-json", help="a decision input as inline JSON")
+    ev.add_argument("--tool", help="tool name (fills operation and resource type from the catalogue)")
+    ev.add_argument("--resource-type", help="override the catalogue's (first) resource type")
+    ev.add_argument("--role", action="append", default=[], help="a role claim value (repeatable)")
+    ev.add_argument("--purpose")
+    ev.add_argument("--patient")
+    ev.add_argument("--scope", action="append", default=[], help="a granted scope (repeatable)")
+    ev.add_argument("--break-glass", metavar="REASON")
+    ev.add_argument("--time", help="RFC 3339 instant (default now)")
+    ev.add_argument("--claim", action="append", default=[], metavar="K=V", help="an extra raw claim")
+    ev.add_argument("--authn", default="oauth", choices=["oauth", "api_key", "local"])
+    ev.add_argument("--all-rules", action="store_true", help="list private helper rules too")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=run_eval)
+
+    diff = sub.add_parser("diff", help="replay decision inputs against two policy versions")
+    diff.add_argument("base", help="git ref or folder")
+    diff.add_argument("head", help="git ref or folder")
+    diff.add_argument("--policies-path", default="policies", help="policies folder inside the repository")
+    diff.add_argument("--repo", type=Path, default=Path("."), help="git repository for refs (default .)")
+    diff.add_argument("--replay", type=Path, action="append", default=[], help="audit trail (repeatable)")
+    diff.add_argument("--encryption-key-file", help="base64 AES-256 key for an encrypted trail")
+    diff.add_argument("--encryption-key-env", help="NAME of the variable holding that key")
+    diff.add_argument("--no-fixtures", action="store_true", help="skip policies/fixtures/*.json")
+    diff.add_argument("--no-grid", action="store_true", help="skip the generated grid")
+    diff.add_argument("--approvals", type=Path, help="approvals file (default: HEAD's approvals.yaml)")
+    diff.add_argument("--format", choices=["md", "json"], default="md")
+    diff.add_argument("--out", type=Path, help="write the report here instead of stdout")
+    diff.add_argument("--html", type=Path, help="also write a self-contained HTML report")
+    diff.add_argument("--fail-on-narrowing", action="store_true", help="exit 1 on narrowings too")
+    diff.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    diff.set_defaults(func=run_diff)
+
+    bundle = sub.add_parser("bundle", help="build a signed OPA bundle of policies/")
+    bundle.add_argument("--policies", type=Path, default=DEFAULT_POLICIES)
+    bundle.add_argument("--signing-key", type=Path, required=True)
+    bundle.add_argument("--verification-key", type=Path, help="check the signature after building")
+    bundle.add_argument("--signing-alg", default="RS256")
+    bundle.add_argument("--key-id", default="mcp-fhir-policy")
+    bundle.add_argument("--revision", help="default: git short sha, -dirty when policies/ has changes")
+    bundle.add_argument("-o", "--output", type=Path, required=True)
+    bundle.set_defaults(func=run_bundle)
+
+    cfg = sub.add_parser("opa-config", help="print an OPA config that downloads and verifies the bundle")
+    cfg.add_argument("--verification-key", type=Path, required=True)
+    cfg.add_argument("--service-url", required=True)
+    cfg.add_argument("--resource", default="bundle.tar.gz")
+    cfg.add_argument("--signing-alg", default="RS256")
+    cfg.add_argument("--key-id", default="mcp-fhir-policy")
+    cfg.set_defaults(func=run_opa_config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``policy ...`` as if from the command line; returns the exit code."""
+    from mcp_fhir.cli.main import main as cli_main
+
+    return cli_main(["policy", *(argv or [])])
+
+
+# -- test / lint ------------------------------------------------------------------------------
+
+
+def run_test(args: argparse.Namespace) -> int:
+    from mcp_fhir.policy.tooling import run_tests
+
+    result = run_tests(args.policies, threshold=args.threshold)
+    if args.json:
+        print(json.dumps({"ok": result.ok, "passed": result.passed, "failed": result.failed,
+                          "errors": result.errors, "coverage": result.coverage,
+                          "threshold": result.threshold, "uncovered": result.uncovered}, indent=2))  # fmt: skip
+    else:
+        print(result.summary())
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def run_lint(args: argparse.Namespace) -> int:
+    from mcp_fhir.policy.tooling import run_lint as lint
+
+    result = lint(args.policies)
+    print(result.summary())
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+# -- eval -------------------------------------------------------------------------------------
+
+
+def _claim(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError("policy.eval.claim", "must be KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _policy_config(policies: Path) -> dict[str, Any]:
+    from mcp_fhir.policy.diff import BatchEvaluator
+
+    value = BatchEvaluator(policies).query("data.mcp_fhir.config")
+    return value if isinstance(value, dict) else {}
+
+
+def _input_from_flags(args: argparse.Namespace) -> dict[str, Any]:
+    from datetime import datetime
+
+    from mcp_fhir.agent_auth.subject import Subject
+    from mcp_fhir.policy.grid import role_claim_name
+    from mcp_fhir.policy.input import decision_input
+    from mcp_fhir.tools.catalog import CATALOGUE
+
+    if not args.tool:
+        raise ConfigError("policy.eval", "give --input, --input-json, or --tool with flags")
+    if args.tool not in CATALOGUE:
+        raise ConfigError("policy.eval.tool", "not a tool of the catalogue: " + ", ".join(sorted(CATALOGUE)))
+    operation, types = CATALOGUE[args.tool]
+    claims: dict[str, Any] = dict(_claim(c) for c in args.claim)
+    if args.role:
+        claims[role_claim_name(_policy_config(args.policies))] = list(args.role)
+    now = None
+    if args.time:
+        try:
+            now = datetime.fromisoformat(args.time.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise ConfigError("policy.eval.time", "must be an RFC 3339 instant") from exc
+    return decision_input(
+        subject=Subject(id=CLI_SUBJECT_ID, authn=args.authn, claims=claims, scopes=tuple(args.scope)),
+        tool=args.tool,
+        operation=operation,
+        resource_type=args.resource_type or types[0],
+        patient=args.patient,
+        params={},
+        purpose=args.purpose,
+        break_glass_reason=args.break_glass,
+        backend="default",
+        request_id="policy-eval",
+        now=now,
+    )
+
+
+def _eval_input(args: argparse.Namespace) -> dict[str, Any]:
+    if args.input is not None and args.input_json is not None:
+        raise ConfigError("policy.eval", "give --input or --input-json, not both")
+    try:
+        if args.input is not None:
+            return dict(json.loads(args.input.read_text(encoding="utf-8")))
+        if args.input_json is not None:
+            return dict(json.loads(args.input_json))
+    except (OSError, json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise ConfigError("policy.eval.input", "must be a JSON object") from exc
+    return _input_from_flags(args)
+
+
+def rule_title(path: Path, row: int) -> str | None:
+    """The `# title:` of the METADATA block just above a rule, if the file is readable."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    i = row - 2
+    while 0 <= i < len(lines) and lines[i].lstrip().startswith("#"):
+        text = lines[i].strip().lstrip("#").strip()
+        if text.startswith("title:"):
+            return text.removeprefix("title:").strip()
+        i -= 1
+    return None
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from mcp_fhir.policy.tooling import explain
+
+    decision_input = _eval_input(args)
+    decision, fired = explain(args.policies, decision_input)
+    if args.json:
+        print(json.dumps({"input": decision_input, "decision": decision,
+                          "fired": [{"rule": f.name, "file": f.file, "row": f.row, "times": f.times}
+                                    for f in fired]}, indent=2))  # fmt: skip
+        return EXIT_OK
+    if decision is None:
+        print("decision: UNDEFINED (the sidecar denies: opa_undefined)")
+        return EXIT_OK
+    print(f"decision: {'ALLOW' if decision.get('allow') else 'DENY'}")
+    for r in decision.get("reasons") or []:
+        print(f"  reason {r.get('code')}: {r.get('message')}")
+    print("obligations:")
+    for key, value in (decision.get("obligations") or {}).items():
+        print(f"  {key}: {json.dumps(value)}")
+    print(f"audit: {json.dumps(decision.get('audit'))}")
+    denies = [f for f in fired if f.is_deny]
+    print("deny rules whose bodies succeeded:" if denies else "deny rules whose bodies succeeded: none")
+    for f in denies:
+        title = rule_title(Path(f.file), f.row)
+        print(f"  {f.file}:{f.row} {f.name}" + (f"  — {title}" if title else ""))
+    shown = [f for f in fired if args.all_rules or not f.name.startswith("_")]
+    hidden = len(fired) - len(shown)
+    print(
+        "rules that fired (file:line rule, xN when it fired N times)"
+        + (f", {hidden} private helpers hidden (--all-rules):" if hidden else ":")
+    )
+    for f in shown:
+        print(f"  {f.file}:{f.row} {f.name}" + (f" x{f.times}" if f.times > 1 else ""))
+    return EXIT_OK
+
+
+# -- diff -------------------------------------------------------------------------------------
+
+
+def _git(repo: Path, *args: str) -> bytes:
+    try:
+        proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, timeout=DEFAULT_GIT_TIMEOUT,
+                              check=False)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ConfigError("policy.diff.repo", "git is not available") from exc
+    if proc.returncode != 0:
+        raise ConfigError(
+            "policy.diff", "git failed: " + proc.stderr.decode("utf-8", "replace").strip()[:200]
+        )
+    return proc.stdout
+
+
+@contextmanager
+def policies_at(spec: str, *, repo: Path, policies_path: str) -> Iterator[Path]:
+    """A folder holding `policies/` as at `spec`: a folder as is, or a git ref extracted to a temp dir."""
+    folder = Path(spec)
+    if folder.is_dir():
+        nested = folder / "policies"
+        yield nested if nested.is_dir() and not any(folder.glob("*.rego")) else folder
+        return
+    _git(repo, "rev-parse", "--verify", "--quiet", f"{spec}^{{commit}}")
+    archive = _git(repo, "archive", "--format=tar", spec, "--", policies_path)
+    with tempfile.TemporaryDirectory(prefix="mcp-fhir-policy-") as tmp:
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(tmp, filter="data")
+        yield Path(tmp) / policies_path
+
+
+def _progress(quiet: bool) -> Any:
+    last: dict[str, float] = {}
+
+    def report(side: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if quiet or (done < total and now - last.get(side, 0.0) < 1.0):
+            return
+        last[side] = now
+        print(f"[policy diff] {side}: {done}/{total} decisions", file=sys.stderr, flush=True)
+
+    return report
+
+
+def run_diff(args: argparse.Namespace) -> int:
+    from mcp_fhir.audit.trail import load_cipher
+    from mcp_fhir.policy.diff import Approvals, BatchEvaluator, diff_cases, unique_cases
+    from mcp_fhir.policy.grid import fixture_cases, grid_cases, replay_cases, role_claim_name
+    from mcp_fhir.policy.report import to_html, to_json, to_markdown
+
+    progress = _progress(args.quiet)
+    with (
+        policies_at(args.base, repo=args.repo, policies_path=args.policies_path) as base_dir,
+        policies_at(args.head, repo=args.repo, policies_path=args.policies_path) as head_dir,
+    ):
+        base, head = BatchEvaluator(base_dir), BatchEvaluator(head_dir)
+        configs = [_policy_config(head_dir), _policy_config(base_dir)]
+        cases = []
+        cipher = load_cipher(key_env=args.encryption_key_env, key_file=args.encryption_key_file, key_id=None,
+                             section="policy.diff")  # fmt: skip
+        for trail in args.replay:
+            cases += replay_cases(trail, cipher)
+        if not args.no_fixtures:
+            cases += fixture_cases([head_dir / "fixtures", base_dir / "fixtures"])
+        if not args.no_grid:
+            cases += grid_cases(configs)
+        cases = unique_cases(cases)
+        if not cases:
+            raise ConfigError("policy.diff", "no decision inputs to replay")
+        if not args.quiet:
+            print(f"[policy diff] replaying {len(cases)} inputs", file=sys.stderr, flush=True)
+        approvals = Approvals.load(args.approvals or head_dir / "approvals.yaml")
+        report = diff_cases(
+            cases, base, head, base_label=args.base, head_label=args.head, approvals=approvals,
+            role_claim=role_claim_name(configs[0]), progress=progress,
+        )  # fmt: skip
+    text = to_markdown(report) if args.format == "md" else json.dumps(to_json(report), indent=2, default=str)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    if args.html:
+        args.html.parent.mkdir(parents=True, exist_ok=True)
+        args.html.write_text(to_html(report), encoding="utf-8")
+    if not args.quiet:
+        print(f"[policy diff] {report.count('widening')} widening, {report.count('narrowing')} narrowing, "
+              f"{report.count('changed')} changed; {report.unapproved_widenings} unapproved "
+              f"({report.seconds:.1f}s)", file=sys.stderr)  # fmt: skip
+    if not report.ok or (args.fail_on_narrowing and report.count("narrowing")):
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+# -- bundle -----------------------------------------------------------------------------------
+
+
+def run_bundle(args: argparse.Namespace) -> int:
+    from mcp_fhir._exceptions import PolicyUnavailable
+    from mcp_fhir.policy.bundle import BundleSettings, build_bundle
+
+    settings = BundleSettings(
+        policies=args.policies, output=args.output, signing_key=args.signing_key,
+        verification_key=args.verification_key, signing_alg=args.signing_alg, key_id=args.key_id,
+        revision=args.revision,
+    )  # fmt: skip
+    try:
+        revision = build_bundle(settings)
+    except PolicyUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    verified = " (signature verified)" if args.verification_key else ""
+    print(f"ok: {args.output} revision {revision}, signed {args.signing_alg} key id {args.key_id}{verified}")
+    return EXIT_OK
+
+
+def run_opa_config(args: argparse.Namespace) -> int:
+    from mcp_fhir.policy.bundle import bundle_config
+
+    if not args.verification_key.is_file():
+        raise ConfigError("policy.opa_config.verification_key", "must be a PEM file")
+    cfg = bundle_config(
+        service_url=args.service_url, resource=args.resource,
+        public_key_pem=args.verification_key.read_text(encoding="utf-8"), key_id=args.key_id,
+        alg=args.signing_alg,
+    )  # fmt: skip
+    sys.stdout.write(yaml.safe_dump(cfg, sort_keys=False))
+    return EXIT_OK

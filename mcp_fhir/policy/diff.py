@@ -1,0 +1,504 @@
+"""Policy diff: replay decision inputs against two versions of `policies/` and classify what changed.
+
+    sources (grid, fixtures, audit replay) ──▶ BatchEvaluator(base) ─┐
+                                           └─▶ BatchEvaluator(head) ─┴─▶ classify ─▶ DiffReport
+
+Both sides are evaluated by the real OPA in batch (`opa eval` over a file of inputs, in
+parallel chunks), so thousands of inputs take seconds. A change is a *widening* when the head
+grants more than the base did (deny→allow, fewer excluded labels, more categories, a removed
+redaction, a longer lookback, a higher max_results), a *narrowing* when it grants less, and
+*changed* otherwise (different deny reasons, different audit alerts). Widenings must be approved
+in `policies/approvals.yaml` (see `Approvals`), or the diff fails.
+
+Python never decides here either: it compares two decisions OPA made. Role, tool and purpose
+are read from the input only to group the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mcp_fhir._exceptions import ConfigError, PolicyUnavailable
+from mcp_fhir.policy.managed_opa import find_opa
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_EVAL_TIMEOUT",
+    "DEFAULT_EXAMPLES_PER_GROUP",
+    "Approval",
+    "Approvals",
+    "BatchEvaluator",
+    "Case",
+    "Change",
+    "DiffReport",
+    "Group",
+    "classify",
+    "diff_cases",
+]
+
+DEFAULT_CHUNK_SIZE = 400  # inputs per `opa eval` process
+DEFAULT_EVAL_TIMEOUT = 300.0  # seconds for one chunk
+DEFAULT_EXAMPLES_PER_GROUP = 3
+DECISION_QUERY = "data.mcp_fhir.authz.decision"
+UNBOUNDED = float("inf")
+# Files in a policies/ folder that are not policy: never loaded into OPA by the diff or bundle.
+NON_POLICY_FILES = ("approvals.yaml",)
+
+WIDENING_KINDS = frozenset({
+    "deny_to_allow", "fewer_excluded_labels", "category_restriction_lifted", "more_categories",
+    "removed_redaction", "longer_lookback", "higher_max_results",
+})  # fmt: skip
+NARROWING_KINDS = frozenset({
+    "allow_to_deny", "more_excluded_labels", "category_restriction_added", "fewer_categories",
+    "added_redaction", "shorter_lookback", "lower_max_results",
+})  # fmt: skip
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    """One decision input to replay, and where it came from (`grid`, `fixture`, `replay`)."""
+
+    source: str
+    label: str
+    input: Mapping[str, Any]
+
+
+class BatchEvaluator:
+    """`data.mcp_fhir.authz.decision` for many inputs, by the real OPA over one policies/ folder."""
+
+    def __init__(
+        self,
+        policies: Path,
+        *,
+        binary: str | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        workers: int | None = None,
+        timeout: float = DEFAULT_EVAL_TIMEOUT,
+    ) -> None:
+        if not policies.is_dir():
+            raise ConfigError("policy.diff", f"not a policies folder: {policies.name}")
+        if chunk_size < 1:
+            raise ConfigError("policy.diff.chunk_size", "must be at least 1")
+        self.policies = policies
+        self.binary = find_opa(binary)
+        self.chunk_size = chunk_size
+        # Both sides run at once: half the cores each.
+        self.workers = workers or max(1, (os.cpu_count() or 2) // 2)
+        self.timeout = timeout
+
+    def _command(self, input_file: Path, query: str) -> list[str]:
+        cmd = [self.binary, "eval", "--format", "json", "-d", str(self.policies), "-i", str(input_file)]
+        for name in NON_POLICY_FILES:
+            cmd += ["--ignore", name]
+        return [*cmd, query]
+
+    def query(self, query: str) -> Any:
+        """The value of one query with no input (e.g. `data.mcp_fhir.config`); None when undefined."""
+        with tempfile.TemporaryDirectory() as tmp:
+            empty = Path(tmp) / "input.json"
+            empty.write_text("{}", encoding="utf-8")
+            return _first_value(self._run(self._command(empty, query)))
+
+    def _run(self, cmd: list[str]) -> Any:
+        try:
+            proc = subprocess.run(cmd, capture_output=True, timeout=self.timeout, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise PolicyUnavailable("opa eval did not finish in time") from exc
+        if proc.returncode != 0:
+            detail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[:3]
+            raise PolicyUnavailable("opa eval failed: " + " | ".join(detail))
+        try:
+            return json.loads(proc.stdout)
+        except json.JSONDecodeError as exc:
+            raise PolicyUnavailable("opa eval answered with something that is not JSON") from exc
+
+    def _chunk(self, inputs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any] | None]:
+        query = f"{{i: d | some i, x in input.cases; d := {DECISION_QUERY} with input as x}}"
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "cases.json"
+            path.write_text(json.dumps({"cases": list(inputs)}), encoding="utf-8")
+            value = _first_value(self._run(self._command(path, query))) or {}
+        # Keys come back as strings; a missing key is an undefined decision (a deny, fail closed).
+        return [value.get(str(i)) for i in range(len(inputs))]
+
+    def evaluate(
+        self, inputs: Sequence[Mapping[str, Any]], progress: Callable[[int], None] | None = None
+    ) -> list[dict[str, Any] | None]:
+        """One decision (or None when undefined) per input, in order."""
+        chunks = [inputs[i : i + self.chunk_size] for i in range(0, len(inputs), self.chunk_size)]
+        out: list[dict[str, Any] | None] = []
+        done = 0
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            for result in pool.map(self._chunk, chunks):
+                out.extend(result)
+                done += len(result)
+                if progress is not None:
+                    progress(done)
+        return out
+
+
+def _first_value(body: Any) -> Any:
+    try:
+        return body["result"][0]["expressions"][0]["value"]
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+# -- classification ---------------------------------------------------------------------------
+
+
+def _as_decision(raw: Mapping[str, Any] | None) -> dict[str, Any]:
+    if raw is None:
+        return {"allow": False, "reasons": [{"code": "opa_undefined"}], "obligations": {}, "audit": {}}
+    return dict(raw)
+
+
+def _codes(d: Mapping[str, Any]) -> list[str]:
+    return sorted(str(r.get("code")) for r in d.get("reasons") or [] if isinstance(r, Mapping))
+
+
+def _limit(value: Any) -> float:
+    return UNBOUNDED if value is None else float(value)
+
+
+def _obligation_facets(base: Mapping[str, Any], head: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(kind, detail) for each way the head's obligations differ from the base's."""
+    facets: list[tuple[str, str]] = []
+    b_labels = set(base.get("exclude_security_labels") or [])
+    h_labels = set(head.get("exclude_security_labels") or [])
+    if b_labels - h_labels:
+        facets.append(("fewer_excluded_labels", "released " + ", ".join(sorted(b_labels - h_labels))))
+    if h_labels - b_labels:
+        facets.append(("more_excluded_labels", "withheld " + ", ".join(sorted(h_labels - b_labels))))
+    b_cats: Mapping[str, Any] = base.get("allowed_categories") or {}
+    h_cats: Mapping[str, Any] = head.get("allowed_categories") or {}
+    for rtype in sorted(set(b_cats) | set(h_cats)):
+        if rtype not in h_cats:
+            facets.append(("category_restriction_lifted", f"{rtype}: any category"))
+        elif rtype not in b_cats:
+            facets.append(("category_restriction_added", f"{rtype}: only {', '.join(sorted(h_cats[rtype]))}"))
+        else:
+            more = set(h_cats[rtype]) - set(b_cats[rtype])
+            fewer = set(b_cats[rtype]) - set(h_cats[rtype])
+            if more:
+                facets.append(("more_categories", f"{rtype}: +{', '.join(sorted(more))}"))
+            if fewer:
+                facets.append(("fewer_categories", f"{rtype}: -{', '.join(sorted(fewer))}"))
+    b_red, h_red = set(base.get("redact") or []), set(head.get("redact") or [])
+    if b_red - h_red:
+        facets.append(("removed_redaction", ", ".join(sorted(b_red - h_red))))
+    if h_red - b_red:
+        facets.append(("added_redaction", ", ".join(sorted(h_red - b_red))))
+    for key, up, down in (
+        ("max_lookback_days", "longer_lookback", "shorter_lookback"),
+        ("max_results", "higher_max_results", "lower_max_results"),
+    ):
+        b, h = _limit(base.get(key)), _limit(head.get(key))
+        if h != b:
+            facets.append((up if h > b else down, f"{base.get(key)} → {head.get(key)}"))
+    return facets
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One input whose decision changed: its class, each facet of the change, and both decisions."""
+
+    case: Case
+    classification: str  # widening | narrowing | changed
+    facets: tuple[tuple[str, str], ...]
+    base: Mapping[str, Any]
+    head: Mapping[str, Any]
+    role: str
+    tool: str
+    purpose: str
+    reason: str
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(k for k, _ in self.facets)
+
+    @property
+    def widening_kinds(self) -> frozenset[str]:
+        return frozenset(self.kinds) & WIDENING_KINDS
+
+
+def classify(
+    base_raw: Mapping[str, Any] | None, head_raw: Mapping[str, Any] | None
+) -> tuple[str, list[tuple[str, str]]] | None:
+    """None when the decisions agree; else (classification, facets)."""
+    base, head = _as_decision(base_raw), _as_decision(head_raw)
+    facets: list[tuple[str, str]] = []
+    b_allow, h_allow = base.get("allow") is True, head.get("allow") is True
+    if not b_allow and h_allow:
+        facets.append(("deny_to_allow", "was denied: " + ", ".join(_codes(base))))
+    elif b_allow and not h_allow:
+        facets.append(("allow_to_deny", "now denied: " + ", ".join(_codes(head))))
+    elif b_allow and h_allow:
+        facets += _obligation_facets(base.get("obligations") or {}, head.get("obligations") or {})
+    elif _codes(base) != _codes(head):
+        facets.append(("deny_reasons_changed", f"{', '.join(_codes(base))} → {', '.join(_codes(head))}"))
+    if (base.get("audit") or {}) != (head.get("audit") or {}):
+        b_audit, h_audit = base.get("audit") or {}, head.get("audit") or {}
+        facets.append(
+            (
+                "audit_changed",
+                f"{json.dumps(b_audit, sort_keys=True)} → {json.dumps(h_audit, sort_keys=True)}",
+            )
+        )
+    if not facets:
+        return None
+    kinds = {k for k, _ in facets}
+    if kinds & WIDENING_KINDS:
+        return "widening", facets
+    if kinds & NARROWING_KINDS:
+        return "narrowing", facets
+    return "changed", facets
+
+
+# -- approvals --------------------------------------------------------------------------------
+
+APPROVAL_FIELDS = ("role", "tool", "purpose", "kind")
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """One reviewed widening: which role/tool/purpose/kind (or `*`), who approved it, under which ticket."""
+
+    id: str
+    role: str
+    tool: str
+    purpose: str
+    kind: str
+    reviewer: str
+    ticket: str
+    expires: date | None = None
+    note: str = ""
+
+    def active(self, today: date) -> bool:
+        return self.expires is None or today <= self.expires
+
+    def covers(self, change: Change, today: date) -> bool:
+        if not self.active(today):
+            return False
+        for name, value in (("role", change.role), ("tool", change.tool), ("purpose", change.purpose)):
+            wanted = getattr(self, name)
+            if wanted != "*" and wanted != value:
+                return False
+        return self.kind == "*" or change.widening_kinds <= {self.kind}
+
+
+@dataclass(frozen=True, slots=True)
+class Approvals:
+    """The reviewed `policies/approvals.yaml`. Schema:
+
+    approvals:
+      - id: APR-0001
+        role: nurse                 # or "*"
+        tool: search_medication_statements   # or "*"
+        purpose: treatment          # or "*"; "(none)" for calls without a purpose
+        kind: deny_to_allow         # a widening kind, or "*"
+        reviewer: a.security@example.org
+        ticket: SEC-123
+        expires: 2027-01-31         # optional; an expired approval approves nothing
+        note: why this is fine      # optional
+    """
+
+    entries: tuple[Approval, ...] = ()
+
+    @classmethod
+    def load(cls, path: Path | None) -> Approvals:
+        if path is None or not path.exists():
+            return cls()
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError("approvals", "not valid YAML") from exc
+        return cls.from_mapping(raw)
+
+    @classmethod
+    def from_mapping(cls, raw: Any) -> Approvals:
+        if not isinstance(raw, Mapping) or not isinstance(raw.get("approvals", []), list):
+            raise ConfigError("approvals", "must be a mapping with an `approvals` list")
+        entries = []
+        seen: set[str] = set()
+        for i, item in enumerate(raw.get("approvals") or []):
+            key = f"approvals[{i}]"
+            if not isinstance(item, Mapping):
+                raise ConfigError(key, "must be a mapping")
+            for name in ("id", *APPROVAL_FIELDS, "reviewer", "ticket"):
+                if not isinstance(item.get(name), str) or not item[name].strip():
+                    raise ConfigError(f"{key}.{name}", "required, a non-empty string")
+            if item["kind"] != "*" and item["kind"] not in WIDENING_KINDS:
+                raise ConfigError(
+                    f"{key}.kind", "must be a widening kind or *: " + ", ".join(sorted(WIDENING_KINDS))
+                )
+            if item["id"] in seen:
+                raise ConfigError(f"{key}.id", "duplicate approval id")
+            seen.add(item["id"])
+            expires = item.get("expires")
+            if expires is not None and not isinstance(expires, date):
+                try:
+                    expires = date.fromisoformat(str(expires))
+                except ValueError as exc:
+                    raise ConfigError(f"{key}.expires", "must be a date (YYYY-MM-DD)") from exc
+            entries.append(
+                Approval(
+                    id=item["id"], role=item["role"], tool=item["tool"], purpose=item["purpose"],
+                    kind=item["kind"], reviewer=item["reviewer"], ticket=item["ticket"], expires=expires,
+                    note=str(item.get("note") or ""),
+                )
+            )  # fmt: skip
+        return cls(tuple(entries))
+
+    def approving(self, change: Change, today: date) -> Approval | None:
+        return next((a for a in self.entries if a.covers(change, today)), None)
+
+
+# -- the report -------------------------------------------------------------------------------
+
+
+@dataclass
+class Group:
+    """Changes that share a class, role, tool, purpose and reason code."""
+
+    classification: str
+    role: str
+    tool: str
+    purpose: str
+    reason: str
+    kinds: set[str] = field(default_factory=set)
+    count: int = 0
+    examples: list[Change] = field(default_factory=list)
+    approved_by: set[str] = field(default_factory=set)
+    unapproved: int = 0
+
+    @property
+    def key(self) -> tuple[str, str, str, str, str]:
+        return (self.classification, self.role, self.tool, self.purpose, self.reason)
+
+
+@dataclass
+class DiffReport:
+    """Everything the renderers in `mcp_fhir.policy.report` need."""
+
+    base_label: str
+    head_label: str
+    evaluated: int = 0
+    by_source: dict[str, int] = field(default_factory=dict)
+    changes: list[Change] = field(default_factory=list)
+    groups: list[Group] = field(default_factory=list)
+    unapproved_widenings: int = 0
+    expired_approvals: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def count(self, classification: str) -> int:
+        return sum(1 for c in self.changes if c.classification == classification)
+
+    @property
+    def ok(self) -> bool:
+        return self.unapproved_widenings == 0
+
+
+def _role_of(inp: Mapping[str, Any], role_claim: str) -> str:
+    claims = (inp.get("subject") or {}).get("claims") or {}
+    value = claims.get(role_claim) if isinstance(claims, Mapping) else None
+    if isinstance(value, list):
+        return ",".join(sorted(str(v) for v in value)) or "(none)"
+    return str(value) if value else "(none)"
+
+
+def _group_reason(classification: str, base: Mapping[str, Any], head: Mapping[str, Any]) -> str:
+    if not base.get("allow") and head.get("allow"):
+        return ",".join(_codes(base)) or "-"
+    if not head.get("allow"):
+        return ",".join(_codes(head)) or "-"
+    return "-"
+
+
+def diff_cases(
+    cases: Sequence[Case],
+    base: BatchEvaluator,
+    head: BatchEvaluator,
+    *,
+    base_label: str,
+    head_label: str,
+    approvals: Approvals | None = None,
+    role_claim: str = "roles",
+    today: date | None = None,
+    examples_per_group: int = DEFAULT_EXAMPLES_PER_GROUP,
+    progress: Progress | None = None,
+) -> DiffReport:
+    """Evaluate every case on both sides and report each decision that changed."""
+    started = datetime.now(UTC)
+    today = today or started.date()
+    inputs = [c.input for c in cases]
+    total = len(inputs)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        b_future = pool.submit(
+            base.evaluate, inputs, (lambda n: progress("base", n, total)) if progress else None
+        )
+        h_future = pool.submit(
+            head.evaluate, inputs, (lambda n: progress("head", n, total)) if progress else None
+        )
+        b_results, h_results = b_future.result(), h_future.result()
+    report = DiffReport(base_label=base_label, head_label=head_label, evaluated=total)
+    for c in cases:
+        report.by_source[c.source] = report.by_source.get(c.source, 0) + 1
+    groups: dict[tuple[str, ...], Group] = {}
+    for case, b_raw, h_raw in zip(cases, b_results, h_results, strict=True):
+        verdict = classify(b_raw, h_raw)
+        if verdict is None:
+            continue
+        classification, facets = verdict
+        b, h = _as_decision(b_raw), _as_decision(h_raw)
+        action = case.input.get("action") or {}
+        context = case.input.get("context") or {}
+        change = Change(
+            case=case, classification=classification, facets=tuple(facets), base=b, head=h,
+            role=_role_of(case.input, role_claim), tool=str(action.get("tool") or "(none)"),
+            purpose=str(context.get("purpose") or "(none)"), reason=_group_reason(classification, b, h),
+        )  # fmt: skip
+        report.changes.append(change)
+        key = (classification, change.role, change.tool, change.purpose, change.reason)
+        group = groups.setdefault(key, Group(*key))
+        group.count += 1
+        group.kinds.update(change.kinds)
+        if len(group.examples) < examples_per_group:
+            group.examples.append(change)
+        if classification == "widening":
+            approval = approvals.approving(change, today) if approvals else None
+            if approval is None:
+                group.unapproved += 1
+                report.unapproved_widenings += 1
+            else:
+                group.approved_by.add(f"{approval.id} ({approval.reviewer}, {approval.ticket})")
+    order = {"widening": 0, "narrowing": 1, "changed": 2}
+    report.groups = sorted(groups.values(), key=lambda g: (order[g.classification], -g.count, g.key))
+    report.expired_approvals = [a.id for a in (approvals.entries if approvals else ()) if not a.active(today)]
+    report.seconds = (datetime.now(UTC) - started).total_seconds()
+    return report
+
+
+def unique_cases(cases: Iterable[Case]) -> list[Case]:
+    """Drop exact duplicate inputs (the first occurrence keeps its source and label)."""
+    seen: set[str] = set()
+    out = []
+    for c in cases:
+        key = json.dumps(c.input, sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out

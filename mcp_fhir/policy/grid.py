@@ -1,0 +1,173 @@
+"""Where the diff's decision inputs come from: a generated grid, the fixture corpus, an audit trail.
+
+* `grid_cases(configs)` — role, tool (each of its resource types), purpose, scope and sensitivity, all combined,
+  with roles, purposes and tools read from the policy data of every side given (their union), so a
+  role or tool that exists on one side only is still exercised on both.
+* `fixture_cases(folders)` — every `input` of `policies/fixtures/*.json` (a list of
+  `{"note", "input", "expect"}`), from each side, duplicates dropped.
+* `replay_cases(path)` — the `decision_input` of every `access` record in an audit trail (JSON lines
+  or SQLite, decrypted when a key is given). These inputs are PHI-free by construction.
+
+The grid builds *inputs*, never decisions: role names go into claims exactly as a credential would
+carry them (through the policy's own claim name and role map), and OPA decides.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mcp_fhir._exceptions import ConfigError
+from mcp_fhir.audit.crypto import RecordCipher
+from mcp_fhir.audit.query import decode_entries
+from mcp_fhir.policy.diff import Case
+
+__all__ = [
+    "GRID_PATIENT",
+    "GRID_TIME",
+    "SCOPE_VARIANTS",
+    "SENSITIVITY_VARIANTS",
+    "fixture_cases",
+    "grid_cases",
+    "replay_cases",
+    "role_claim_name",
+]
+
+GRID_PATIENT = "grid-patient-1"
+GRID_TIME = "2026-03-03T01:00:00Z"  # a Tuesday, 12:00 in Sydney: inside business hours
+GRID_BREAK_GLASS_REASON = "grid: emergency access"
+SCOPE_VARIANTS = ("wildcard", "exact", "none")
+SENSITIVITY_VARIANTS = ("standard", "break_glass")
+SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+
+
+def role_claim_name(config: Mapping[str, Any]) -> str:
+    """The claim that carries role names, as the policy's `claims` data names it."""
+    claims = config.get("claims") or {}
+    return str(claims.get("roles") or "roles")
+
+
+def _claim_value_for(role: str, config: Mapping[str, Any]) -> str:
+    role_map = (config.get("claims") or {}).get("role_map") or {}
+    for value, mapped in sorted(role_map.items()):
+        if mapped == role:
+            return str(value)
+    return role
+
+
+def _union_keys(configs: Sequence[Mapping[str, Any]], section: str) -> list[str]:
+    keys: set[str] = set()
+    for cfg in configs:
+        value = cfg.get(section) or {}
+        if isinstance(value, Mapping):
+            keys.update(str(k) for k in value)
+    return sorted(keys)
+
+
+def _tools(configs: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, str]]:
+    """(tool, operation, resource type) from every side's tool catalogue, union."""
+    out: set[tuple[str, str, str]] = set()
+    for cfg in configs:
+        for name, tool in (cfg.get("tools") or {}).items():
+            if isinstance(tool, Mapping):
+                for rtype in tool.get("resource_types") or []:
+                    out.add((str(name), str(tool.get("operation")), str(rtype)))
+    return sorted(out)
+
+
+def _scopes(variant: str, rtype: str, operation: str, config: Mapping[str, Any]) -> list[str]:
+    letter = ((config.get("defaults") or {}).get("scope_letter") or {}).get(operation, "r")
+    return {"wildcard": ["user/*.cruds"], "exact": [f"user/{rtype}.{letter}"], "none": []}[variant]
+
+
+def grid_cases(configs: Sequence[Mapping[str, Any]]) -> list[Case]:
+    """Every combination of role, tool/resource type, purpose (and none), scope variant and sensitivity."""
+    if not configs:
+        return []
+    first = configs[0]
+    role_claim = role_claim_name(first)
+    non_patient: set[str] = set()
+    for cfg in configs:
+        non_patient.update((cfg.get("defaults") or {}).get("non_patient_resource_types") or [])
+    purposes: list[str | None] = [*_union_keys(configs, "purposes"), None]
+    cases = []
+    for role in _union_keys(configs, "roles"):
+        claims = {role_claim: [_claim_value_for(role, first)]}
+        for tool, operation, rtype in _tools(configs):
+            for purpose in purposes:
+                for scope in SCOPE_VARIANTS:
+                    for sensitivity in SENSITIVITY_VARIANTS:
+                        label = f"{role} {tool}/{rtype} purpose={purpose or '-'} scopes={scope} {sensitivity}"
+                        cases.append(
+                            Case(
+                                "grid",
+                                label,
+                                {
+                                    "subject": {
+                                        "id": f"grid-{role}",
+                                        "authn": "oauth",
+                                        "claims": claims,
+                                        "scopes": _scopes(scope, rtype, operation, first),
+                                        "on_behalf_of": None,
+                                    },
+                                    "action": {"tool": tool, "operation": operation, "resource_type": rtype},
+                                    "resource": {
+                                        "patient": None if rtype in non_patient else GRID_PATIENT,
+                                        "params": {},
+                                    },
+                                    "context": {
+                                        "purpose": purpose,
+                                        "time": GRID_TIME,
+                                        "break_glass": {"reason": GRID_BREAK_GLASS_REASON}
+                                        if sensitivity == "break_glass"
+                                        else None,
+                                        "backend": "default",
+                                        "request_id": "grid",
+                                    },
+                                },
+                            )
+                        )
+    return cases
+
+
+def fixture_cases(folders: Iterable[Path]) -> list[Case]:
+    """The `input` of every case in `<folder>/*.json`, each labelled with its note."""
+    out = []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.glob("*.json")):
+            try:
+                items = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise ConfigError("policy.fixtures", f"{path.name} is not JSON") from exc
+            if not isinstance(items, list):
+                raise ConfigError("policy.fixtures", f"{path.name} must be a list of cases")
+            for i, item in enumerate(items):
+                if isinstance(item, Mapping) and isinstance(item.get("input"), Mapping):
+                    out.append(Case("fixture", str(item.get("note") or f"{path.name}[{i}]"), item["input"]))
+    return out
+
+
+def _entries(path: Path) -> Iterator[dict[str, Any]]:
+    if path.suffix in SQLITE_SUFFIXES:
+        from mcp_fhir.audit.sinks.sqlite import iter_sqlite_entries
+
+        return iter_sqlite_entries(path)
+    from mcp_fhir.audit.sinks.file import FileSink
+
+    return FileSink(path).reader()
+
+
+def replay_cases(path: Path, cipher: RecordCipher | None = None) -> list[Case]:
+    """The recorded `decision_input` of every decided `access` record in an audit trail."""
+    if not path.exists():
+        raise ConfigError("policy.replay", "no such audit trail")
+    out = []
+    for seq, record in decode_entries(_entries(path), cipher):
+        inp = record.get("decision_input")
+        if record.get("kind", "access") == "access" and isinstance(inp, Mapping):
+            out.append(Case("replay", f"{path.name}#seq{seq}", inp))
+    return out
