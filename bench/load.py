@@ -66,7 +66,8 @@ async def run_cell(
     async with AsyncExitStack() as stack:
         async with asyncio.timeout(setup_timeout):
             ops = [await stack.enter_async_context(stream()) for _ in range(concurrency)]
-            await asyncio.gather(*(op() for op in ops))  # warm-up, unmeasured
+            # Warm-up, unmeasured; a failure here shows up again (and is counted) in the cell itself.
+            await asyncio.gather(*(op() for op in ops), return_exceptions=True)
         tasks = [asyncio.create_task(one(op)) for op in ops]
         began = time.perf_counter()
         stop_at[0] = began + seconds

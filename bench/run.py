@@ -206,8 +206,13 @@ class Bench:
     def log(self, text: str) -> None:
         print(f"[bench] {text}", file=sys.stderr, flush=True)
 
-    async def cell(self, name: str, factory: Any, conc: int) -> CellResult:
-        result = await run_cell(factory, conc, seconds=self.seconds)
+    async def cell(self, name: str, factory: Any, conc: int) -> CellResult | None:
+        try:
+            result = await run_cell(factory, conc, seconds=self.seconds)
+        except (BenchError, OSError, TimeoutError, httpx2.HTTPError) as exc:
+            self.notes.append(f"{name} c={conc} failed: {type(exc).__name__}")
+            self.log(f"{name} c={conc} failed: {type(exc).__name__}")
+            return None
         self.cells.setdefault(name, {})[conc] = result
         self.log(
             f"{name:20} c={conc:<4} p50={result.p50_ms:7.2f} ms p99={result.p99_ms:7.2f} ms "

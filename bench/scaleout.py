@@ -9,6 +9,7 @@ Needs `eval "$(scripts/services.sh start)"` (MCP_FHIR_TEST_POSTGRES_DSN, MCP_FHI
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import uuid
@@ -24,6 +25,7 @@ SCALE_CONCURRENCY = 32
 RATE_LIMIT_PER_MINUTE = 120  # low enough that the burst and the rate are both visible in a few seconds
 RATE_LIMIT_CONCURRENCY = 8
 RATE_LIMIT_SECONDS = 6.0
+AUDIT_SCHEMA = "bench_audit"
 BURST_FRACTION = 1 / 6  # mcp_fhir.resilience.ratelimit.DEFAULT_BURST_FRACTION
 
 
@@ -44,7 +46,7 @@ def _replica_cfg(
         if cache
         else {"enabled": False}
     )
-    cfg["audit"] = {"sink": "postgres", "dsn_env": POSTGRES_ENV}
+    cfg["audit"] = {"sink": "postgres", "dsn_env": POSTGRES_ENV, "pg_schema": AUDIT_SCHEMA}
     cfg["idmap"] = {"kind": "postgres", "dsn_env": POSTGRES_ENV, "seed_file": cfg["idmap"]["seed_file"]}
     return cfg
 
@@ -55,10 +57,12 @@ async def scale_out(bench: Any, fhir_url: str) -> dict[str, Any]:
         return {"skipped": f'{", ".join(missing)} not set: run eval "$(scripts/services.sh start)"'}
     from bench.run import PATIENT, PURPOSE, mcp_stream
     from mcp_fhir.agent_auth.api_keys import generate_api_key
+    from mcp_fhir.audit.sinks.postgres import setup_postgres_schema
     from mcp_fhir.policy.managed_opa import ManagedOpa, free_port
     from tests.testbed.fault_proxy import FaultProxy
     from tests.testbed.sidecar import POLICIES
 
+    await asyncio.to_thread(setup_postgres_schema, os.environ[POSTGRES_ENV], schema=AUDIT_SCHEMA)
     origin, _, base_path = fhir_url.partition("/fhir")
     key, digest = generate_api_key()
     arguments = {"patient_id": PATIENT, "purpose": PURPOSE}
