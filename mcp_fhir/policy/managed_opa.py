@@ -78,6 +78,11 @@ class ManagedOpa:
             "error",
             "--addr",
             f"127.0.0.1:{self.port}",
+            # Serve the policy and its data only: the Rego tests and the fixture corpus stay out.
+            "--ignore",
+            "*_test.rego",
+            "--ignore",
+            "fixtures",
         ]
         if self.decision_log is not None:
             cmd += ["--set", "decision_logs.console=true"]

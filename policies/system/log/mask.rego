@@ -11,7 +11,10 @@ package system.log
 _kept_claims := {"roles", "purpose_of_use", "iss", "aud", "azp", "client_id", "scope", "exp", "iat", "jti"}
 
 # Structured, non-free-text tool parameters kept for debugging; every other param is erased.
-_kept_params := {"category", "status", "_count", "count", "date_from", "date_to", "lookback_days"}
+_kept_params := {
+	"bypass_cache", "category", "code", "continuation", "date_from", "date_to", "limit",
+	"page_size", "result", "section", "since", "text_length", "title_length", "until",
+}
 
 _event_input := input.input
 
