@@ -10,6 +10,7 @@ secret, and no stack trace leaves the process.
     ├── AuthenticationError              unauthenticated
     ├── InvalidArgument                  invalid_argument
     ├── UnknownPatient                   unknown_patient
+    ├── IdMapUnavailable                 idmap_unavailable
     ├── PolicyError
     │   ├── PolicyDenied                 policy_denied
     │   └── PolicyUnavailable            opa_unavailable
@@ -42,6 +43,7 @@ __all__ = [
     "AuthenticationError",
     "CircuitOpen",
     "ConfigError",
+    "IdMapUnavailable",
     "InvalidArgument",
     "MCPFhirError",
     "PolicyDenied",
@@ -114,6 +116,12 @@ class UnknownPatient(MCPFhirError):
     """A patient id has no mapping to a canonical id, or none on the backend. We never guess."""
 
     code = "unknown_patient"
+
+
+class IdMapUnavailable(MCPFhirError):
+    """The patient-id map's database failed at run time: the call cannot be canonicalised, so it fails closed."""
+
+    code = "idmap_unavailable"
 
 
 class PolicyError(MCPFhirError):

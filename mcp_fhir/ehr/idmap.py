@@ -37,7 +37,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import yaml
 
-from mcp_fhir._exceptions import ConfigError, InvalidArgument, MCPFhirError, UnknownPatient
+from mcp_fhir._exceptions import ConfigError, IdMapUnavailable, InvalidArgument, UnknownPatient
 from mcp_fhir.ehr.au_identifiers import is_valid_ihi, is_valid_medicare, normalise_number
 from mcp_fhir.metrics import IDMAP_MISMATCHES
 
@@ -67,12 +67,6 @@ DEFAULT_PG_TABLE = "mcp_fhir_idmap"
 _CANONICAL = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _BACKEND = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _SQL_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-
-
-class IdMapUnavailable(MCPFhirError):
-    """The id map's database failed at run time; the call cannot be canonicalised, so it fails closed."""
-
-    code = "idmap_unavailable"
 
 
 class IdMapConflict(ConfigError):
