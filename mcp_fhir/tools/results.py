@@ -112,10 +112,11 @@ def flag_resources(resources: list[dict[str, Any]]) -> list[str]:
 
 def respond(model: BaseModel, markdown: str) -> CallToolResult:
     """Step 9: compact JSON as structured content, and a short markdown rendering as text."""
-    return CallToolResult(
-        content=[TextContent(type="text", text=markdown)],
-        structured_content=model.model_dump(mode="json", exclude_none=True),
-    )
+    structured = model.model_dump(mode="json", exclude_none=True)
+    for name, info in type(model).model_fields.items():
+        if info.is_required() and name not in structured:
+            structured[name] = None  # a required field that is None stays, or the output schema rejects it
+    return CallToolResult(content=[TextContent(type="text", text=markdown)], structured_content=structured)
 
 
 # --- continuation tokens: bound to the tool, patient and upstream link, signed, expiring ---------------------
