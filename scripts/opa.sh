@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# Build OPA v1.22.3 into .tools/bin from the Go module proxy, or reuse the binary already there.
+# Put OPA v1.22.3 at .tools/bin/opa: reuse the binary already there, else the machine-wide cache
+# (so a fresh clone on the same machine does not rebuild), else build it from the Go module proxy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OPA_VERSION=v1.22.3
-if [ -x .tools/bin/opa ] && .tools/bin/opa version 2>/dev/null | grep -q "Version: ${OPA_VERSION#v}"; then
-  exit 0
-fi
-echo "building OPA $OPA_VERSION into .tools/bin (one time, about 2 minutes)" >&2
+CACHE=${MCP_FHIR_TOOL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mcp-fhir}/opa-$OPA_VERSION
+have() { [ -x "$1" ] && "$1" version 2>/dev/null | grep -q "Version: ${OPA_VERSION#v}"; }
+
 mkdir -p .tools/bin
-GOBIN="$PWD/.tools/bin" GOFLAGS=-mod=mod go install "github.com/open-policy-agent/opa@$OPA_VERSION"
+have .tools/bin/opa && exit 0
+if ! have "$CACHE/opa"; then
+  echo "building OPA $OPA_VERSION from the Go module proxy (one time per machine, about 2 minutes)" >&2
+  mkdir -p "$CACHE"
+  GOBIN="$CACHE" GOFLAGS=-mod=mod go install "github.com/open-policy-agent/opa@$OPA_VERSION"
+fi
+cp "$CACHE/opa" .tools/bin/opa
