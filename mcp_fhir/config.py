@@ -113,7 +113,15 @@ class BackendConfig(_Strict):
     connect_timeout: float = Field(3.0, gt=0, le=60)
     read_timeout: float = Field(15.0, gt=0, le=300)
     allow_stale: bool = False
-    hl7v2_results_dir: Path | None = None
+    hl7v2_results_dir: Path | None = Field(
+        None, description="A folder of ORU^R01 files completing Observation searches."
+    )
+    timezone: str | None = Field(
+        None, description="The backend's local time zone (IANA), for HL7 v2 timestamps."
+    )
+    breaker: dict[str, Any] | None = Field(
+        None, description="Circuit breaker (failure_threshold, cool_down_seconds, ...); validated by BreakerSettings."
+    )
 
     _v_url = field_validator("base_url")(lambda v: _http_url(v))
 

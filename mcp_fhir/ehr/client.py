@@ -25,6 +25,7 @@ from mcp_fhir._exceptions import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
+from mcp_fhir.ehr.hl7_results import Hl7ResultsSource
 from mcp_fhir.ehr.transport import PooledFHIRClient, Response, send
 from mcp_fhir.resilience.cache import Cache, CacheKey
 
@@ -162,6 +163,8 @@ class FhirEHRClient:
         guard: Guard | None = None,
         cache: Cache | None = None,
         allow_stale: bool = False,
+        check_query: Callable[[str, Params], None] | None = None,
+        hl7_results: Hl7ResultsSource | None = None,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
@@ -171,6 +174,9 @@ class FhirEHRClient:
         self._guard = guard
         self._cache = cache
         self._allow_stale = allow_stale
+        self._check_query = check_query
+        self._hl7 = hl7_results
+        self.fhir_version: str | None = None
         self.fhir = PooledFHIRClient(self.base_url, self._send)
 
     async def _request(self, method: str, url: str, body: Any, headers: Mapping[str, str]) -> Response:
@@ -216,6 +222,11 @@ class FhirEHRClient:
             return await call()
         return await self._guard.run(call, idempotent=idempotent)
 
+    def set_normaliser(self, normalise: Normaliser | None, *, fhir_version: str) -> None:
+        """Switch the normaliser after version detection (e.g. an STU3 server behind a generic profile)."""
+        self._normalise = normalise
+        self.fhir_version = fhir_version
+
     def _norm(self, resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [self._normalise(r) for r in resources] if self._normalise else resources
 
@@ -252,6 +263,8 @@ class FhirEHRClient:
             raise UpstreamBadResponse("a continuation points outside the backend")
         query: Any = None
         path = next_url or resource_type
+        if self._check_query is not None and next_url is None:
+            self._check_query(resource_type, params)  # the vendor's rules, e.g. Oracle Health needs a patient
         if next_url is None:
             count = max(1, min(page_size, MAX_PAGE_SIZE))
             query = self.fhir.resources(resource_type).search(**dict(params)).limit(count).params
@@ -265,7 +278,19 @@ class FhirEHRClient:
         if self._cache is not None:
             canonical = json.dumps(query, sort_keys=True, default=str) if query is not None else next_url
             key = CacheKey.build(self.name, patient, resource_type, {"q": canonical or ""})
-        return await self._cached(key, bypass_cache, fetch)
+        result = await self._cached(key, bypass_cache, fetch)
+        if self._hl7 is not None and resource_type == "Observation" and next_url is None:
+            result = self._with_hl7(result, params)
+        return result
+
+    def _with_hl7(self, result: FetchResult, params: Params) -> FetchResult:
+        """Complete an Observation search with the HL7 v2 results for the same patient."""
+        patient = params.get("patient")
+        if not isinstance(patient, str):
+            return result
+        seen = {r.get("id") for r in result.resources}
+        extra = [o for o in self._hl7.observations_for(patient) if o.get("id") not in seen]  # type: ignore[union-attr]
+        return replace(result, resources=[*result.resources, *extra]) if extra else result
 
     async def read(
         self, resource_type: str, resource_id: str, *, patient: str | None, bypass_cache: bool = False

@@ -6,23 +6,25 @@ need, and tools whose scopes the EHR did not grant are reported unavailable.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from typing import Any
 
-from mcp_fhir._exceptions import CircuitOpen, MCPFhirError, UpstreamRateLimited, UpstreamUnavailable
+from mcp_fhir._exceptions import CircuitOpen, ConfigError, MCPFhirError, UpstreamRateLimited, UpstreamUnavailable
 from mcp_fhir.config import IdMapConfig, Settings
 from mcp_fhir.ehr.client import FhirEHRClient
+from mcp_fhir.ehr.hl7_results import Hl7ResultsSource
 from mcp_fhir.ehr.idmap import PostgresIdMap, SqliteIdMap, load_idmap_yaml
-from mcp_fhir.ehr.profiles import get_profile
+from mcp_fhir.ehr.profiles import detect_fhir_version, get_profile
 from mcp_fhir.ehr.scopes import required_scopes, unavailable_tools
 from mcp_fhir.ehr.smart import SmartBackendAuth, SmartSettings
 from mcp_fhir.ehr.smart import build_http_client as build_token_http_client
 from mcp_fhir.ehr.tls import build_ssl_context
 from mcp_fhir.ehr.transport import build_http_client
-from mcp_fhir.resilience.breaker import Breakers, CircuitBreaker
+from mcp_fhir.resilience.breaker import BreakerSettings, CircuitBreaker
 from mcp_fhir.resilience.cache import Cache
 from mcp_fhir.resilience.ratelimit import RateLimit, RateLimiter, parse_retry_after
 from mcp_fhir.resilience.retry import retry_idempotent
@@ -84,6 +86,22 @@ def _normaliser(profile_name: str) -> Callable[[dict[str, Any]], dict[str, Any]]
     return normalise
 
 
+BREAKER_KEYS = frozenset(f.name for f in dataclasses.fields(BreakerSettings))
+
+
+def breaker_for(backend: str, raw: Mapping[str, Any] | None) -> CircuitBreaker:
+    """The backend's circuit breaker, from its `breaker` settings (defaults when absent)."""
+    data = dict(raw or {})
+    for key in data:
+        if key not in BREAKER_KEYS:
+            raise ConfigError(f"backends.{backend}.breaker.{key}", "unknown key")
+    try:
+        settings = BreakerSettings(**data)
+    except ConfigError as exc:
+        raise ConfigError(f"backends.{backend}.{exc.key}", exc.rule) from exc
+    return CircuitBreaker(backend, settings)
+
+
 async def _smart(
     stack: AsyncExitStack, name: str, smart_settings: SmartSettings | None, tools: tuple[str, ...]
 ) -> tuple[SmartBackendAuth | None, dict[str, tuple[str, ...]]]:
@@ -104,6 +122,20 @@ async def _smart(
     return auth, {tool: tuple(scopes) for tool, scopes in missing.items()}
 
 
+async def _detect_version(name: str, client: FhirEHRClient, profile: str) -> None:
+    """Read `/metadata`; a generic `r4` backend that turns out to speak STU3 gets the STU3 normaliser."""
+    try:
+        version = detect_fhir_version(await client.capability_statement())
+    except MCPFhirError as exc:
+        log.warning("backend %s: FHIR version not detected (%s); using profile %s", name, exc.code, profile)
+        return
+    if profile == "r4" and version.startswith("3."):
+        client.set_normaliser(_normaliser("stu3"), fhir_version=version)
+        log.warning("backend %s speaks FHIR %s: normalising STU3 to R4", name, version)
+    else:
+        client.fhir_version = version
+
+
 async def open_backends(
     stack: AsyncExitStack, settings: Settings
 ) -> tuple[dict[str, FhirEHRClient], dict[str, tuple[str, ...]]]:
@@ -117,7 +149,6 @@ async def open_backends(
         if per_minute:
             limits[name] = RateLimit(float(per_minute))
     limiter = RateLimiter(limits) if limits else None
-    breakers = Breakers()
     clients: dict[str, FhirEHRClient] = {}
     unavailable: dict[str, tuple[str, ...]] = {}
     for name, cfg in settings.backends.items():
@@ -126,6 +157,7 @@ async def open_backends(
             connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout, verify=ssl_ctx
         )
         tokens, missing = await _smart(stack, name, settings.smart_settings(name), settings.tools)
+        profile = get_profile(cfg.profile)
         unavailable.update(missing)
         client = FhirEHRClient(
             name,
@@ -133,11 +165,16 @@ async def open_backends(
             http=http,
             token_provider=tokens,
             normalise=_normaliser(cfg.profile),
-            guard=BackendGuard(name, limiter=limiter if name in limits else None, breaker=breakers.get(name)),
+            guard=BackendGuard(name, limiter=limiter if name in limits else None, breaker=breaker_for(name, cfg.breaker)),
             cache=cache,
             allow_stale=cfg.allow_stale,
+            check_query=profile.check_query,
+            hl7_results=Hl7ResultsSource(cfg.hl7v2_results_dir, timezone=cfg.timezone)
+            if cfg.hl7v2_results_dir
+            else None,
         )
         stack.push_async_callback(client.close)
+        await _detect_version(name, client, cfg.profile)
         clients[name] = client
     return clients, unavailable
 
