@@ -13,7 +13,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from typing import Any
 
-from mcp_fhir._exceptions import CircuitOpen, ConfigError, MCPFhirError, UpstreamRateLimited, UpstreamUnavailable
+from mcp_fhir._exceptions import (
+    CircuitOpen,
+    ConfigError,
+    MCPFhirError,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
+)
 from mcp_fhir.config import IdMapConfig, Settings
 from mcp_fhir.ehr.client import FhirEHRClient
 from mcp_fhir.ehr.hl7_results import Hl7ResultsSource
@@ -165,7 +171,9 @@ async def open_backends(
             http=http,
             token_provider=tokens,
             normalise=_normaliser(cfg.profile),
-            guard=BackendGuard(name, limiter=limiter if name in limits else None, breaker=breaker_for(name, cfg.breaker)),
+            guard=BackendGuard(
+                name, limiter=limiter if name in limits else None, breaker=breaker_for(name, cfg.breaker)
+            ),
             cache=cache,
             allow_stale=cfg.allow_stale,
             check_query=profile.check_query,
