@@ -20,8 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mcp_fhir._exceptions import ConfigError
 from mcp_fhir.agent_auth.settings import AgentAuthSettings
 from mcp_fhir.audit.settings import AuditSettings
+from mcp_fhir.ehr.profiles import get_profile
 from mcp_fhir.ehr.smart import SmartSettings
 from mcp_fhir.resilience.cache import CacheSettings
+from mcp_fhir.resilience.ratelimit import RateLimiterSettings
 from mcp_fhir.tools.catalog import CATALOGUE
 
 DEFAULT_HTTP_PORT = 8765
@@ -120,7 +122,8 @@ class BackendConfig(_Strict):
         None, description="The backend's local time zone (IANA), for HL7 v2 timestamps."
     )
     breaker: dict[str, Any] | None = Field(
-        None, description="Circuit breaker (failure_threshold, cool_down_seconds, ...); validated by BreakerSettings."
+        None,
+        description="Circuit breaker (failure_threshold, cool_down_seconds, ...); validated by BreakerSettings.",
     )
 
     _v_url = field_validator("base_url")(lambda v: _http_url(v))
@@ -169,6 +172,10 @@ class Settings(_Strict):
     idmap: IdMapConfig = Field(default_factory=IdMapConfig)
     audit: dict[str, Any] = Field(default_factory=dict)
     cache: dict[str, Any] = Field(default_factory=dict)
+    rate_limit: dict[str, Any] = Field(
+        default_factory=dict,
+        description="store (memory|redis), redis_url_env, max_wait_seconds; limits per backend.",
+    )
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     flag_prompt_injection: bool = True
 
@@ -223,6 +230,22 @@ class Settings(_Strict):
         raw = {"fhir_base_url": backend.base_url, **backend.smart}
         return SmartSettings.from_mapping(raw, prefix=f"backends.{name}.smart")
 
+    def rate_limit_settings(self) -> RateLimiterSettings:
+        """Per-backend limits come from `backends.<name>.rate_limit_per_minute` or the profile's default."""
+        data = dict(self.rate_limit)
+        known = {f.name for f in dataclasses.fields(RateLimiterSettings)} - {"limits"}
+        for key in data:
+            if key not in known:
+                raise ConfigError(f"rate_limit.{key}", "unknown key")
+        limits = {}
+        for name, backend in self.backends.items():
+            per_minute = (
+                backend.rate_limit_per_minute or get_profile(backend.profile).default_rate_limit_per_minute
+            )
+            if per_minute:
+                limits[name] = {"requests_per_minute": float(per_minute)}
+        return RateLimiterSettings(limits=limits, **data)
+
     def check_sections(self) -> None:
         """Validate the sections other modules own, and the rules that span sections."""
         for name in self.backends:
@@ -230,6 +253,7 @@ class Settings(_Strict):
         auth = self.agent_auth()
         self.audit_settings()
         self.cache_settings()
+        self.rate_limit_settings()
         if self.server.transport == "stdio" and auth.local is None:
             raise ConfigError("auth.local", "transport stdio needs the local agent's identity")
         if self.server.transport == "http" and not (auth.accepts_jwt or auth.api_keys):

@@ -32,7 +32,7 @@ from mcp_fhir.ehr.tls import build_ssl_context
 from mcp_fhir.ehr.transport import build_http_client
 from mcp_fhir.resilience.breaker import BreakerSettings, CircuitBreaker
 from mcp_fhir.resilience.cache import Cache
-from mcp_fhir.resilience.ratelimit import RateLimit, RateLimiter, parse_retry_after
+from mcp_fhir.resilience.ratelimit import RateLimiter, parse_retry_after
 from mcp_fhir.resilience.retry import retry_idempotent
 from mcp_fhir.tools.catalog import CATALOGUE, LOCAL_TYPES
 
@@ -149,12 +149,9 @@ async def open_backends(
     cache = Cache.from_settings(settings.cache_settings()) if settings.cache_enabled else None
     if cache is not None:
         stack.push_async_callback(cache.aclose)
-    limits = {}
-    for name, cfg in settings.backends.items():
-        per_minute = cfg.rate_limit_per_minute or get_profile(cfg.profile).default_rate_limit_per_minute
-        if per_minute:
-            limits[name] = RateLimit(float(per_minute))
-    limiter = RateLimiter(limits) if limits else None
+    rate_settings = settings.rate_limit_settings()  # memory, or Redis to hold one limit across replicas
+    limits = rate_settings.limits
+    limiter = RateLimiter.from_settings(rate_settings) if limits else None
     clients: dict[str, FhirEHRClient] = {}
     unavailable: dict[str, tuple[str, ...]] = {}
     for name, cfg in settings.backends.items():
