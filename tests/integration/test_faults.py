@@ -1,0 +1,274 @@
+"""Issue #7, what it must show, through the FULL sidecar: `build_server(settings)` driven by the official
+MCP client, with a `FaultProxy` between the sidecar and each real dependency (OPA, the FHIR test bed,
+the SMART token endpoint's token-checking FHIR proxy).
+
+* OPA down, slow, garbage, undefined or a non-boolean allow: every call denies with its own code and
+  the EHR sees ZERO requests.
+* FHIR 5xx and timeouts: the breaker opens after its threshold, fails fast while open (no upstream
+  request), and closes again after the (short, configured) cool-down.
+* 429 with Retry-After: retried after the hint; a hint past the retry deadline fails at once, and the
+  backend stays penalised (the limit holds: no request reaches the EHR until it has passed).
+* An expired SMART token: exactly one refresh, then success.
+* A truncated body: a clear `upstream_*` error, never partial data.
+
+Every timeout here is named and finite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from mcp import Client
+
+from mcp_fhir import config
+from mcp_fhir.context import AppContext
+from mcp_fhir.ehr.factory import breaker_snapshot
+from mcp_fhir.policy.managed_opa import ManagedOpa
+from mcp_fhir.server import build_server
+from tests.adversarial.conftest import attempt, audit_records, tool_error
+from tests.testbed import data
+from tests.testbed.fault_proxy import Fault, FaultProxy
+from tests.testbed.sidecar import CLINICIAN, POLICIES, sidecar_config
+from tests.testbed.token_server import RegisteredClient, start_token_server
+
+pytestmark = pytest.mark.integration
+
+DECISION_TIMEOUT = 0.5  # the sidecar's default opa.decision_timeout
+OPA_SLOW = 1.5  # > DECISION_TIMEOUT
+FHIR_READ_TIMEOUT = 0.5
+FHIR_SLOW = 2.0  # > FHIR_READ_TIMEOUT
+BREAKER = {"failure_threshold": 3, "cool_down_seconds": 1.0}
+RECOVERY_DEADLINE = 10.0
+POLL_INTERVAL = 0.05
+RETRY_AFTER = 1
+RETRY_AFTER_TOO_LONG = 60  # beyond the retry deadline (resilience.retry.DEFAULT_DEADLINE_S)
+SMART_SECRET_ENV = "ADV_FAULTS_SMART_SECRET"
+SMART_SECRET = "fault-suite-secret-not-real"
+ARGS = {"patient_id": data.AU_PATIENT_ID, "purpose": "treatment"}
+
+
+@dataclass
+class Running:
+    client: Client
+    app: AppContext
+    workdir: Path
+
+
+@asynccontextmanager
+async def running(workdir: Path, fhir_base: str, opa: str, **overrides: Any) -> AsyncIterator[Running]:
+    settings = config.from_mapping(
+        sidecar_config(workdir, fhir_base, opa_url=opa, identity=CLINICIAN, **overrides)
+    )
+    server = build_server(settings)
+    async with Client(server) as client:
+        yield Running(client, server.app_holder["app"], workdir)  # type: ignore[attr-defined]
+
+
+async def wait_until(predicate: Callable[[], Awaitable[bool]], deadline: float) -> None:
+    """Poll a real condition until it holds, failing the test at the deadline."""
+    end = time.monotonic() + deadline
+    while not await predicate():
+        if time.monotonic() > end:
+            pytest.fail("condition not met before the deadline")
+        await asyncio.sleep(POLL_INTERVAL)
+
+
+@pytest.fixture(scope="module")
+async def opa(opa_binary: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ManagedOpa]:
+    managed = ManagedOpa([POLICIES], binary=opa_binary, decision_log=tmp_path_factory.mktemp("opa") / "d.log")
+    await managed.start()
+    try:
+        yield managed
+    finally:
+        await managed.stop()
+
+
+@asynccontextmanager
+async def fhir_proxy(fhir_server: Any) -> AsyncIterator[tuple[FaultProxy, str]]:
+    async with FaultProxy(fhir_server.base_url.split("/fhir")[0]) as proxy:
+        yield proxy, proxy.url + urlsplit(fhir_server.base_url).path
+
+
+OPA_FAULTS = {
+    "down": (Fault.down(), "opa_unavailable"),
+    "slow": (Fault.latency(OPA_SLOW), "opa_timeout"),
+    "garbage": (Fault.garbage(), "opa_malformed"),
+    "undefined": (Fault.json({}), "opa_undefined"),
+    "non-boolean allow": (Fault.json({"result": {"allow": "yes"}}), "opa_malformed"),
+    "a 500": (Fault.status(500), "opa_unavailable"),
+}
+
+
+@pytest.mark.parametrize("name", list(OPA_FAULTS))
+async def test_an_opa_fault_denies_with_its_own_code_and_makes_no_ehr_request(
+    name: str, tmp_path: Path, fhir_server: Any, opa: ManagedOpa
+) -> None:
+    fault, code = OPA_FAULTS[name]
+    async with fhir_proxy(fhir_server) as (fhir, base), FaultProxy(opa.url) as opa_proxy:
+        async with running(tmp_path, base, opa_proxy.url, cache={"enabled": False}) as sc:
+            before = fhir.requests_seen
+            opa_proxy.set_fault(fault)
+            results = [
+                await attempt(sc.client, tool, ARGS) for tool in ("read_patient", "search_observations")
+            ]
+            seen = fhir.requests_seen - before
+            opa_proxy.clear()
+    for result in results:
+        err = tool_error(result)
+        assert err["code"] == "policy_denied" and err["reasons"] == [code]
+    assert seen == 0
+    records = audit_records(tmp_path)
+    assert [r["result"] for r in records] == ["denied", "denied"]
+    assert all(r["reason_codes"] == [code] for r in records)
+
+
+async def test_fhir_5xx_opens_the_breaker_which_fails_fast_and_recovers_after_the_cool_down(
+    tmp_path: Path, fhir_server: Any, opa: ManagedOpa
+) -> None:
+    async with fhir_proxy(fhir_server) as (fhir, base):
+        async with running(
+            tmp_path,
+            base,
+            opa.url,
+            cache={"enabled": False},
+            backends={"testbed": {"base_url": base, "breaker": BREAKER}},
+        ) as sc:
+            fhir.set_fault(Fault.status(503))
+            first = await attempt(sc.client, "read_patient", ARGS)
+            assert breaker_snapshot(sc.app.backends)["testbed"] == "open"
+            seen_when_open = fhir.requests_seen
+            fast = await attempt(sc.client, "read_patient", ARGS)
+            assert fhir.requests_seen == seen_when_open  # fail fast: nothing reached the EHR
+            fhir.clear()
+
+            async def recovered() -> bool:
+                result = await attempt(sc.client, "read_patient", ARGS)
+                return not isinstance(result, Exception) and not result.is_error
+
+            await wait_until(recovered, RECOVERY_DEADLINE)
+            state = breaker_snapshot(sc.app.backends)["testbed"]
+    assert tool_error(first)["code"] in ("upstream_unavailable", "upstream_circuit_open")
+    assert tool_error(fast)["code"] == "upstream_circuit_open"
+    assert state == "closed"
+    results = [r["result"] for r in audit_records(tmp_path)]
+    assert results[:2] == ["error", "error"] and results[-1] == "allowed"
+
+
+async def test_fhir_timeouts_open_the_breaker_too(tmp_path: Path, fhir_server: Any, opa: ManagedOpa) -> None:
+    backend = {"base_url": "", "breaker": BREAKER, "read_timeout": FHIR_READ_TIMEOUT}
+    async with fhir_proxy(fhir_server) as (fhir, base):
+        async with running(
+            tmp_path,
+            base,
+            opa.url,
+            cache={"enabled": False},
+            backends={"testbed": {**backend, "base_url": base}},
+        ) as sc:
+            fhir.set_fault(Fault.latency(FHIR_SLOW))
+            first = await attempt(sc.client, "read_patient", ARGS)
+            state = breaker_snapshot(sc.app.backends)["testbed"]
+            seen = fhir.requests_seen
+            fast = await attempt(sc.client, "read_patient", ARGS)
+            assert fhir.requests_seen == seen
+            fhir.clear()
+    assert tool_error(first)["code"] in ("upstream_timeout", "upstream_unavailable", "upstream_circuit_open")
+    assert state == "open"
+    assert tool_error(fast)["code"] == "upstream_circuit_open"
+
+
+async def test_a_429_with_retry_after_is_retried_after_the_hint(
+    tmp_path: Path, fhir_server: Any, opa: ManagedOpa
+) -> None:
+    async with fhir_proxy(fhir_server) as (fhir, base):
+        backend = {"base_url": base, "rate_limit_per_minute": 600}
+        async with running(
+            tmp_path, base, opa.url, cache={"enabled": False}, backends={"testbed": backend}
+        ) as sc:
+            before = fhir.requests_seen
+            fhir.set_fault(Fault.status(429, headers={"Retry-After": str(RETRY_AFTER)}), times=1)
+            started = time.monotonic()
+            result = await attempt(sc.client, "read_patient", ARGS)
+            elapsed = time.monotonic() - started
+            seen = fhir.requests_seen - before
+    assert not result.is_error, result.content[0].text
+    assert elapsed >= RETRY_AFTER * 0.95
+    assert seen == 2
+
+
+async def test_a_retry_after_past_the_deadline_fails_at_once_and_the_limit_holds(
+    tmp_path: Path, fhir_server: Any, opa: ManagedOpa
+) -> None:
+    async with fhir_proxy(fhir_server) as (fhir, base):
+        backend = {"base_url": base, "rate_limit_per_minute": 600}
+        async with running(
+            tmp_path, base, opa.url, cache={"enabled": False}, backends={"testbed": backend}
+        ) as sc:
+            before = fhir.requests_seen
+            fhir.set_fault(Fault.status(429, headers={"Retry-After": str(RETRY_AFTER_TOO_LONG)}), times=1)
+            started = time.monotonic()
+            first = await attempt(sc.client, "read_patient", ARGS)
+            second = await attempt(sc.client, "read_patient", ARGS)
+            elapsed = time.monotonic() - started
+            seen = fhir.requests_seen - before
+    assert tool_error(first)["code"] == "upstream_rate_limited"
+    assert tool_error(second)["code"] == "upstream_rate_limited"
+    assert seen == 1  # the penalty holds: the second call never reached the EHR
+    assert elapsed < RETRY_AFTER_TOO_LONG / 2
+
+
+async def test_an_expired_ehr_token_is_refreshed_once_and_the_call_succeeds(
+    tmp_path: Path, fhir_server: Any, opa: ManagedOpa, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(SMART_SECRET_ENV, SMART_SECRET)
+    with start_token_server(
+        [RegisteredClient("sidecar", secret=SMART_SECRET)], upstream_fhir_url=fhir_server.base_url
+    ) as tokens:
+        backend = {
+            "base_url": tokens.fhir_base_url,
+            "smart": {
+                "client_id": "sidecar",
+                "auth_method": "client_secret_basic",
+                "token_url": tokens.token_url,
+                "client_secret_env": SMART_SECRET_ENV,
+            },
+        }
+        async with running(
+            tmp_path, tokens.fhir_base_url, opa.url, cache={"enabled": False}, backends={"testbed": backend}
+        ) as sc:
+            first = await attempt(sc.client, "read_patient", ARGS)
+            issued_before = tokens.token_requests
+            for token in tokens.issued_tokens():
+                tokens.expire(token)
+            second = await attempt(sc.client, "read_patient", ARGS)
+            issued_after = tokens.token_requests
+    assert not first.is_error and not second.is_error, second
+    assert issued_after - issued_before == 1
+    assert second.structured_content["resources"][0]["id"] == data.AU_PATIENT_ID
+
+
+async def test_a_truncated_body_is_a_clear_error_never_partial_data(
+    tmp_path: Path, fhir_server: Any, opa: ManagedOpa
+) -> None:
+    async with fhir_proxy(fhir_server) as (fhir, base):
+        backend = {"base_url": base, "breaker": {"failure_threshold": 20}}  # keep the breaker out of it
+        async with running(
+            tmp_path, base, opa.url, cache={"enabled": False}, backends={"testbed": backend}
+        ) as sc:
+            fhir.set_fault(Fault.truncate(bytes=40))
+            search = await attempt(sc.client, "search_observations", ARGS)
+            read = await attempt(sc.client, "read_patient", ARGS)
+            fhir.clear()
+    for result in (search, read):
+        assert isinstance(result, Exception), "a truncated body must never produce a result"
+        assert tool_error(result)["code"] in ("upstream_unavailable", "upstream_bad_response")
+    records = audit_records(tmp_path)
+    assert [r["result"] for r in records] == ["error", "error"]
+    assert all(r["returned_count"] is None for r in records)
