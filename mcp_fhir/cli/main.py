@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import ssl
 import sys
 from typing import Any
 
@@ -12,6 +13,8 @@ from mcp_fhir._exceptions import MCPFhirError
 from mcp_fhir._version import __version__
 
 log = logging.getLogger("mcp_fhir.cli")
+
+MIN_TLS_VERSION = ssl.TLSVersion.TLSv1_2
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -46,6 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
             "ssl_certfile": str(settings.server.tls_cert_file),
             "ssl_keyfile": str(settings.server.tls_key_file),
             "ssl_version": ssl.PROTOCOL_TLS_SERVER,
+            "ssl_context_factory": _tls_context,
         }
     uvicorn.run(
         app,
@@ -56,6 +60,14 @@ def _serve(args: argparse.Namespace) -> int:
         **tls,
     )
     return 0
+
+
+def _tls_context(config: Any, default_factory: Any) -> Any:
+    """uvicorn's context with an explicit floor: TLS 1.2 or newer, whatever the platform default."""
+    context = default_factory()
+    if context.minimum_version < MIN_TLS_VERSION:
+        context.minimum_version = MIN_TLS_VERSION
+    return context
 
 
 def _config_check(args: argparse.Namespace) -> int:
