@@ -102,7 +102,8 @@ def _run(cmd: list[str], cwd: Path, timeout: float, what: str) -> None:
     except subprocess.TimeoutExpired as exc:
         raise PolicyUnavailable(f"{what} did not finish in time") from exc
     if proc.returncode != 0:
-        raise PolicyUnavailable(f"{what} failed: " + " | ".join(proc.stderr.strip().splitlines()[:3]))
+        said = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[:3]  # opa build reports on stdout
+        raise PolicyUnavailable(f"{what} failed: " + " | ".join(said))
 
 
 def build_bundle(settings: BundleSettings, *, binary: str | None = None) -> str:
