@@ -27,6 +27,7 @@ from mcp_fhir._exceptions import (
     MCPFhirError,
     PolicyDenied,
     PolicyError,
+    ToolUnavailable,
 )
 from mcp_fhir.agent_auth.subject import Subject
 from mcp_fhir.audit.record import AuditRecord, utc_now_ms
@@ -181,6 +182,12 @@ class CallPath:
         subject: Subject | None = None
         try:
             subject = current_subject(app)
+            if tool in app.unavailable_tools:
+                # The EHR did not grant the scopes this tool needs: say so, rather than pass on its 403.
+                raise ToolUnavailable(
+                    f"the EHR did not grant the scopes {tool} needs",
+                    missing_scopes=list(app.unavailable_tools[tool]),
+                )
             backend_patient = await app.backend_patient_id(patient, backend_name) if patient else None
         except MCPFhirError as exc:
             exc.audited = True  # audited right here, before it leaves

@@ -131,6 +131,7 @@ class TokenServer:
         self.base_url = ""
         self.rejections: list[str] = []
         self.proxied_requests = 0
+        self.requested_scopes: list[list[str]] = []  # the scope of each token request, split
         self._token_requests = 0
         self._lock = threading.Lock()
         self._seen_jti: dict[str, float] = {}
@@ -215,6 +216,8 @@ class TokenServer:
                 raise _OAuthError("unsupported_grant_type")
             client = self._authenticate(request, fields)
             requested = fields.get("scope", "")
+            with self._lock:
+                self.requested_scopes.append(requested.split())
             scope = self.granted_scope if self.granted_scope is not None else requested
             token = secrets.token_urlsafe(32)
             with self._lock:
