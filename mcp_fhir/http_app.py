@@ -12,6 +12,7 @@ from mcp_fhir.config import Settings
 from mcp_fhir.ehr.keys import public_jwks
 from mcp_fhir.ehr.smart import SmartBackendAuth
 from mcp_fhir.health import readiness
+from mcp_fhir.logs import RequestContextMiddleware
 from mcp_fhir.server import SidecarServer
 
 
@@ -39,7 +40,7 @@ def build_http_app(settings: Settings, server: SidecarServer) -> Any:
                 keys["keys"] += tokens.public_jwks()["keys"]
         return JSONResponse(keys)
 
-    app = server.streamable_http_app(
+    app: Any = server.streamable_http_app(
         streamable_http_path=settings.server.path,
         stateless_http=settings.server.stateless,
         transport_security=transport_security_for(
@@ -48,7 +49,9 @@ def build_http_app(settings: Settings, server: SidecarServer) -> Any:
         host=settings.server.host,
     )
     on_reject = server.on_reject  # type: ignore[attr-defined]
-    return protect_http_app(app, on_reject, protected_paths=[settings.server.path]) if on_reject else app
+    if on_reject:
+        app = protect_http_app(app, on_reject, protected_paths=[settings.server.path])
+    return RequestContextMiddleware(app, mcp_path=settings.server.path)
 
 
 __all__ = ["build_http_app", "public_jwks"]
