@@ -66,7 +66,7 @@ KNOWN_ROUTES = frozenset(
 MAX_MESSAGE_CHARS = 2_000  # a log line is a pointer, not a payload
 REQUEST_ID_HEADER = "x-request-id"
 TRACEPARENT_HEADER = "traceparent"
-NOISY_LOGGERS = ("httpx2", "httpcore", "uvicorn.access", "mcp", "aiohttp")
+NOISY_LOGGERS = ("httpx2", "httpcore", "httpcore2", "uvicorn.access", "mcp", "aiohttp")
 
 _REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("mcp_fhir_request_id", default=None)
 _TRACE_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("mcp_fhir_trace_id", default=None)

@@ -82,9 +82,15 @@ class ServedSidecar:
     """`mcp-fhir serve --config FILE` in a child process we own; stopped by pid, never by name."""
 
     def __init__(
-        self, workdir: Path, cfg: Mapping[str, Any], *, env: Mapping[str, str] | None = None
+        self,
+        workdir: Path,
+        cfg: Mapping[str, Any],
+        *,
+        env: Mapping[str, str] | None = None,
+        log_level: str = "INFO",
     ) -> None:
         self.workdir = workdir
+        self.log_level = log_level
         self.cfg = dict(cfg)
         self.env = dict(env or {})
         self.config_path = workdir / "mcp-fhir.yaml"
@@ -107,7 +113,18 @@ class ServedSidecar:
         env["PYTHONPATH"] = str(REPO)
         with open(self.stderr_path, "ab") as err:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "mcp_fhir.cli.main", "serve", "--config", str(self.config_path)],
+                [
+                    sys.executable,
+                    "-m",
+                    "mcp_fhir.cli.main",
+                    "serve",
+                    "--config",
+                    str(self.config_path),
+                    "--log-level",
+                    self.log_level,
+                    "--log-level",
+                    self.log_level,
+                ],
                 stdout=err,
                 stderr=err,
                 stdin=subprocess.DEVNULL,
