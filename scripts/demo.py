@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx2
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -34,9 +31,8 @@ from mcp_fhir.agent_auth.api_keys import generate_api_key  # noqa: E402
 from mcp_fhir.policy.managed_opa import free_port  # noqa: E402
 from tests.testbed import data  # noqa: E402
 from tests.testbed.fhir import start_fhir_server  # noqa: E402
-from tests.testbed.sidecar import CLINICIAN, NURSE, sidecar_config  # noqa: E402
+from tests.testbed.sidecar import CLINICIAN, NURSE, SidecarProcess, api_key_entry, http_config  # noqa: E402
 
-START_TIMEOUT = 30.0
 BOLD, DIM, GREEN, RED, RESET = (
     ("\033[1m", "\033[2m", "\033[32m", "\033[31m", "\033[0m") if sys.stdout.isatty() else ("", "", "", "", "")
 )
@@ -71,21 +67,6 @@ def show(agent: str, tool: str, args: dict[str, Any], result: Any) -> dict[str, 
     for line in result.content[0].text.splitlines()[1:4]:
         print(f"  {DIM}{line}{RESET}")
     return body
-
-
-async def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    async with httpx2.AsyncClient(timeout=2.0) as http:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"the sidecar exited with status {proc.returncode}")
-            try:
-                if (await http.get(url + "/readyz")).status_code == 200:
-                    return
-            except httpx2.TransportError:
-                pass
-            await asyncio.sleep(0.1)
-    raise SystemExit("the sidecar did not become ready in time")
 
 
 def agent(url: str, key: str) -> Client:
@@ -160,41 +141,12 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     print(f"{BOLD}mcp-fhir demo{RESET}: starting the FHIR test bed …")
     with start_fhir_server() as fhir:
-        cfg = sidecar_config(workdir, fhir.base_url, transport="http")
-        cfg["server"] = {"transport": "http", "host": "127.0.0.1", "port": port}
-        cfg["auth"] = {
-            "api_keys": [
-                {"id": NURSE["id"], "hash": nurse_hash, "claims": NURSE["claims"], "scopes": NURSE["scopes"]},
-                {
-                    "id": CLINICIAN["id"],
-                    "hash": clinician_hash,
-                    "claims": CLINICIAN["claims"],
-                    "scopes": CLINICIAN["scopes"],
-                },
-            ]
-        }
-        config_path = workdir / "config.yaml"
-        config_path.write_text(yaml.safe_dump(cfg))
-        print(
-            f"  FHIR R4 server at {fhir.base_url}; starting `mcp-fhir serve` (with its OPA child) at {url}/mcp"
-        )
-        proc = subprocess.Popen(
-            [
-                str(REPO / ".venv/bin/mcp-fhir"),
-                "serve",
-                "--config",
-                str(config_path),
-                "--log-level",
-                "WARNING",
-            ],
-            env={**os.environ},
-        )
-        try:
-            asyncio.run(wait_ready(url, proc))
+        keys = [api_key_entry(NURSE, nurse_hash), api_key_entry(CLINICIAN, clinician_hash)]
+        config_path = http_config(workdir, fhir.base_url, port, keys)
+        print(f"  FHIR R4 server at {fhir.base_url}")
+        print(f"  starting `mcp-fhir serve` (with its own OPA child) at {url}/mcp")
+        with SidecarProcess(config_path, url=url):
             asyncio.run(session(url, nurse_key, clinician_key))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
     audit = workdir / "audit.jsonl"
     print_audit(audit)
     verify = subprocess.run(

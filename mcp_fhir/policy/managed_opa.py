@@ -73,7 +73,7 @@ class ManagedOpa:
             self.binary,
             "run",
             "--server",
-            "--disable-telemetry",
+            "--skip-version-check",
             "--log-level",
             "error",
             "--addr",

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import yaml
 
 from mcp_fhir import config
@@ -76,3 +79,78 @@ def sidecar_config(
 
 def settings_for(workdir: Path, fhir_base_url: str, **kw: Any) -> Settings:
     return config.from_mapping(sidecar_config(workdir, fhir_base_url, **kw))
+
+
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+
+
+class SidecarProcess:
+    """`mcp-fhir serve --config FILE` as a child process on loopback, ready when `/readyz` answers 200."""
+
+    def __init__(self, config_path: Path, *, url: str, log_level: str = "WARNING") -> None:
+        self.config_path = config_path
+        self.url = url
+        self.log_level = log_level
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> SidecarProcess:
+        cmd = [
+            str(REPO / ".venv/bin/mcp-fhir"),
+            "serve",
+            "--config",
+            str(self.config_path),
+            "--log-level",
+            self.log_level,
+        ]
+        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + READY_TIMEOUT
+        with httpx2.Client(timeout=2.0) as http:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"mcp-fhir serve exited with status {self.process.returncode}")
+                try:
+                    if http.get(self.url + "/readyz").status_code == 200:
+                        return self
+                except httpx2.TransportError:
+                    pass
+                time.sleep(0.05)  # polling a real condition (readiness), bounded by the deadline
+        self.stop()
+        raise RuntimeError("mcp-fhir serve did not become ready in time")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hooks run, as in a crash."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=STOP_TIMEOUT)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=STOP_TIMEOUT)
+
+    def __enter__(self) -> SidecarProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def http_config(
+    workdir: Path, fhir_base_url: str, port: int, keys: list[dict[str, Any]], **overrides: Any
+) -> Path:
+    """Write an HTTP config with API keys (`{"id", "hash", "claims", "scopes"}` each) and return its path."""
+    cfg = sidecar_config(workdir, fhir_base_url, transport="http", **overrides)
+    cfg["server"] = {**cfg["server"], "transport": "http", "host": "127.0.0.1", "port": port}
+    cfg["auth"] = {"api_keys": keys}
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def api_key_entry(identity: dict[str, Any], digest: str) -> dict[str, Any]:
+    return {"id": identity["id"], "hash": digest, "claims": identity["claims"], "scopes": identity["scopes"]}
