@@ -6,39 +6,9 @@ import pytest
 
 from mcp_fhir._exceptions import ConfigError
 from mcp_fhir.ehr.scopes import required_scopes, scope_covers, unavailable_tools
+from mcp_fhir.tools.catalog import CATALOGUE
 
-_PATIENT_TYPES = (
-    "Patient",
-    "Observation",
-    "MedicationStatement",
-    "MedicationRequest",
-    "Condition",
-    "Encounter",
-    "Procedure",
-    "AllergyIntolerance",
-    "DocumentReference",
-)
-
-# The catalogue exactly as the brief defines it (the lead passes it in from mcp_fhir/tools/catalog.py).
-CATALOGUE: dict[str, tuple[str, tuple[str, ...]]] = {
-    "read_patient": ("read", ("Patient",)),
-    "search_observations": ("search", ("Observation",)),
-    "search_medication_statements": ("search", ("MedicationStatement",)),
-    "search_medication_requests": ("search", ("MedicationRequest",)),
-    "search_conditions": ("search", ("Condition",)),
-    "search_encounters": ("search", ("Encounter",)),
-    "search_procedures": ("search", ("Procedure",)),
-    "search_allergies": ("search", ("AllergyIntolerance",)),
-    "list_documents": ("search", ("DocumentReference",)),
-    "read_document": ("read", ("DocumentReference",)),
-    "patient_summary": (
-        "read",
-        ("Patient", "Condition", "MedicationStatement", "Observation", "AllergyIntolerance"),
-    ),
-    "create_clinical_note": ("create", ("DocumentReference",)),
-    "refresh": ("search", _PATIENT_TYPES),
-    "search_audit_log": ("search", ("AuditEvent",)),
-}
+# The sidecar's own catalogue: scopes are computed from exactly what the server registers.
 
 
 def test_only_search_observations_requests_exactly_observation_rs_in_v2() -> None:
