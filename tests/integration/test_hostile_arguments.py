@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
+import httpx2
 import pytest
 from mcp.shared.exceptions import MCPError
 
@@ -37,6 +39,7 @@ from tests.testbed.sidecar import POLICIES
 pytestmark = pytest.mark.integration
 
 ONE_MB: Final = 1_000_000
+READY_TIMEOUT: Final = 20.0
 PAT: Final = data.AU_PATIENT_ID
 NOTE: Final = {"title": "Progress", "idempotency_key": "key-hostile-01", "purpose": "treatment"}
 
@@ -82,6 +85,15 @@ class Guarded:
     fhir: FaultProxy
 
 
+def _wait_ready(sidecar: HttpSidecar) -> None:
+    """Poll /readyz until the lifespan has opened OPA and the EHR client (a real condition, bounded)."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    with httpx2.Client(timeout=READY_TIMEOUT) as client:
+        while client.get(f"{sidecar.base_url}/readyz").status_code != 200:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the sidecar did not become ready")
+
+
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory, fhir_server: Any) -> Iterator[Guarded]:
     workdir = tmp_path_factory.mktemp("hostile")
@@ -96,6 +108,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory, fhir_server: Any) -> Itera
                 cache={"enabled": False},
             )
             with thread:
+                _wait_ready(sidecar)  # start-up traffic (capability statement, health) is not a tool call's
                 yield Guarded(sidecar=sidecar, opa=opa_proxy, fhir=fhir_proxy)
     finally:
         asyncio.run(opa.stop())
