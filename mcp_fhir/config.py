@@ -55,6 +55,9 @@ class ServerSettings(_Strict):
         None, description="This server's canonical URI: the audience tokens must carry."
     )
     allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = Field(
+        (), description="Host header values (host:port) clients use; required when host is 0.0.0.0 or ::."
+    )
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     stateless: bool = False
@@ -66,6 +69,8 @@ class ServerSettings(_Strict):
     def _tls_pair(self) -> ServerSettings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ConfigError("server.tls_key_file", "tls_cert_file and tls_key_file go together")
+        if self.transport == "http" and self.host in ("0.0.0.0", "::") and not self.allowed_hosts:  # noqa: S104
+            raise ConfigError("server.allowed_hosts", "is required when server.host binds all interfaces")
         if self.metrics_port is not None and self.metrics_port == self.port and self.transport == "http":
             raise ConfigError("server.metrics_port", "must differ from server.port")
         return self

@@ -44,7 +44,10 @@ def build_http_app(settings: Settings, server: SidecarServer) -> Any:
         streamable_http_path=settings.server.path,
         stateless_http=settings.server.stateless,
         transport_security=transport_security_for(
-            settings.server.host, settings.server.port, settings.server.allowed_origins
+            settings.server.host,
+            settings.server.port,
+            settings.server.allowed_origins,
+            settings.server.allowed_hosts,
         ),
         host=settings.server.host,
     )
