@@ -197,6 +197,7 @@ class UpstreamRateLimited(UpstreamError):
     """The backend's rate limit would be exceeded beyond the bounded wait."""
 
     code = "upstream_rate_limited"
+    retry_after: str | float | None = None  # the EHR's Retry-After, when it sent one
 
 
 class UpstreamAuthError(UpstreamError):

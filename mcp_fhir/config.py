@@ -168,9 +168,9 @@ class LimitsConfig(_Strict):
 
 
 class Settings(_Strict):
-    server: ServerSettings = Field(default_factory=ServerSettings)
+    server: ServerSettings = ServerSettings()
     auth: dict[str, Any] = Field(default_factory=dict, description="Validated by AgentAuthSettings.")
-    opa: OpaConfig = Field(default_factory=OpaConfig)
+    opa: OpaConfig = OpaConfig()
     backends: dict[str, BackendConfig] = Field(min_length=1)
     default_backend: str | None = None
     tools: tuple[str, ...] = tuple(CATALOGUE)
@@ -181,7 +181,7 @@ class Settings(_Strict):
         default_factory=dict,
         description="store (memory|redis), redis_url_env, max_wait_seconds; limits per backend.",
     )
-    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    limits: LimitsConfig = LimitsConfig()
     flag_prompt_injection: bool = True
 
     @field_validator("backends")

@@ -18,7 +18,7 @@ from mcp_fhir.server import SidecarServer
 
 def build_http_app(settings: Settings, server: SidecarServer) -> Any:
     """The ASGI app `serve` runs: Origin/Host checks, no tokens in query strings, health and JWKS routes."""
-    holder = server.app_holder  # type: ignore[attr-defined]
+    holder = server.app_holder
 
     @server.custom_route("/healthz", methods=["GET"])
     async def healthz(request: Request) -> JSONResponse:
@@ -51,7 +51,7 @@ def build_http_app(settings: Settings, server: SidecarServer) -> Any:
         ),
         host=settings.server.host,
     )
-    on_reject = server.on_reject  # type: ignore[attr-defined]
+    on_reject = server.on_reject
     if on_reject:
         app = protect_http_app(app, on_reject, protected_paths=[settings.server.path])
     return RequestContextMiddleware(app, mcp_path=settings.server.path)

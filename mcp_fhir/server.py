@@ -18,7 +18,7 @@ import logging
 import re
 import secrets
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import date, datetime
 from pathlib import Path
@@ -97,6 +97,10 @@ def tool_error(exc: MCPFhirError) -> CallToolResult:
 
 class SidecarServer(MCPServer[AppContext]):
     """`MCPServer` with policy-filtered tool listings and one way out for every error."""
+
+    # The running app (set by the lifespan) and the hook that audits HTTP authentication rejections.
+    app_holder: dict[str, AppContext]
+    on_reject: Callable[[str, str | None], Awaitable[None]] | None
 
     async def _handle_list_tools(self, ctx: Any, params: Any) -> ListToolsResult:
         app: AppContext = ctx.lifespan_context
@@ -303,8 +307,8 @@ def build_server(settings: Settings, *, token_http: httpx2.AsyncClient | None = 
         server.remove_tool(name)
     for tool in server._tool_manager.list_tools():
         tool.parameters["additionalProperties"] = False  # published: unknown arguments are refused
-    server.app_holder = holder  # type: ignore[attr-defined] - the HTTP wrapper reports rejections through it
-    server.on_reject = auth_kwargs and _rejection_recorder(holder)  # type: ignore[attr-defined]
+    server.app_holder = holder
+    server.on_reject = _rejection_recorder(holder) if auth_kwargs else None
     return server
 
 

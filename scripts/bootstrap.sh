@@ -15,3 +15,4 @@ if [ ! -f "$stamp" ]; then
 fi
 scripts/opa.sh
 scripts/testbed.sh >&2
+scripts/node-tools.sh >&2

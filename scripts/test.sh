@@ -18,8 +18,9 @@ echo "== policy: fmt, check --strict, test --coverage (threshold ${COVERAGE_THRE
 "$OPA" test policies/ --fail-on-empty | tail -1
 .venv/bin/python -c "import json; print('policy coverage: %.1f%%' % json.load(open('/tmp/mcp-fhir-opa-coverage.json'))['coverage'])"
 
-echo "== ruff"
+echo "== ruff, mypy"
 .venv/bin/ruff check mcp_fhir tests bench examples scripts
+.venv/bin/mypy mcp_fhir
 
 echo "== pytest"
 .venv/bin/pytest -q -p no:cacheprovider "$@"

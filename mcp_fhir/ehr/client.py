@@ -163,7 +163,7 @@ class FhirEHRClient:
         guard: Guard | None = None,
         cache: Cache | None = None,
         allow_stale: bool = False,
-        check_query: Callable[[str, Params], None] | None = None,
+        check_query: Callable[[str, Any], None] | None = None,
         hl7_results: Hl7ResultsSource | None = None,
     ) -> None:
         self.name = name

@@ -64,9 +64,11 @@ class BackendGuard:
                 return await call()
             except UpstreamRateLimited as exc:
                 if self.limiter is not None:
-                    wait = parse_retry_after(getattr(exc, "retry_after", None), time.time())
+                    wait = parse_retry_after(
+                        exc.retry_after if isinstance(exc.retry_after, str) else None, time.time()
+                    )
                     await self.limiter.penalise(self.backend, wait)
-                    exc.retry_after = wait  # type: ignore[attr-defined] - honoured by the retry loop
+                    exc.retry_after = wait  # honoured by the retry loop
                 raise
 
     async def run(self, call: Callable[[], Awaitable[Any]], *, idempotent: bool) -> Any:

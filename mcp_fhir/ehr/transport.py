@@ -99,7 +99,7 @@ async def send(
         raise UpstreamAuthError("the EHR refused the sidecar's credentials (HTTP 401)", status=status)
     if status == 429:
         err = UpstreamRateLimited("the EHR rate limit was reached (HTTP 429)", status=status)
-        err.retry_after = parsed.retry_after  # type: ignore[attr-defined]
+        err.retry_after = parsed.retry_after
         raise err
     if status in (404, 410):
         raise ResourceNotFound("the EHR has no such resource", status=status)

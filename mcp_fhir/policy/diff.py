@@ -486,7 +486,9 @@ def diff_cases(
             else:
                 group.approved_by.add(f"{approval.id} ({approval.reviewer}, {approval.ticket})")
     order = {"widening": 0, "narrowing": 1, "changed": 2}
-    report.groups = sorted(groups.values(), key=lambda g: (order[g.classification], -g.count, g.key))
+    report.groups = sorted(
+        groups.values(), key=lambda g: (order[g.classification], g.unapproved == 0, -g.count, g.key)
+    )
     report.expired_approvals = [a.id for a in (approvals.entries if approvals else ()) if not a.active(today)]
     report.seconds = (datetime.now(UTC) - started).total_seconds()
     return report

@@ -15,6 +15,7 @@ import socket
 import subprocess
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 import httpx2
 
@@ -89,7 +90,7 @@ class ManagedOpa:
         return cmd + self.extra_args + [str(p) for p in self.policy_paths]
 
     async def start(self) -> None:
-        out = subprocess.DEVNULL
+        out: int | IO[bytes] = subprocess.DEVNULL
         if self.decision_log is not None:
             self.decision_log.parent.mkdir(parents=True, exist_ok=True)
             out = self._log_file = open(self.decision_log, "ab")  # noqa: ASYNC230 - once, at start

@@ -142,7 +142,8 @@ h1{font-size:22px;margin:0 0 4px} .sub{color:#59636e;margin-bottom:16px}
 .cards{display:flex;gap:12px;margin:12px 0 20px}
 .card{border:1px solid #d1d9e0;border-radius:6px;padding:10px 16px;min-width:120px}
 .card b{display:block;font-size:24px} table{border-collapse:collapse;width:100%;margin-bottom:20px}
-th,td{border:1px solid #d1d9e0;padding:6px 8px;text-align:left;vertical-align:top} th{background:#f6f8fa}
+table{table-layout:fixed} th,td{border:1px solid #d1d9e0;padding:5px 7px;text-align:left;vertical-align:top;
+overflow-wrap:anywhere} th{background:#f6f8fa}
 tr.widening td:first-child{border-left:4px solid #cf222e} tr.narrowing td:first-child{border-left:4px solid #1a7f37}
 tr.changed td:first-child{border-left:4px solid #9a6700}
 code{font:12px ui-monospace,monospace;background:#f6f8fa;padding:1px 4px;border-radius:4px}
@@ -170,16 +171,20 @@ def to_html(report: DiffReport) -> str:
     for g in report.groups:
         status = _status(g)
         status_cls = "unapproved" if g.unapproved else "approved"
+        reason = g.reason.replace(",", ", ")
         examples = "".join(f"<li>{e(_example(c))}</li>" for c in g.examples)
         rows.append(
             f'<tr class="{e(g.classification)}"><td>{e(g.classification)}</td><td>{e(g.role)}</td>'
-            f"<td><code>{e(g.tool)}</code></td><td>{e(g.purpose)}</td><td><code>{e(g.reason)}</code></td>"
+            f"<td><code>{e(g.tool)}</code></td><td>{e(g.purpose)}</td><td><code>{e(reason)}</code></td>"
             f"<td>{g.count}</td><td>{e(', '.join(sorted(g.kinds)))}</td>"
             f'<td class="{status_cls}">{e(status)}</td>'
             f"<td><details><summary>{len(g.examples)} example(s)</summary><ul>{examples}</ul></details></td></tr>"
         )
     table = (
-        "<table><thead><tr><th>class</th><th>role</th><th>tool</th><th>purpose</th><th>reason</th>"
+        "<table><colgroup><col style='width:7%'><col style='width:7%'><col style='width:15%'>"
+        "<col style='width:11%'><col style='width:15%'><col style='width:5%'><col style='width:12%'>"
+        "<col style='width:13%'><col style='width:15%'></colgroup>"
+        "<thead><tr><th>class</th><th>role</th><th>tool</th><th>purpose</th><th>reason</th>"
         "<th>count</th><th>kinds</th><th>approval</th><th>examples</th></tr></thead><tbody>"
         + "".join(rows)
         + "</tbody></table>"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import CallToolResult, ToolAnnotations
@@ -65,7 +65,7 @@ SEARCH_PARAMS: Mapping[str, tuple[str, str | None, str]] = {
 
 
 def app_of(ctx: Context) -> AppContext:
-    return ctx.request_context.lifespan_context  # type: ignore[no-any-return]
+    return cast(AppContext, ctx.request_context.lifespan_context)
 
 
 def current_subject_id(ctx: Context) -> str:

@@ -33,7 +33,9 @@ BreakGlassReason = Annotated[
         default=None, min_length=10, max_length=500, description="Emergency access justification (audited)."
     ),
 ]
-Category = Annotated[str | None, Field(default=None, pattern=CATEGORY_PATTERN, description="FHIR category code.")]
+Category = Annotated[
+    str | None, Field(default=None, pattern=CATEGORY_PATTERN, description="FHIR category code.")
+]
 Code = Annotated[
     str | None,
     Field(default=None, pattern=CODE_PATTERN, description="Code as `system|code` or `code` (e.g. LOINC)."),

@@ -47,7 +47,7 @@ class Provenance(BaseModel):
     """Where and when the data came from, and under which decision."""
 
     backend: str
-    last_updated: str | None = Field(None, description="Newest FHIR meta.lastUpdated in the result.")
+    last_updated: str | None = Field(default=None, description="Newest FHIR meta.lastUpdated in the result.")
     retrieved_at: str
     cache: str = Field(description="hit, miss, bypass or stale.")
     cache_age_seconds: float
@@ -75,7 +75,7 @@ class SearchResult(BaseModel):
     count: int
     resources: list[dict[str, Any]]
     withheld: Withheld
-    continuation: str | None = Field(None, description="Pass back to get the next page.")
+    continuation: str | None = Field(default=None, description="Pass back to get the next page.")
     untrusted_text_flags: list[str] = Field(
         default_factory=list,
         description="Ids of resources whose text looks "
