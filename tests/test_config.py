@@ -6,8 +6,10 @@ example configurations (examples/configs/) must pass, with their secrets supplie
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -110,3 +112,100 @@ def test_check_environment_accepts_a_config_whose_secrets_are_all_set():
     config.check_environment(settings, {"OPA_TOKEN_FOR_TEST": "t"})
     with pytest.raises(ConfigError):
         config.check_environment(settings, {})
+
+
+# ---- docs/configuration.md lists every key, with its default ------------------------------------------
+
+
+def _default_text(value: object) -> str:
+    if value is None or value is dataclasses.MISSING:
+        return "—"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(map(str, value)) + "]" if value else "[]"
+    if isinstance(value, dict):
+        return "{…}" if value else "{}"
+    return str(value)
+
+
+def _pydantic_keys(model: type[Any], prefix: str, skip: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    out = []
+    for name, f in model.model_fields.items():
+        if name not in skip:
+            default = (
+                "required" if f.is_required() else _default_text(f.get_default(call_default_factory=True))
+            )
+            out.append((prefix + name, default))
+    return out
+
+
+def _dataclass_keys(cls: type[Any], prefix: str, skip: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.name in (*skip, "prefix", "key_prefix"):
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = _default_text(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = _default_text(f.default_factory())
+        else:
+            default = "required"
+        out.append((prefix + f.name, default))
+    return out
+
+
+def reference_keys() -> list[tuple[str, str]]:
+    """Every configuration key and its default, read from the settings models themselves."""
+    from mcp_fhir.agent_auth.settings import AgentAuthSettings, ApiKeyEntry, JwksSettings, LocalIdentity
+    from mcp_fhir.audit.settings import AuditSettings
+    from mcp_fhir.ehr.smart import AdditionalKey, SmartSettings
+    from mcp_fhir.resilience.breaker import BreakerSettings
+    from mcp_fhir.resilience.cache import CacheSettings
+    from mcp_fhir.resilience.ratelimit import RateLimiterSettings
+
+    sections = ("server", "opa", "backends", "idmap", "limits", "auth", "audit", "cache", "rate_limit")
+    return [
+        *_pydantic_keys(config.Settings, "", skip=(*sections, "tools")),
+        ("tools", "every tool"),
+        *_pydantic_keys(config.ServerSettings, "server."),
+        *_dataclass_keys(AgentAuthSettings, "auth.", skip=("jwks", "api_keys", "local")),
+        ("auth.resource_server_url", "—"),
+        *_dataclass_keys(JwksSettings, "auth.jwks."),
+        *_dataclass_keys(ApiKeyEntry, "auth.api_keys[]."),
+        *_dataclass_keys(LocalIdentity, "auth.local."),
+        *_pydantic_keys(config.OpaConfig, "opa."),
+        *_pydantic_keys(config.BackendConfig, "backends.NAME.", skip=("smart", "breaker")),
+        ("backends.NAME.breaker", "—"),
+        *_dataclass_keys(BreakerSettings, "backends.NAME.breaker."),
+        *_dataclass_keys(SmartSettings, "backends.NAME.smart.", skip=("additional_keys", "fhir_base_url")),
+        *_dataclass_keys(AdditionalKey, "backends.NAME.smart.additional_keys[]."),
+        *_pydantic_keys(config.IdMapConfig, "idmap."),
+        *_dataclass_keys(AuditSettings, "audit."),
+        ("cache.enabled", "true"),
+        *_dataclass_keys(CacheSettings, "cache."),
+        *_dataclass_keys(RateLimiterSettings, "rate_limit.", skip=("limits",)),
+        *_pydantic_keys(config.LimitsConfig, "limits."),
+    ]
+
+
+def test_docs_configuration_lists_every_key_with_its_true_default():
+    doc = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
+    rows = {}
+    for line in doc.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0].startswith("`") and cells[0].endswith("`"):
+            rows[cells[0].strip("`")] = cells[1].replace("`", "")
+    problems = []
+    for key, default in reference_keys():
+        if key not in rows:
+            problems.append(f"{key}: not documented")
+        elif rows[key] != default:
+            problems.append(f"{key}: documented default {rows[key]!r}, model says {default!r}")
+    assert not problems, "\n".join(problems)
+
+
+def test_docs_configuration_documents_no_key_the_models_do_not_have():
+    doc = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^\| `([^`]+)` \|", doc, re.MULTILINE))
+    assert documented - {k for k, _ in reference_keys()} == set()
