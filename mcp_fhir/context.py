@@ -112,6 +112,9 @@ class AppContext:
             candidate = await self.shadow_engine.evaluate(decision_input)  # type: ignore[union-attr]
         except PolicyError as exc:
             candidate = Decision(allow=False, reasons=({"code": exc.code, "message": ""},))
+        except Exception as exc:  # a broken candidate must never change or break the active decision
+            log.error("shadow policy engine failed unexpectedly: %s", type(exc).__name__)
+            candidate = Decision(allow=False, reasons=({"code": "opa_unavailable", "message": ""},))
         if (candidate.allow, candidate.obligations) == (active.allow, active.obligations):
             return
         kind = (
