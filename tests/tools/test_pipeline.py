@@ -1,0 +1,216 @@
+"""The order of the call path: decide → deny-audit, fetch → enforce → commit → respond, and errors audited once."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from mcp_fhir import metrics
+from mcp_fhir._exceptions import (
+    AuditUnavailable,
+    AuthenticationError,
+    MCPFhirError,
+    PolicyDenied,
+    ToolUnavailable,
+    UnknownPatient,
+    UpstreamTimeout,
+)
+from mcp_fhir.tools.clinical import search_tool
+from mcp_fhir.tools.pipeline import CallPath, denial_from_policy_error
+from tests.tools.conftest import PATIENT, Harness, deny_with, make_harness, observation, wait_until
+
+
+def _begin(h: Harness, tool: str = "search_observations", patient: str | None = PATIENT) -> Any:
+    return CallPath(h.app).begin(
+        tool=tool,
+        resource_type="Observation",
+        operation="search",
+        patient=patient,
+        params={"category": "laboratory"},
+        purpose="treatment",
+        break_glass_reason=None,
+    )
+
+
+def _tool_calls(tool: str, result: str) -> float:
+    return (
+        metrics.REGISTRY.get_sample_value("mcp_fhir_tool_calls_total", {"tool": tool, "result": result})
+        or 0.0
+    )
+
+
+async def _search(h: Harness, **kwargs: Any) -> Any:
+    return await search_tool(
+        h.ctx,
+        tool="search_observations",
+        rtype="Observation",
+        patient_id=PATIENT,
+        purpose="treatment",
+        break_glass_reason=None,
+        **kwargs,
+    )
+
+
+class UnknownIds:
+    async def backend_id(self, canonical: str, backend: str, kind: str = "fhir_id") -> str:
+        raise UnknownPatient("no such patient")
+
+
+async def test_a_deny_is_audited_before_the_error_leaves_and_the_ehr_is_never_called():
+    h = make_harness(lambda _i: deny_with("ROLE_NOT_PERMITTED"), resources=[observation("o1")])
+    with pytest.raises(PolicyDenied) as caught:
+        await _search(h)
+    assert caught.value.audited
+    assert (caught.value.code, caught.value.reasons, caught.value.decision_id) == (
+        "policy_denied",
+        ["ROLE_NOT_PERMITTED"],
+        "d-deny",
+    )
+    assert [(r.result, r.reason_codes, r.decision_id) for r in h.sink.records] == [
+        ("denied", ("ROLE_NOT_PERMITTED",), "d-deny")
+    ]
+    assert h.ehr.calls == []
+
+
+async def test_a_deny_whose_audit_record_cannot_be_written_leaves_as_audit_unavailable():
+    h = make_harness(lambda _i: deny_with("ROLE_NOT_PERMITTED"))
+    h.sink.fail = True
+    with pytest.raises(AuditUnavailable) as caught:
+        await _search(h)
+    assert caught.value.code == "audit_unavailable"
+
+
+async def test_an_allowed_result_waits_until_its_audit_record_is_durable():
+    h = make_harness(resources=[observation("o1")])
+    h.sink.gate = asyncio.Event()
+    task = asyncio.create_task(_search(h))
+    await wait_until(lambda: h.sink.waiting == 1)
+    assert h.ehr.calls == [("search", "Observation")]
+    assert not task.done()  # the result is held until the record is durable
+    h.sink.gate.set()
+    result = await task
+    assert result.structured_content["count"] == 1
+    assert [(r.result, r.returned_count, r.decision_id) for r in h.sink.records] == [
+        ("allowed", 1, "d-allow")
+    ]
+
+
+async def test_an_audit_failure_on_commit_is_audit_unavailable_and_no_data_leaves():
+    h = make_harness(resources=[observation("o1")])
+    h.sink.fail = True
+    with pytest.raises(AuditUnavailable) as caught:
+        await _search(h)
+    assert caught.value.code == "audit_unavailable"
+    assert h.sink.records == []
+
+
+async def test_a_failure_after_the_decision_is_audited_once_as_an_error_with_its_code():
+    h = make_harness()
+    h.ehr.fail_with = UpstreamTimeout("slow")
+    before = _tool_calls("search_observations", "error")
+    with pytest.raises(UpstreamTimeout) as caught:
+        await _search(h)
+    assert caught.value.audited
+    assert [(r.result, r.error_code, r.decision_id) for r in h.sink.records] == [
+        ("error", "upstream_timeout", "d-allow")
+    ]
+    assert _tool_calls("search_observations", "error") == before + 1
+
+
+async def test_an_error_raised_after_commit_is_not_audited_a_second_time():
+    h = make_harness()
+    with pytest.raises(UpstreamTimeout) as caught:
+        async with _begin(h) as call:
+            await call.commit(returned=0, filtered=0, cache=None)
+            raise UpstreamTimeout("after the record")
+    assert caught.value.audited
+    assert [r.result for r in h.sink.records] == ["allowed"]
+
+
+async def test_an_unknown_patient_is_audited_and_never_reaches_the_engine():
+    h = make_harness(idmap=UnknownIds())
+    with pytest.raises(UnknownPatient) as caught:
+        await _search(h)
+    assert caught.value.audited
+    assert h.engine.calls == [] and h.ehr.calls == []
+    assert [(r.result, r.error_code, r.patient) for r in h.sink.records] == [
+        ("error", "unknown_patient", PATIENT)
+    ]
+
+
+async def test_a_tool_the_ehr_did_not_grant_scopes_for_is_unavailable_and_never_reaches_the_engine():
+    h = make_harness(unavailable_tools={"search_observations": ("system/Observation.rs",)})
+    with pytest.raises(ToolUnavailable) as caught:
+        await _search(h)
+    assert caught.value.audited
+    assert caught.value.details["missing_scopes"] == ["system/Observation.rs"]
+    assert h.engine.calls == [] and h.ehr.calls == []
+    assert [(r.result, r.error_code) for r in h.sink.records] == [("error", "tool_unavailable")]
+
+
+async def test_no_caller_is_unauthenticated_and_audited_without_a_subject():
+    h = make_harness(local_subject=None)
+    with pytest.raises(AuthenticationError) as caught:
+        await _search(h)
+    assert caught.value.audited
+    assert [(r.error_code, r.subject_id) for r in h.sink.records] == [("unauthenticated", None)]
+    assert h.engine.calls == []
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        pytest.param("deny", id="deny"),
+        pytest.param("upstream", id="upstream failure"),
+        pytest.param("unknown_patient", id="unknown patient"),
+        pytest.param("tool_unavailable", id="tool unavailable"),
+    ],
+)
+async def test_every_error_is_audited_exactly_once(failure: str):
+    overrides: dict[str, Any] = {}
+    if failure == "unknown_patient":
+        overrides["idmap"] = UnknownIds()
+    if failure == "tool_unavailable":
+        overrides["unavailable_tools"] = {"search_observations": ("s",)}
+    h = make_harness(
+        (lambda _i: deny_with("ROLE_NOT_PERMITTED")) if failure == "deny" else None,
+        resources=[observation("o1")],
+        **overrides,
+    )
+    if failure == "upstream":
+        h.ehr.fail_with = UpstreamTimeout("slow")
+    with pytest.raises(MCPFhirError) as caught:
+        await _search(h)
+    assert caught.value.audited
+    assert len(h.sink.records) == 1
+
+
+async def test_a_tool_that_returns_without_committing_is_refused_as_audit_unavailable():
+    h = make_harness()
+    with pytest.raises(AuditUnavailable):
+        async with _begin(h):
+            pass  # a buggy tool: no commit
+    assert [(r.result, r.error_code) for r in h.sink.records] == [("error", "audit_unavailable")]
+
+
+async def test_the_decision_input_names_the_canonical_patient_and_the_call():
+    h = make_harness()
+    async with _begin(h) as call:
+        await call.commit(returned=0, filtered=0, cache=None)
+    [d_input] = h.engine.calls
+    assert d_input["action"] == {
+        "tool": "search_observations",
+        "operation": "search",
+        "resource_type": "Observation",
+    }
+    assert d_input["resource"] == {"patient": PATIENT, "params": {"category": "laboratory"}}
+    assert d_input["context"]["request_id"] == h.sink.records[0].request_id
+
+
+def test_a_policy_error_becomes_a_deny_with_its_own_code_and_decision_id():
+    from mcp_fhir._exceptions import PolicyTimeout
+
+    decision = denial_from_policy_error(PolicyTimeout("slow", decision_id="d-1"))
+    assert (decision.allow, decision.reason_codes, decision.decision_id) == (False, ("opa_timeout",), "d-1")
