@@ -7,7 +7,8 @@ EHR returned, and the audit record is durable before the result is returned.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -72,16 +73,50 @@ def current_subject_id(ctx: Context) -> str:
     return current_subject(app_of(ctx)).id
 
 
+# A reference that names a Patient: `Patient/x`, `https://ehr/fhir/Patient/x[/_history/n]`, `Patient?identifier=...`.
+_PATIENT_REFERENCE = re.compile(r"(?:^|/)Patient(?:[/?]|$)")
+
+
+def _references(node: Any) -> Iterator[str]:
+    """Every `reference` string anywhere in `node`, contained resources included."""
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str):
+                yield value
+            else:
+                yield from _references(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _references(item)
+
+
 def references_patient(resource: Mapping[str, Any], backend_patient: str) -> bool:
-    """Defence in depth: a resource must point at the patient the call was authorised for."""
+    """Defence in depth: a resource must point at the patient the call was authorised for, and at no other.
+
+    Its `subject` (or `patient`) must reference that patient, every other Patient reference in it
+    (contained resources included) must be that patient too, and it may not contain a Patient resource.
+    """
     if resource.get("resourceType") == "Patient":
         return resource.get("id") == backend_patient
     want = f"Patient/{backend_patient}"
-    for key in ("subject", "patient"):
-        ref = resource.get(key)
-        if isinstance(ref, Mapping) and isinstance(ref.get("reference"), str):
-            return ref["reference"] == want or ref["reference"].endswith("/" + want)
-    return False
+
+    def own(ref: str) -> bool:
+        return ref == want or ref.endswith("/" + want)
+
+    primary = next(
+        (
+            ref["reference"]
+            for ref in (resource.get("subject"), resource.get("patient"))
+            if isinstance(ref, Mapping) and isinstance(ref.get("reference"), str)
+        ),
+        None,
+    )
+    if primary is None or not own(primary):
+        return False
+    contained = resource.get("contained") or []
+    if any(isinstance(c, Mapping) and c.get("resourceType") == "Patient" for c in contained):
+        return False
+    return all(own(ref) for ref in _references(resource) if _PATIENT_REFERENCE.search(ref))
 
 
 def upstream_query(
