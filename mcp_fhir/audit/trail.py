@@ -234,25 +234,7 @@ class AuditTrail:
             first = await self._queue.get()
             if first is _STOP:
                 break
-            batch: list[_Pending] = [first]
-            size = len(first.records)
-            deadline = self._clock() + self._max_delay
-            while size < self._max_batch:
-                try:
-                    item = self._queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    remaining = deadline - self._clock()
-                    if remaining <= 0:
-                        break
-                    try:
-                        item = await asyncio.wait_for(self._queue.get(), remaining)
-                    except TimeoutError:
-                        break
-                if item is _STOP:
-                    stopping = True
-                    break
-                batch.append(item)
-                size += len(item.records)
+            batch, stopping = await self._collect(first)
             async with self._io:
                 await self._flush(batch)
         # Fail anything still queued after stop.
@@ -260,6 +242,34 @@ class AuditTrail:
             item = self._queue.get_nowait()
             if item is not _STOP and item.future is not None and not item.future.done():
                 item.future.set_exception(AuditUnavailable("audit trail is closed"))
+
+    async def _collect(self, first: _Pending) -> tuple[list[_Pending], bool]:
+        """The batch to commit next, and whether a stop was seen.
+
+        Group commit without a fixed wait: take everything already queued (writers that
+        arrived during the previous fsync). A lone writer is committed at once, so one call
+        at a time costs one fsync, not one fsync plus ``max_delay``. Only when other writers
+        are queued behind ``first`` (concurrency is real) does the flusher yield to the event
+        loop, up to ``max_delay``, so writers that are already runnable join the same fsync.
+        """
+        batch: list[_Pending] = [first]
+        size = len(first.records)
+        deadline = self._clock() + self._max_delay
+        while size < self._max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                if len(batch) == 1 or self._clock() >= deadline:
+                    break
+                await asyncio.sleep(0)  # let writers that are ready right now enqueue
+                if self._queue.empty():
+                    break
+                continue
+            if item is _STOP:
+                return batch, True
+            batch.append(item)
+            size += len(item.records)
+        return batch, False
 
     async def _flush(self, batch: list[_Pending]) -> None:
         """The one seam where sink failures become AuditUnavailable."""
