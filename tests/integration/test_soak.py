@@ -1,4 +1,4 @@
-"""Issue #11 (4), the CI form of the soak: 1,500 calls from 16 concurrent MCP clients over streamable HTTP
+"""Issue #11 (4), the CI form of the soak: 1,200 calls from 16 concurrent MCP clients over streamable HTTP
 against `mcp-fhir serve` (API keys, managed OPA, the real FHIR test bed), mixing allowed, denied and
 erroring calls. The full run (20,000 calls, 64 clients) is `scripts/soak.py`; its figures are in
 docs/security.md.
@@ -7,6 +7,7 @@ docs/security.md.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-CI_CALLS = 1_500
+CI_CALLS = 1_200  # keeps the whole test, server start included, under a minute on 2 cores
 CI_CLIENTS = 16
 SOAK_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "soak.py"
 
@@ -24,6 +25,7 @@ def _soak_module() -> Any:
     if spec is None or spec.loader is None:
         raise RuntimeError("scripts/soak.py is missing")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 
