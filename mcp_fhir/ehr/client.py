@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
 
 import httpx2
 
@@ -149,6 +150,14 @@ def _bundle_resources(body: Any, resource_type: str) -> tuple[list[dict[str, Any
 Normaliser = Callable[[dict[str, Any]], dict[str, Any]]
 
 
+def _inside(base_url: str, url: str) -> bool:
+    """`url` lies under `base_url`: same prefix, and no dot segment (plain or %-encoded) that climbs out of it."""
+    if not url.startswith(base_url + "/"):
+        return False
+    segments = unquote(urlsplit(url).path).split("/")
+    return not any(segment in (".", "..") for segment in segments)
+
+
 class FhirEHRClient:
     """The real EHR client for one backend: cache → (rate limit → breaker → retry) → token → HTTP."""
 
@@ -259,7 +268,7 @@ class FhirEHRClient:
         next_url: str | None = None,
         bypass_cache: bool = False,
     ) -> FetchResult:
-        if next_url is not None and not next_url.startswith(self.base_url + "/"):
+        if next_url is not None and not _inside(self.base_url, next_url):
             raise UpstreamBadResponse("a continuation points outside the backend")
         query: Any = None
         path = next_url or resource_type
