@@ -1,13 +1,15 @@
 """Every metric of issue #9, scraped from a real `mcp-fhir serve` process and parsed as Prometheus text.
 
 The sidecar runs over HTTP with two API keys (a nurse and a clinician), in front of the FHIR test bed
-behind the SMART test token endpoint (tests/testbed/token_server.py), with a rate limit of 6 requests a
-minute so that the second uncached EHR request is rejected. The test scrapes once before and once after
-a fixed sequence of allowed, denied and erroring calls, and checks how each series moved.
+behind the SMART test token endpoint (tests/testbed/token_server.py), with a rate limit of 12 requests a
+minute (a bucket of one, a token every 5 s) so that of two concurrent uncached EHR requests one waits
+and one is rejected. The test scrapes once before and once after a fixed sequence of allowed, denied
+and erroring calls, and checks how each series moved.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,7 +32,7 @@ pytestmark = pytest.mark.integration
 
 SMART_SECRET = "smart-secret-for-metrics-test-7c1e"
 SECRET_ENV = "MCP_FHIR_TEST_SMART_SECRET"
-RATE_LIMIT_PER_MINUTE = 6  # one token every 10 s, more than the limiter's 5 s maximum wait
+RATE_LIMIT_PER_MINUTE = 12  # one token every 5 s (bucket of 1), the limiter's maximum wait
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -121,19 +123,25 @@ async def test_every_metric_is_exported_and_moves_with_allowed_denied_and_errori
         second = await client.call_tool("read_patient", args)  # cache hit
         denied = await client.call_tool("search_medication_statements", args)
     async with sidecar.client(clinician.key) as client:
-        limited = await client.call_tool(
-            "search_observations", {"patient_id": data.SERIES_PATIENT_ID, "purpose": "treatment"}
+        # Two uncached EHR requests at once: one waits for the next slot (< 5 s), the other would wait
+        # longer than the limiter's bound and is rejected.
+        searches = await asyncio.gather(
+            *(
+                client.call_tool("search_observations", {"patient_id": patient, "purpose": "treatment"})
+                for patient in (data.SERIES_PATIENT_ID, "pat-us-healthy")
+            )
         )
-    assert not first.is_error and not second.is_error
+    assert not first.is_error and not second.is_error, first.content[0].text
     assert denied.is_error and '"policy_denied"' in denied.content[0].text
-    assert limited.is_error and '"upstream_rate_limited"' in limited.content[0].text
+    limited = [r for r in searches if r.is_error]
+    assert len(limited) == 1 and '"upstream_rate_limited"' in limited[0].content[0].text
 
     _, after = parse(sidecar.scrape())
 
     def moved(name: str, **labels: str) -> float:
         return total(after, name, **labels) - total(before, name, **labels)
 
-    assert moved("mcp_fhir_decisions_total", result="allow") == 3
+    assert moved("mcp_fhir_decisions_total", result="allow") == 4
     assert moved("mcp_fhir_decisions_total", result="deny") >= 1
     assert {dict(ls)["reason"] for (n, ls) in after if n == "mcp_fhir_decisions_total"} >= {"none"}
     # The histogram times every OPA evaluation, the shadow policy's included (4 active + 4 shadow here).
@@ -141,11 +149,13 @@ async def test_every_metric_is_exported_and_moves_with_allowed_denied_and_errori
     assert moved("mcp_fhir_tool_calls_total", tool="read_patient", result="allowed") == 2
     assert moved("mcp_fhir_tool_calls_total", tool="search_medication_statements", result="denied") == 1
     assert moved("mcp_fhir_tool_calls_total", tool="search_observations", result="error") == 1
-    assert moved("mcp_fhir_upstream_seconds_count", backend="testbed") == 1
-    assert moved("mcp_fhir_upstream_responses_total", backend="testbed", status="200") == 1
+    assert moved("mcp_fhir_tool_calls_total", tool="search_observations", result="allowed") == 1
+    assert moved("mcp_fhir_upstream_seconds_count", backend="testbed") == 2
+    assert moved("mcp_fhir_upstream_responses_total", backend="testbed", status="200") == 2
     assert moved("mcp_fhir_cache_total", backend="testbed", outcome="hit") == 1
     assert moved("mcp_fhir_cache_total", backend="testbed", outcome="miss") >= 1
-    assert moved("mcp_fhir_rate_limit_wait_seconds_count", backend="testbed") == 1
+    assert moved("mcp_fhir_rate_limit_wait_seconds_count", backend="testbed") == 2
+    assert moved("mcp_fhir_rate_limit_wait_seconds_sum", backend="testbed") > 0  # someone really waited
     assert moved("mcp_fhir_rate_limit_rejections_total", backend="testbed") == 1
     assert value(after, "mcp_fhir_circuit_state", backend="testbed") == 0
     assert total(after, "mcp_fhir_token_refreshes_total", backend="testbed") >= 1
