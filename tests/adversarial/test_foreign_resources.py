@@ -120,11 +120,6 @@ async def test_a_read_that_returns_another_patient_returns_nothing(
     assert record["returned_count"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: references_patient() (tools/clinical.py) accepts a resource once `subject` matches, "
-    "without checking a second patient reference; reported, outside this suite's files",
-)
 async def test_a_resource_naming_two_patients_is_dropped(
     tmp_path: Path, fhir_server: Any, opa_url: str
 ) -> None:
