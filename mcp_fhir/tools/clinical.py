@@ -366,6 +366,11 @@ def register(server: MCPServer) -> None:
         "AllergyIntolerance",
         "Search a patient's allergies and intolerances, under policy.",
     )
+    family(
+        "list_documents",
+        "DocumentReference",
+        "List a patient's clinical documents and notes (DocumentReference) by category, type and date, under policy.",
+    )
 
     @server.tool(annotations=READ_ONLY, structured_output=True)
     async def patient_summary(

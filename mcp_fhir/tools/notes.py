@@ -12,20 +12,16 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel, Field
 
-from mcp_fhir.tools.clinical import READ_ONLY, Withheld, _withheld_total, app_of, enforce_page, search_tool
+from mcp_fhir.tools.clinical import READ_ONLY, Withheld, _withheld_total, app_of, enforce_page
 from mcp_fhir.tools.params import (
     BreakGlassReason,
-    Continuation,
-    DateFrom,
-    DateTo,
-    PageSize,
     PatientId,
     Purpose,
     ResourceId,
     audit_params,
 )
 from mcp_fhir.tools.pipeline import CallPath
-from mcp_fhir.tools.results import Provenance, SearchResult, fence, injection_flags, provenance, respond
+from mcp_fhir.tools.results import Provenance, fence, injection_flags, provenance, respond
 
 IDEMPOTENCY_SYSTEM = "urn:mcp-fhir:idempotency-key"
 NOTE_TYPE = {"system": "http://loinc.org", "code": "11506-3", "display": "Progress note"}
@@ -84,31 +80,6 @@ def _note_text(doc: dict[str, Any], max_chars: int) -> tuple[str | None, str | N
 
 
 def register(server: MCPServer) -> None:
-    @server.tool(annotations=READ_ONLY, structured_output=True)
-    async def list_documents(
-        patient_id: PatientId,
-        ctx: Context,
-        purpose: Purpose = None,
-        date_from: DateFrom = None,
-        date_to: DateTo = None,
-        page_size: PageSize = None,
-        continuation: Continuation = None,
-        break_glass_reason: BreakGlassReason = None,
-    ) -> SearchResult:
-        """List a patient's clinical documents and notes (DocumentReference), under policy."""
-        return await search_tool(  # type: ignore[return-value]
-            ctx,
-            tool="list_documents",
-            rtype="DocumentReference",
-            patient_id=patient_id,
-            purpose=purpose,
-            date_from=date_from,
-            date_to=date_to,
-            page_size=page_size,
-            continuation=continuation,
-            break_glass_reason=break_glass_reason,
-        )
-
     @server.tool(annotations=READ_ONLY, structured_output=True)
     async def read_document(
         patient_id: PatientId,
