@@ -63,12 +63,13 @@ class BackendGuard:
             try:
                 return await call()
             except UpstreamRateLimited as exc:
+                # The EHR's Retry-After, as seconds: the retry loop waits it out, and a limiter holds it for all.
+                wait = parse_retry_after(
+                    exc.retry_after if isinstance(exc.retry_after, str) else None, time.time()
+                )
+                exc.retry_after = wait
                 if self.limiter is not None:
-                    wait = parse_retry_after(
-                        exc.retry_after if isinstance(exc.retry_after, str) else None, time.time()
-                    )
                     await self.limiter.penalise(self.backend, wait)
-                    exc.retry_after = wait  # honoured by the retry loop
                 raise
 
     async def run(self, call: Callable[[], Awaitable[Any]], *, idempotent: bool) -> Any:

@@ -236,6 +236,12 @@ class CallPath:
         except MCPFhirError as exc:
             await call.fail(exc)
             raise
+        except Exception as exc:
+            # A bug after the decision: audited with the decision's details, and it leaves as internal_error.
+            log.error("tool %s failed after its decision: %s", tool, type(exc).__name__)
+            internal = MCPFhirError("internal error")
+            await call.fail(internal)
+            raise internal from exc
         if not call._done:
             # A tool that returns without committing has a bug; its data must not leave unaudited.
             await call.fail(AuditUnavailable("the call ended without an audit record"))

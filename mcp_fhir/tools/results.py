@@ -38,7 +38,7 @@ INJECTION_PATTERNS: tuple[re.Pattern[str], ...] = tuple(
         r"<\s*/?\s*(tool_call|function_call|system)\s*>",
         r"\[[^\]]{0,200}\]\(\s*https?://",
         r"call (the )?[a-z_]+ tool",
-        r"you are now",
+        r"you are now (an?|the|in) [^.\n]{0,40}(assistant|ai|model|agent|mode)\b",
     )
 )
 

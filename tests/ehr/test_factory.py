@@ -125,6 +125,13 @@ async def test_a_429_is_retried_without_a_limiter_too():
     assert upstream.calls == 2
 
 
+async def test_the_ehrs_retry_after_is_parsed_into_seconds_even_without_a_limiter():
+    guard, events, _ = _guard(limiter=False)
+    error = _rate_limited("0")
+    assert await guard.run(Upstream(events, error), idempotent=True) == "ok"
+    assert error.retry_after == 0.0  # seconds the retry loop honours, not the header's text
+
+
 async def test_an_open_circuit_is_never_retried_and_the_request_is_never_sent():
     guard, events, _ = _guard(open_=True)
     upstream = Upstream(events)

@@ -119,6 +119,18 @@ async def test_a_failure_after_the_decision_is_audited_once_as_an_error_with_its
     assert _tool_calls("search_observations", "error") == before + 1
 
 
+async def test_a_bug_after_the_decision_is_audited_with_the_decisions_details_as_internal_error():
+    h = make_harness()
+    with pytest.raises(MCPFhirError) as caught:
+        async with _begin(h):
+            raise KeyError("a bug in a tool")
+    assert caught.value.code == "internal_error"
+    assert caught.value.audited
+    assert [(r.result, r.error_code, r.decision_id) for r in h.sink.records] == [
+        ("error", "internal_error", "d-allow")
+    ]
+
+
 async def test_an_error_raised_after_commit_is_not_audited_a_second_time():
     h = make_harness()
     with pytest.raises(UpstreamTimeout) as caught:

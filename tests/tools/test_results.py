@@ -163,6 +163,7 @@ def test_instruction_shaped_text_is_flagged(text: str):
         "Patient ignored previous dietary advice.",
         "Follow-up call with GP next week.",
         "Result [H] 7.2 mmol/L",
+        "You are now due for your influenza booster.",
     ],
 )
 def test_ordinary_clinical_text_is_not_flagged(text: str):
