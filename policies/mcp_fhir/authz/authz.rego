@@ -151,16 +151,16 @@ visible_tools := sort({name |
 	_could_call(tool.operation, rt)
 }) if request.subject_well_formed
 
+# Cheapest test first: the subject's few roles rule out most tools before any scope is matched.
 _could_call(operation, rt) if {
 	acc := data.mcp_fhir.config.defaults.access[operation]
-	letter := data.mcp_fhir.config.defaults.scope_letter[operation]
-	scopes.covers(scopes.parsed_scopes(request.scopes), rt, letter, true)
 	some r in rbac.roles
 	role := rbac.role_definition(r)
 	rbac.permits(role, acc, rt)
 	some p in role.purposes
 	_purpose_fits(p)
 	purpose.covers(data.mcp_fhir.config.purposes[p], acc, rt)
+	scopes.covers(scopes.subject_scopes, rt, data.mcp_fhir.config.defaults.scope_letter[operation], true)
 }
 
 _purpose_fits(p) if p == purpose.effective

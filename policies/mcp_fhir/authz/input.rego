@@ -16,11 +16,17 @@ _operations := {"read", "search", "create", "update"}
 _rfc3339 := `^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$`
 
 # Epoch nanoseconds fit int64 only from 1677-09-21 to 2262-04-11; whole years inside that.
-_min_year := 1678
+# Four-digit years compare as strings exactly as they do as numbers.
+_min_year := "1678"
 
-_max_year := 2261
+_max_year := "2261"
 
-_month_days := [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]
+# The last valid "MM-DD" of each month (February 29 is checked against the year separately);
+# zero-padded "MM-DD" strings compare as dates do.
+_last_day := {
+	"01": "01-31", "02": "02-28", "03": "03-31", "04": "04-30", "05": "05-31", "06": "06-30",
+	"07": "07-31", "08": "08-31", "09": "09-30", "10": "10-31", "11": "11-30", "12": "12-31",
+}
 
 _subject := input.subject if is_object(input.subject)
 
@@ -144,25 +150,20 @@ _break_glass_ok(bg) if {
 }
 
 # valid_time is true for an RFC 3339 date-time that time.parse_rfc3339_ns accepts
-# (years 1678-2261, so the instant fits in epoch nanoseconds).
+# (years 1678-2261, so the instant fits in epoch nanoseconds). String comparisons only, so
+# the common case costs a regex match and a few substrings.
 valid_time(t) if {
 	is_string(t)
 	regex.match(_rfc3339, t)
-	year := _number(substring(t, 0, 4), 10000)
-	month := _number(substring(t, 5, 2), 100)
-	day := _number(substring(t, 8, 2), 100)
+	year := substring(t, 0, 4)
 	year >= _min_year
 	year <= _max_year
-	day <= _days_in_month(year, month)
+	_day_ok(substring(t, 5, 5), year)
 }
 
-# _number reads a zero-padded decimal string without tripping on leading zeros.
-_number(digits, scale) := to_number(concat("", ["1", digits])) - scale
+_day_ok(month_day, _) if month_day <= _last_day[substring(month_day, 0, 2)]
 
-_days_in_month(year, month) := 29 if {
-	month == 2
-	_leap(year)
-} else := _month_days[month - 1]
+_day_ok("02-29", year) if _leap(to_number(year))
 
 _leap(year) if {
 	year % 4 == 0
@@ -173,13 +174,38 @@ _leap(year) if year % 400 == 0
 
 default well_formed := false
 
-# well_formed holds when the whole input matches the contract.
-well_formed if count(malformed) == 0
+# well_formed holds when the whole input matches the contract: every check that malformed
+# negates holds. One conjunction, so a well-formed request (the common case) never builds the
+# malformed set; a change to the checks above must change both (input_test.rego pins them together).
+well_formed if {
+	_input_ok
+	subject_well_formed
+	_action_ok
+	_action_tool_ok
+	_action_operation_ok
+	_action_resource_type_ok
+	_resource_ok
+	_resource_patient_ok
+	_resource_params_ok
+	_context_ok
+	_context_time_ok
+	_context_purpose_ok
+	_context_break_glass_ok
+	_context_field_ok("backend")
+	_context_field_ok("request_id")
+}
 
 default subject_well_formed := false
 
 # subject_well_formed holds when input.subject alone matches the contract (visible_tools).
-subject_well_formed if count(malformed_subject) == 0
+subject_well_formed if {
+	_subject_ok
+	_subject_id_ok
+	_subject_authn_ok
+	_subject_claims_ok
+	_subject_scopes_ok
+	_subject_on_behalf_of_ok
+}
 
 # METADATA
 # title: Input malformed
@@ -216,7 +242,7 @@ default context_given := false
 
 context_given if is_object(_context)
 
-time_ns := time.parse_rfc3339_ns(_context.time) if valid_time(_context.time)
+time_ns := time.parse_rfc3339_ns(_context.time) if _context_time_ok
 
 default break_glass_requested := false
 

@@ -39,7 +39,7 @@ test_valid_times_accepted if {
 }
 
 test_invalid_times_rejected if {
-	every t in ["2023-02-29T00:00:00Z", "1900-02-29T00:00:00Z", "9999-01-01T00:00:00Z", "2025-04-31T00:00:00Z", "2025-06-03T24:00:00Z", 5] {
+	every t in ["2023-02-29T00:00:00Z", "1900-02-29T00:00:00Z", "9999-01-01T00:00:00Z", "2025-04-31T00:00:00Z", "2025-06-03T24:00:00Z", "2100-02-29T00:00:00Z", "1677-12-31T00:00:00Z", 5] {
 		not request.valid_time(t)
 	}
 }
@@ -59,4 +59,21 @@ test_params_object_is_passed_through if {
 test_subject_only_input_is_subject_well_formed if {
 	request.subject_well_formed with input as {"subject": testing.clinician_obs.subject}
 	not request.well_formed with input as {"subject": testing.clinician_obs.subject}
+}
+
+test_well_formed_is_exactly_no_malformed_field if {
+	inputs := array.concat(
+		[testing.clinician_obs, {}, 5, {"subject": testing.clinician_obs.subject}],
+		[testing.patched(testing.clinician_obs, ops) | some ops in _malformed_cases],
+	)
+	mismatches := {i |
+		some i, x in inputs
+		request.well_formed with input as x
+		count(request.malformed) > 0 with input as x
+	} | {i |
+		some i, x in inputs
+		not request.well_formed with input as x
+		count(request.malformed) == 0 with input as x
+	}
+	count(mismatches) == 0
 }

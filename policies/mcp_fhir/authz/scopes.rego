@@ -69,27 +69,32 @@ _context_fits("patient", true)
 # covers is true when some honoured scope grants letter on rt.
 covers(scopes, rt, letter, patient_given) if count(covering(scopes, rt, letter, patient_given)) > 0
 
+letter := _defaults.scope_letter[request.operation]
+
+# subject_scopes: the subject's honoured scopes, parsed once per evaluation (visible_tools reuses it).
+subject_scopes := parsed_scopes(request.scopes)
+
+# _request_covering: the subject's scopes that grant this request, computed once.
+_request_covering := covering(subject_scopes, request.resource_type, letter, request.patient != null)
+
+default covered := false
+
+# covered holds when the subject's scopes grant this request.
+covered if count(_request_covering) > 0
+
+# request_categories: the scope-imposed categories for this request; undefined when unrestricted.
+request_categories := _categories_of(_request_covering)
+
 # categories gives the categories the covering scopes allow; undefined when unrestricted.
-categories(scopes, rt, letter, patient_given) := cats if {
-	cover := covering(scopes, rt, letter, patient_given)
+categories(scopes, rt, letter, patient_given) := _categories_of(covering(scopes, rt, letter, patient_given))
+
+_categories_of(cover) := cats if {
 	count(cover) > 0
 	every s in cover {
 		s.categories != null
 	}
 	cats := {c | some s in cover; some c in s.categories}
 }
-
-letter := _defaults.scope_letter[request.operation]
-
-_subject_scopes := parsed_scopes(request.scopes)
-
-default covered := false
-
-# covered holds when the subject's scopes grant this request.
-covered if covers(_subject_scopes, request.resource_type, letter, request.patient != null)
-
-# request_categories: the scope-imposed categories for this request; undefined when unrestricted.
-request_categories := categories(_subject_scopes, request.resource_type, letter, request.patient != null)
 
 # METADATA
 # title: Scope not granted

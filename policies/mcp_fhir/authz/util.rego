@@ -27,17 +27,17 @@ string_array(x) if {
 	}
 }
 
-# null_or_string is true for null or any string.
-null_or_string(x) if x == null
-
-null_or_string(x) if is_string(x)
+# null_or_string is true for null or any string. One rule with else: a function with several
+# independent definitions evaluates every one of them on each call (to detect conflicts).
+null_or_string(x) if {
+	x == null
+} else if {
+	is_string(x)
+}
 
 # as_set turns an array (or set) of values into a set; anything else gives the empty set.
-as_set(x) := {v | some v in x} if is_array(x)
-
-as_set(x) := x if is_set(x)
-
-as_set(x) := set() if {
-	not is_array(x)
-	not is_set(x)
-}
+as_set(x) := {v | some v in x} if {
+	is_array(x)
+} else := x if {
+	is_set(x)
+} else := set()
