@@ -86,6 +86,7 @@ class AppContext:
 
     async def decide(self, decision_input: Mapping[str, Any]) -> Decision:
         """Step 4: ask the policy. Any failure is a deny with its own reason code (fail closed)."""
+        started = time.perf_counter()
         try:
             decision = await self.engine.evaluate(decision_input)
         except PolicyError as exc:
@@ -99,6 +100,9 @@ class AppContext:
             decision = Decision(
                 allow=False, reasons=({"code": "opa_unavailable", "message": "engine error"},)
             )
+        metrics.DECISION_LATENCY.observe(
+            time.perf_counter() - started
+        )  # the active policy only, never the shadow
         result = "allow" if decision.allow else "deny"
         for code in decision.reason_codes or ("none",):
             metrics.DECISIONS.labels(result, code).inc()

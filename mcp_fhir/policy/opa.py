@@ -19,7 +19,6 @@ from urllib.parse import urlsplit
 import aiohttp
 from opa_client.opa_async import AsyncOpaClient
 
-from mcp_fhir import metrics
 from mcp_fhir._exceptions import ConfigError, PolicyError, PolicyMalformed, PolicyTimeout, PolicyUnavailable
 from mcp_fhir.policy.engine import Decision
 
@@ -103,8 +102,7 @@ class OpaPolicyEngine:
 
     async def evaluate(self, decision_input: Mapping[str, Any]) -> Decision:
         """Ask OPA for `data.mcp_fhir.authz.decision`. Raises a `PolicyError` leaf on any failure."""
-        with metrics.DECISION_LATENCY.time():
-            body = await self._query(DECISION_RULE, decision_input)
+        body = await self._query(DECISION_RULE, decision_input)
         decision_id = body.get("decision_id") if isinstance(body, Mapping) else None
         revision = _revision(body)
         if revision:

@@ -31,6 +31,7 @@ from mcp_fhir._exceptions import (
 )
 from mcp_fhir.agent_auth.subject import Subject
 from mcp_fhir.audit.record import AuditRecord, utc_now_ms
+from mcp_fhir.logs import current_ids
 from mcp_fhir.policy.engine import Decision
 from mcp_fhir.policy.input import decision_input
 
@@ -68,6 +69,7 @@ class Call:
     params: dict[str, Any]
     purpose: str | None
     break_glass_reason: str | None
+    trace_id: str | None
     decision: Decision
     decision_input: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
@@ -78,7 +80,7 @@ class Call:
         return AuditRecord(
             ts=utc_now_ms(),
             request_id=self.request_id,
-            trace_id=None,
+            trace_id=self.trace_id,
             kind="access",
             result=result,
             subject_id=self.subject.id,
@@ -144,12 +146,14 @@ class CallPath:
         request_id: str,
         patient: str | None = None,
         params: Mapping[str, Any] | None = None,
+        trace_id: str | None = None,
     ) -> None:
         """Audit a call that failed before any decision (bad arguments, unknown patient, no identity)."""
         metrics.TOOL_CALLS.labels(tool, "error").inc()
         record = AuditRecord(
             ts=utc_now_ms(),
             request_id=request_id,
+            trace_id=trace_id,
             kind="access",
             result="error",
             tool=tool,
@@ -177,7 +181,8 @@ class CallPath:
         backend: str | None = None,
     ) -> AsyncIterator[Call]:
         app = self.app
-        request_id = uuid.uuid4().hex
+        http_request_id, trace_id = current_ids()  # the same ids as this request's log lines
+        request_id = http_request_id or uuid.uuid4().hex
         backend_name = backend or app.default_backend
         subject: Subject | None = None
         try:
@@ -192,7 +197,13 @@ class CallPath:
         except MCPFhirError as exc:
             exc.audited = True  # audited right here, before it leaves
             await self.audit_error(
-                tool=tool, exc=exc, subject=subject, request_id=request_id, patient=patient, params=params
+                tool=tool,
+                exc=exc,
+                subject=subject,
+                request_id=request_id,
+                patient=patient,
+                params=params,
+                trace_id=trace_id,
             )
             raise
         d_input = decision_input(
@@ -221,6 +232,7 @@ class CallPath:
             params=dict(params),
             purpose=purpose,
             break_glass_reason=break_glass_reason,
+            trace_id=trace_id,
             decision=decision,
             decision_input=d_input,
         )
