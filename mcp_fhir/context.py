@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mcp_fhir import metrics
-from mcp_fhir._exceptions import AuditUnavailable, PolicyError, UnknownPatient
+from mcp_fhir._exceptions import AuditUnavailable, UnknownPatient
 from mcp_fhir.agent_auth.subject import Subject
 from mcp_fhir.audit.record import AuditRecord, utc_now_ms
 from mcp_fhir.ehr.client import EHRClient
-from mcp_fhir.policy.engine import Decision, PolicyEngine
+from mcp_fhir.policy.engine import Decision, PolicyEngine, evaluate_failing_closed
 from mcp_fhir.policy.input import visible_tools_input
 
 log = logging.getLogger("mcp_fhir.context")
@@ -87,22 +87,10 @@ class AppContext:
     async def decide(self, decision_input: Mapping[str, Any]) -> Decision:
         """Step 4: ask the policy. Any failure is a deny with its own reason code (fail closed)."""
         started = time.perf_counter()
-        try:
-            decision = await self.engine.evaluate(decision_input)
-        except PolicyError as exc:
-            decision = Decision(
-                allow=False,
-                reasons=({"code": exc.code, "message": exc.message},),
-                decision_id=exc.decision_id,
-            )
-        except Exception as exc:
-            log.error("policy engine failed unexpectedly: %s", type(exc).__name__)
-            decision = Decision(
-                allow=False, reasons=({"code": "opa_unavailable", "message": "engine error"},)
-            )
+        decision = await evaluate_failing_closed(self.engine, decision_input)
         metrics.DECISION_LATENCY.observe(
             time.perf_counter() - started
-        )  # the active policy only, never the shadow
+        )  # the active policy only, not the shadow
         result = "allow" if decision.allow else "deny"
         for code in decision.reason_codes or ("none",):
             metrics.DECISIONS.labels(result, code).inc()
@@ -112,13 +100,8 @@ class AppContext:
 
     async def _shadow(self, decision_input: Mapping[str, Any], active: Decision) -> None:
         """Evaluate the candidate policy beside the active one; record a divergence, enforce nothing."""
-        try:
-            candidate = await self.shadow_engine.evaluate(decision_input)  # type: ignore[union-attr]
-        except PolicyError as exc:
-            candidate = Decision(allow=False, reasons=({"code": exc.code, "message": ""},))
-        except Exception as exc:  # a broken candidate must never change or break the active decision
-            log.error("shadow policy engine failed unexpectedly: %s", type(exc).__name__)
-            candidate = Decision(allow=False, reasons=({"code": "opa_unavailable", "message": ""},))
+        # A broken candidate is a candidate deny: it never changes or breaks the active decision.
+        candidate = await evaluate_failing_closed(self.shadow_engine, decision_input)  # type: ignore[arg-type]
         if (candidate.allow, candidate.obligations) == (active.allow, active.obligations):
             return
         kind = (

@@ -7,11 +7,14 @@ guess. `FakePolicyEngine` is the in-package fake for unit tests of other modules
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from mcp_fhir._exceptions import PolicyMalformed, PolicyUndefined
+from mcp_fhir._exceptions import PolicyError, PolicyMalformed, PolicyUnavailable, PolicyUndefined
+
+log = logging.getLogger("mcp_fhir.policy")
 
 OBLIGATION_KEYS = (
     "exclude_security_labels",
@@ -57,6 +60,13 @@ class Decision:
     @property
     def reason_codes(self) -> tuple[str, ...]:
         return tuple(r["code"] for r in self.reasons)
+
+    @classmethod
+    def denied_by(cls, exc: PolicyError) -> Decision:
+        """A policy failure is a deny: OPA down, slow, undefined or malformed each deny with their own code."""
+        return cls(
+            allow=False, reasons=({"code": exc.code, "message": exc.message},), decision_id=exc.decision_id
+        )
 
     @classmethod
     def parse(cls, body: Any, *, decision_id: str | None = None, revision: str | None = None) -> Decision:
@@ -148,6 +158,17 @@ def _parse_obligations(raw: Any, *, required: bool, decision_id: str | None) -> 
         max_lookback_days=_limit(raw.get("max_lookback_days"), "max_lookback_days", decision_id),
         max_results=_limit(raw.get("max_results"), "max_results", decision_id),
     )
+
+
+async def evaluate_failing_closed(engine: PolicyEngine, decision_input: Mapping[str, Any]) -> Decision:
+    """`engine.evaluate`, where every failure (even an engine bug) is a deny with its own reason code."""
+    try:
+        return await engine.evaluate(decision_input)
+    except PolicyError as exc:
+        return Decision.denied_by(exc)
+    except Exception as exc:  # an engine bug must deny, never allow, and never break the call path
+        log.error("policy engine failed unexpectedly: %s", type(exc).__name__)
+        return Decision.denied_by(PolicyUnavailable("the policy engine failed"))
 
 
 class PolicyEngine(Protocol):

@@ -26,7 +26,6 @@ from mcp_fhir._exceptions import (
     AuthenticationError,
     MCPFhirError,
     PolicyDenied,
-    PolicyError,
     ToolUnavailable,
 )
 from mcp_fhir.agent_auth.subject import Subject
@@ -258,10 +257,3 @@ class CallPath:
             # A tool that returns without committing has a bug; its data must not leave unaudited.
             await call.fail(AuditUnavailable("the call ended without an audit record"))
             raise AuditUnavailable("the call ended without an audit record")
-
-
-def denial_from_policy_error(exc: PolicyError) -> Decision:
-    """A policy failure is a deny: OPA down, slow, undefined or malformed all deny with their own code."""
-    return Decision(
-        allow=False, reasons=({"code": exc.code, "message": exc.message},), decision_id=exc.decision_id
-    )

@@ -17,8 +17,9 @@ from mcp_fhir._exceptions import (
     UnknownPatient,
     UpstreamTimeout,
 )
+from mcp_fhir.policy.engine import Decision
 from mcp_fhir.tools.clinical import search_tool
-from mcp_fhir.tools.pipeline import CallPath, denial_from_policy_error
+from mcp_fhir.tools.pipeline import CallPath
 from tests.tools.conftest import PATIENT, Harness, deny_with, make_harness, observation, wait_until
 
 
@@ -224,5 +225,5 @@ async def test_the_decision_input_names_the_canonical_patient_and_the_call():
 def test_a_policy_error_becomes_a_deny_with_its_own_code_and_decision_id():
     from mcp_fhir._exceptions import PolicyTimeout
 
-    decision = denial_from_policy_error(PolicyTimeout("slow", decision_id="d-1"))
+    decision = Decision.denied_by(PolicyTimeout("slow", decision_id="d-1"))
     assert (decision.allow, decision.reason_codes, decision.decision_id) == (False, ("opa_timeout",), "d-1")
