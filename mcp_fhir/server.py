@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import secrets
 import uuid
@@ -188,11 +189,7 @@ class SidecarServer(MCPServer[AppContext]):
 
 
 def _engine_settings(settings: Settings, url: str) -> OpaSettings:
-    token = None
-    if settings.opa.token_env:
-        import os
-
-        token = os.environ.get(settings.opa.token_env)
+    token = os.environ.get(settings.opa.token_env) if settings.opa.token_env else None
     return OpaSettings(url=url, decision_timeout=settings.opa.decision_timeout, token=token)
 
 
