@@ -147,22 +147,47 @@ default visible_tools := []
 
 visible_tools := sort({name |
 	some name, tool in data.mcp_fhir.config.tools
+	operation := tool.operation
 	some rt in tool.resource_types
-	_could_call(tool.operation, rt)
-}) if request.subject_well_formed
+	[operation, rt] in grants # a local, not a rule reference: one step per type
+	_scope_grants(rt, letters[operation])
+}) if {
+	request.subject_well_formed
+	grants := _subject_grants
+	letters := data.mcp_fhir.config.defaults.scope_letter
+}
 
-# Cheapest test first: the subject's few roles rule out most tools before any scope is matched.
-_could_call(operation, rt) if {
-	acc := data.mcp_fhir.config.defaults.access[operation]
+# _subject_grants: the [operation, resource type] pairs some role of the subject permits (through
+# the operation's access kind) under some purpose it holds (only the given/bound one, when there is
+# one) that covers that type. Computed once per query from the subject's few roles, so each tool
+# type costs one set lookup.
+_subject_grants := {[operation, rt] |
 	some r in rbac.roles
 	role := rbac.role_definition(r)
-	rbac.permits(role, acc, rt)
 	some p in role.purposes
 	_purpose_fits(p)
-	purpose.covers(data.mcp_fhir.config.purposes[p], acc, rt)
-	scopes.covers(scopes.subject_scopes, rt, data.mcp_fhir.config.defaults.scope_letter[operation], true)
+	def := data.mcp_fhir.config.purposes[p]
+	some acc in def.access
+	some rt in role[acc]
+	def.resource_types[rt]
+	some operation, op_acc in data.mcp_fhir.config.defaults.access
+	op_acc == acc
 }
 
 _purpose_fits(p) if p == purpose.effective
 
 _purpose_fits(_) if not purpose.effective
+
+# _scope_pairs: the [type, letter] pairs the subject's honoured scopes grant ("*" type kept),
+# parsed once. visible_tools lists a tool for any scope context (a patient/ scope covers the
+# call that names a patient).
+_scope_pairs contains [s.type, letter] if {
+	some s in scopes.subject_scopes
+	some letter in s.letters
+}
+
+_scope_grants(rt, letter) if {
+	[rt, letter] in _scope_pairs
+} else if {
+	["*", letter] in _scope_pairs
+}

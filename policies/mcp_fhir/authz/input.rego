@@ -138,13 +138,16 @@ malformed contains field if {
 	field := concat(".", ["context", key])
 }
 
-_patient_ok(p) if p == null
-
-_patient_ok(p) if util.non_empty_string(p)
-
-_break_glass_ok(bg) if bg == null
+# One definition with else (a function with several definitions evaluates all of them).
+_patient_ok(p) if {
+	p == null
+} else if {
+	util.non_empty_string(p)
+}
 
 _break_glass_ok(bg) if {
+	bg == null
+} else if {
 	is_object(bg)
 	util.null_or_string(object.get(bg, "reason", null))
 }
@@ -161,9 +164,12 @@ valid_time(t) if {
 	_day_ok(substring(t, 5, 5), year)
 }
 
-_day_ok(month_day, _) if month_day <= _last_day[substring(month_day, 0, 2)]
-
-_day_ok("02-29", year) if _leap(to_number(year))
+_day_ok(month_day, year) if {
+	month_day <= _last_day[substring(month_day, 0, 2)]
+} else if {
+	month_day == "02-29"
+	_leap(to_number(year))
+}
 
 _leap(year) if {
 	year % 4 == 0
@@ -175,36 +181,47 @@ _leap(year) if year % 400 == 0
 default well_formed := false
 
 # well_formed holds when the whole input matches the contract: every check that malformed
-# negates holds. One conjunction, so a well-formed request (the common case) never builds the
-# malformed set; a change to the checks above must change both (input_test.rego pins them together).
+# negates holds. One flat conjunction over input (no helper rule or function per field), so a
+# well-formed request (the common case) costs about one evaluation step per check and never builds
+# the malformed set; a change to the checks above must change both (input_test.rego pins them
+# together). "null or string" is type_name(...) in _null_or_string_types.
 well_formed if {
-	_input_ok
 	subject_well_formed
-	_action_ok
-	_action_tool_ok
-	_action_operation_ok
-	_action_resource_type_ok
-	_resource_ok
-	_resource_patient_ok
-	_resource_params_ok
-	_context_ok
-	_context_time_ok
-	_context_purpose_ok
-	_context_break_glass_ok
-	_context_field_ok("backend")
-	_context_field_ok("request_id")
+	action := input.action
+	is_object(action)
+	is_string(action.tool)
+	trim_space(action.tool) != ""
+	action.operation in _operations
+	is_string(action.resource_type)
+	trim_space(action.resource_type) != ""
+	resource := input.resource
+	is_object(resource)
+	_patient_ok(object.get(resource, "patient", null))
+	is_object(object.get(resource, "params", {}))
+	ctx := input.context
+	is_object(ctx)
+	valid_time(ctx.time)
+	type_name(object.get(ctx, "purpose", null)) in {"null", "string"}
+	_break_glass_ok(object.get(ctx, "break_glass", null))
+	type_name(object.get(ctx, "backend", null)) in {"null", "string"}
+	type_name(object.get(ctx, "request_id", null)) in {"null", "string"}
 }
 
 default subject_well_formed := false
 
 # subject_well_formed holds when input.subject alone matches the contract (visible_tools).
 subject_well_formed if {
-	_subject_ok
-	_subject_id_ok
-	_subject_authn_ok
-	_subject_claims_ok
-	_subject_scopes_ok
-	_subject_on_behalf_of_ok
+	subject := input.subject
+	is_object(subject)
+	is_string(subject.id)
+	trim_space(subject.id) != ""
+	subject.authn in _authn
+	is_object(subject.claims)
+	is_array(subject.scopes)
+	every scope in subject.scopes {
+		is_string(scope)
+	}
+	type_name(object.get(subject, "on_behalf_of", null)) in {"null", "string"}
 }
 
 # METADATA
