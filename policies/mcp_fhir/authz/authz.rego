@@ -29,14 +29,21 @@ decision := {
 
 default allow := false
 
-# allow needs a well-formed request, no deny reason, and every positive grant present.
+# allow needs a well-formed request, every positive grant present, and no deny reason. The
+# tools, rbac, purpose and scopes deny rules each fire only when one of these grants is missing
+# (tools.matches implies a known tool; a granting role implies a known role, a permitting role and
+# an effective, unambiguous purpose; purpose.permitted implies a known purpose), so on the allow
+# path only the deny sets not implied by the grants are evaluated. authz_test.rego pins this
+# against the full definition (well formed, no reason in _deny, every grant).
 allow if {
 	request.well_formed
-	count(_deny) == 0
 	tools.matches
 	count(rbac.granting_roles) > 0
 	purpose.permitted
 	scopes.covered
+	count(patient.deny) == 0
+	count(sensitivity.deny) == 0
+	count(deny) == 0
 }
 
 _deny := request.deny if not request.well_formed

@@ -152,3 +152,27 @@ test_visible_tools_respect_given_purpose if {
 test_malformed_subject_sees_no_tools if {
 	authz.visible_tools == [] with input as {"subject": {"id": 5}}
 }
+
+# allow skips the deny sets that the grants imply; it must equal the full definition (well formed,
+# no reason at all, every grant) on every fixture input, allowed or denied.
+_full_allow(x) if {
+	data.mcp_fhir.authz.request.well_formed with input as x
+	count(authz._deny) == 0 with input as x
+	data.mcp_fhir.authz.tools.matches with input as x
+	count(data.mcp_fhir.authz.rbac.granting_roles) > 0 with input as x
+	data.mcp_fhir.authz.purpose.permitted with input as x
+	data.mcp_fhir.authz.scopes.covered with input as x
+}
+
+test_allow_equals_no_reason_and_every_grant if {
+	mismatches := {case.note |
+		some case in data.fixtures
+		authz.allow with input as case.input
+		not _full_allow(case.input)
+	} | {case.note |
+		some case in data.fixtures
+		_full_allow(case.input)
+		not authz.allow with input as case.input
+	}
+	count(mismatches) == 0
+}

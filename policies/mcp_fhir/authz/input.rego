@@ -232,20 +232,27 @@ subject_well_formed if {
 deny contains util.reason_with_detail(rego.metadata.rule(), concat(", ", sort(malformed))) if count(malformed) > 0
 
 # Normalised request values; meaningful only when well_formed holds.
-# Each is defined only when it has the contract's type, so downstream builtins are safe.
-claims := _subject.claims if _subject_claims_ok
+# Each is defined only when the (subject part of the) input is well formed, so downstream
+# builtins are safe; the guard is the cached well_formed/subject_well_formed rule, not the
+# per-field checks again.
+claims := input.subject.claims if subject_well_formed
 
-scopes := _subject.scopes if _subject_scopes_ok
+scopes := input.subject.scopes if subject_well_formed
 
-tool := _action.tool if _action_tool_ok
+tool := input.action.tool if well_formed
 
-operation := _action.operation if _action_operation_ok
+operation := input.action.operation if well_formed
 
-resource_type := _action.resource_type if _action_resource_type_ok
+resource_type := input.action.resource_type if well_formed
 
 default patient := null
 
-patient := _resource.patient if util.non_empty_string(_resource.patient)
+# well_formed admits only null, absent or a non-empty string here.
+patient := p if {
+	well_formed
+	p := input.resource.patient
+	p != null
+}
 
 default params := {}
 
@@ -259,7 +266,7 @@ default context_given := false
 
 context_given if is_object(_context)
 
-time_ns := time.parse_rfc3339_ns(_context.time) if _context_time_ok
+time_ns := time.parse_rfc3339_ns(input.context.time) if well_formed
 
 default break_glass_requested := false
 

@@ -12,26 +12,26 @@ import data.mcp_fhir.authz.util
 
 _defaults := data.mcp_fhir.config.defaults
 
-_pattern := `^(?:(patient|user|system)/)?([A-Za-z]+|\*)\.(read|write|\*|c?r?u?d?s?)(?:\?(.+))?$`
-
 # parse turns one scope string into {context, type, letters, categories}; categories is
 # null when the scope does not restrict categories. Undefined for scopes it cannot honour.
 parse(scope) := {"context": m[1], "type": m[2], "letters": letters, "categories": cats} if {
-	[m] := regex.find_all_string_submatch_n(_pattern, scope, 1)
+	[m] := regex.find_all_string_submatch_n(`^(?:(patient|user|system)/)?([A-Za-z]+|\*)\.(read|write|\*|c?r?u?d?s?)(?:\?(.+))?$`, scope, 1)
 	letters := _letters(m[3], m[4])
 	count(letters) > 0
 	cats := _query_categories(m[4])
 }
 
-# v1 permissions carry no query; v2 letters may.
-_letters(perm, "") := util.as_set(_defaults.scope_v1[perm])
+# v1 permissions carry no query; v2 letters may. Each function is one else chain (a function
+# with several definitions evaluates all of them on every call).
+_letters(perm, query) := util.as_set(_defaults.scope_v1[perm]) if {
+	query == ""
+} else := {l | some l in split(perm, "")} if {
+	not _defaults.scope_v1[perm]
+}
 
-_letters(perm, _) := {l | some l in split(perm, "")} if not _defaults.scope_v1[perm]
-
-_query_categories("") := null
-
-_query_categories(query) := cats if {
-	query != ""
+_query_categories(query) := null if {
+	query == ""
+} else := cats if {
 	params := split(query, "&")
 	every param in params {
 		startswith(param, "category=")
