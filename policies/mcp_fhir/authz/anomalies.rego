@@ -7,8 +7,7 @@ package mcp_fhir.authz.anomalies
 
 import data.mcp_fhir.authz.request
 import data.mcp_fhir.authz.sensitivity
-
-_hours := data.mcp_fhir.config.hours
+import data.mcp_fhir.config.hours as _hours
 
 # minutes turns "HH:MM" into minutes after midnight.
 minutes(hhmm) := ((to_number(concat("", ["1", parts[0]])) - 100) * 60) + (to_number(concat("", ["1", parts[1]])) - 100) if {

@@ -15,6 +15,7 @@ import data.mcp_fhir.authz.scopes
 import data.mcp_fhir.authz.sensitivity
 import data.mcp_fhir.authz.tools
 import data.mcp_fhir.authz.util
+import data.mcp_fhir.config.roles as _roles_data
 
 # METADATA
 # title: Decision
@@ -54,19 +55,17 @@ _deny := (((((tools.deny | rbac.deny) | purpose.deny) | patient.deny) | scopes.d
 
 # METADATA
 # title: Category not permitted
-# description: Purpose and scopes together leave no category of this resource type, or exclude the requested one
 # custom:
 #   code: CATEGORY_NOT_PERMITTED
-deny contains util.reason(rego.metadata.rule()) if {
+deny contains {"code": "CATEGORY_NOT_PERMITTED", "message": "Purpose and scopes together leave no category of this resource type, or exclude the requested one"} if {
 	count(allowed_categories[request.resource_type]) == 0
 }
 
 # METADATA
 # title: Requested category not permitted
-# description: The requested category is not among the categories allowed for this resource type
 # custom:
 #   code: CATEGORY_NOT_PERMITTED
-deny contains util.reason(rego.metadata.rule()) if {
+deny contains {"code": "CATEGORY_NOT_PERMITTED", "message": "The requested category is not among the categories allowed for this resource type"} if {
 	is_string(request.params.category)
 	cats := allowed_categories[request.resource_type]
 	not _code(request.params.category) in cats
@@ -95,12 +94,15 @@ reasons := sort(_reasons)
 # allowed_categories: resource type -> categories, where purpose or scopes restrict them
 # (the intersection when both do). A type absent from the map is unrestricted.
 allowed_categories := {request.resource_type: cats} if {
-	cats := purpose.categories(purpose.definition, request.resource_type) & scopes.request_categories
+	cats := _purpose_categories & scopes.request_categories
 } else := {request.resource_type: cats} if {
-	cats := purpose.categories(purpose.definition, request.resource_type)
+	cats := _purpose_categories
 } else := {request.resource_type: cats} if {
 	cats := scopes.request_categories
 } else := {}
+
+# The purpose's categories for this type, computed once (undefined when unrestricted).
+_purpose_categories := purpose.categories(purpose.definition, request.resource_type)
 
 _closed_obligations := {
 	"exclude_security_labels": sort(sensitivity.all_labels),
@@ -170,7 +172,7 @@ visible_tools := sort({name |
 # type costs one set lookup.
 _subject_grants := {[operation, rt] |
 	some r in rbac.roles
-	role := rbac.role_definition(r)
+	role := _roles_data[r]
 	some p in role.purposes
 	_purpose_fits(p)
 	def := data.mcp_fhir.config.purposes[p]

@@ -8,18 +8,8 @@ package mcp_fhir.authz.request
 
 import data.mcp_fhir.authz.util
 
-_authn := {"oauth", "api_key", "local"}
-
-_operations := {"read", "search", "create", "update"}
-
 # RFC 3339 date-time; day-of-month is checked separately so that parsing can never error.
 _rfc3339 := `^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$`
-
-# Epoch nanoseconds fit int64 only from 1677-09-21 to 2262-04-11; whole years inside that.
-# Four-digit years compare as strings exactly as they do as numbers.
-_min_year := "1678"
-
-_max_year := "2261"
 
 # The last valid "MM-DD" of each month (February 29 is checked against the year separately);
 # zero-padded "MM-DD" strings compare as dates do.
@@ -42,7 +32,7 @@ _subject_ok if is_object(_subject)
 
 _subject_id_ok if util.non_empty_string(_subject.id)
 
-_subject_authn_ok if _subject.authn in _authn
+_subject_authn_ok if _subject.authn in {"oauth", "api_key", "local"}
 
 _subject_claims_ok if is_object(_subject.claims)
 
@@ -56,7 +46,7 @@ _action_ok if is_object(_action)
 
 _action_tool_ok if util.non_empty_string(_action.tool)
 
-_action_operation_ok if _action.operation in _operations
+_action_operation_ok if _action.operation in {"read", "search", "create", "update"}
 
 _action_resource_type_ok if util.non_empty_string(_action.resource_type)
 
@@ -159,8 +149,11 @@ valid_time(t) if {
 	is_string(t)
 	regex.match(_rfc3339, t)
 	year := substring(t, 0, 4)
-	year >= _min_year
-	year <= _max_year
+
+	# Epoch nanoseconds fit int64 only from 1677-09-21 to 2262-04-11; whole years inside that.
+	# Four-digit years compare as strings exactly as they do as numbers.
+	year >= "1678"
+	year <= "2261"
 	_day_ok(substring(t, 5, 5), year)
 }
 
@@ -191,7 +184,7 @@ well_formed if {
 	is_object(action)
 	is_string(action.tool)
 	trim_space(action.tool) != ""
-	action.operation in _operations
+	action.operation in {"read", "search", "create", "update"}
 	is_string(action.resource_type)
 	trim_space(action.resource_type) != ""
 	resource := input.resource
@@ -215,7 +208,7 @@ subject_well_formed if {
 	is_object(subject)
 	is_string(subject.id)
 	trim_space(subject.id) != ""
-	subject.authn in _authn
+	subject.authn in {"oauth", "api_key", "local"}
 	is_object(subject.claims)
 	is_array(subject.scopes)
 	every scope in subject.scopes {

@@ -9,10 +9,9 @@ package mcp_fhir.authz.patient
 import data.mcp_fhir.authz.rbac
 import data.mcp_fhir.authz.request
 import data.mcp_fhir.authz.util
-
-_claim_name := data.mcp_fhir.config.claims.patient
-
-_non_patient_types := data.mcp_fhir.config.defaults.non_patient_resource_types
+import data.mcp_fhir.config.claims.patient as _claim_name
+import data.mcp_fhir.config.defaults.non_patient_resource_types as _non_patient_types
+import data.mcp_fhir.config.roles as _roles_data
 
 # canonical strips a leading "Patient/" so "Patient/123" and "123" compare equal.
 canonical(id) := trim_prefix(id, "Patient/")
@@ -36,25 +35,23 @@ _patient_given if request.patient != null
 
 _filter_permitted if {
 	some r in rbac.granting_roles
-	rbac.role_definition(r).patient_filter == true
+	_roles_data[r].patient_filter == true
 }
 
 # METADATA
 # title: Patient required
-# description: Patient data can only be reached for one named patient
 # custom:
 #   code: PATIENT_REQUIRED
-deny contains util.reason(rego.metadata.rule()) if {
+deny contains {"code": "PATIENT_REQUIRED", "message": "Patient data can only be reached for one named patient"} if {
 	patient_data
 	not _patient_given
 }
 
 # METADATA
 # title: Patient mismatch
-# description: The subject is bound to a different patient
 # custom:
 #   code: PATIENT_MISMATCH
-deny contains util.reason(rego.metadata.rule()) if {
+deny contains {"code": "PATIENT_MISMATCH", "message": "The subject is bound to a different patient"} if {
 	bound
 	_patient_given
 	not _same_patient
@@ -62,10 +59,9 @@ deny contains util.reason(rego.metadata.rule()) if {
 
 # METADATA
 # title: Patient filter not permitted
-# description: The subject's role may not name a patient when reading this resource type
 # custom:
 #   code: PATIENT_FILTER_NOT_PERMITTED
-deny contains util.reason(rego.metadata.rule()) if {
+deny contains {"code": "PATIENT_FILTER_NOT_PERMITTED", "message": "The subject's role may not name a patient when reading this resource type"} if {
 	not patient_data
 	_patient_given
 	count(rbac.granting_roles) > 0

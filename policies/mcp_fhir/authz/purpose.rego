@@ -8,12 +8,9 @@ package mcp_fhir.authz.purpose
 
 import data.mcp_fhir.authz.request
 import data.mcp_fhir.authz.util
-
-_purposes := data.mcp_fhir.config.purposes
-
-_defaults := data.mcp_fhir.config.defaults
-
-_claim_name := data.mcp_fhir.config.claims.purpose
+import data.mcp_fhir.config.claims.purpose as _claim_name
+import data.mcp_fhir.config.defaults as _defaults
+import data.mcp_fhir.config.purposes as _purposes
 
 # The credential binds a purpose when it carries the claim at all (any value but null).
 _bound if object.get(request.claims, _claim_name, null) != null
@@ -83,37 +80,33 @@ redact := util.as_set(definition.redact)
 
 # METADATA
 # title: Purpose required
-# description: No purpose of use was declared and the credential binds none
 # custom:
 #   code: PURPOSE_REQUIRED
-deny contains util.reason(rego.metadata.rule()) if {
+deny contains {"code": "PURPOSE_REQUIRED", "message": "No purpose of use was declared and the credential binds none"} if {
 	not _declared
 	not _bound
 }
 
 # METADATA
 # title: Purpose mismatch
-# description: The declared purpose differs from the purpose bound by the credential
 # custom:
 #   code: PURPOSE_MISMATCH
-deny contains util.reason(rego.metadata.rule()) if _mismatch
+deny contains {"code": "PURPOSE_MISMATCH", "message": "The declared purpose differs from the purpose bound by the credential"} if _mismatch
 
 # METADATA
 # title: Unknown purpose
-# description: The purpose of use is not defined in policy data
 # custom:
 #   code: PURPOSE_UNKNOWN
-deny contains util.reason(rego.metadata.rule()) if {
+deny contains {"code": "PURPOSE_UNKNOWN", "message": "The purpose of use is not defined in policy data"} if {
 	effective
 	not _known
 }
 
 # METADATA
 # title: Purpose does not cover the action
-# description: The purpose of use does not permit this operation on this resource type
 # custom:
 #   code: PURPOSE_NOT_PERMITTED
-deny contains util.reason(rego.metadata.rule()) if {
+deny contains {"code": "PURPOSE_NOT_PERMITTED", "message": "The purpose of use does not permit this operation on this resource type"} if {
 	_known
 	not permitted
 }

@@ -9,10 +9,8 @@ package mcp_fhir.authz.rbac
 import data.mcp_fhir.authz.purpose
 import data.mcp_fhir.authz.request
 import data.mcp_fhir.authz.util
-
-_roles_data := data.mcp_fhir.config.roles
-
-_claims_cfg := data.mcp_fhir.config.claims
+import data.mcp_fhir.config.claims as _claims_cfg
+import data.mcp_fhir.config.roles as _roles_data
 
 # roles_from_claims maps the configured roles claim (a list of strings) to known roles.
 roles_from_claims(claims, cfg, known) := {role |
@@ -49,27 +47,24 @@ role_definition(r) := _roles_data[r]
 
 # METADATA
 # title: No role
-# description: The credential carries no role known to the policy
 # custom:
 #   code: NO_ROLE
-deny contains util.reason(rego.metadata.rule()) if count(roles) == 0
+deny contains {"code": "NO_ROLE", "message": "The credential carries no role known to the policy"} if count(roles) == 0
 
 # METADATA
 # title: Role not permitted
-# description: None of the subject's roles permits this operation on this resource type
 # custom:
 #   code: ROLE_NOT_PERMITTED
-deny contains util.reason(rego.metadata.rule()) if {
+deny contains {"code": "ROLE_NOT_PERMITTED", "message": "None of the subject's roles permits this operation on this resource type"} if {
 	count(roles) > 0
 	count(permitting_roles) == 0
 }
 
 # METADATA
 # title: Purpose not permitted for role
-# description: No role that permits this action may act under the effective purpose
 # custom:
 #   code: ROLE_PURPOSE_NOT_PERMITTED
-deny contains util.reason(rego.metadata.rule()) if {
+deny contains {"code": "ROLE_PURPOSE_NOT_PERMITTED", "message": "No role that permits this action may act under the effective purpose"} if {
 	purpose.definition
 	count(permitting_roles) > 0
 	count(granting_roles) == 0

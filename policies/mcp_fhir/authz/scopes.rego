@@ -9,8 +9,7 @@ package mcp_fhir.authz.scopes
 
 import data.mcp_fhir.authz.request
 import data.mcp_fhir.authz.util
-
-_defaults := data.mcp_fhir.config.defaults
+import data.mcp_fhir.config.defaults as _defaults
 
 # parse turns one scope string into {context, type, letters, categories}; categories is
 # null when the scope does not restrict categories. Undefined for scopes it cannot honour.
@@ -98,7 +97,6 @@ _categories_of(cover) := cats if {
 
 # METADATA
 # title: Scope not granted
-# description: The subject's SMART scopes do not cover this operation on this resource type
 # custom:
 #   code: SCOPE_NOT_GRANTED
-deny contains util.reason(rego.metadata.rule()) if not covered
+deny contains {"code": "SCOPE_NOT_GRANTED", "message": "The subject's SMART scopes do not cover this operation on this resource type"} if not covered

@@ -10,13 +10,13 @@ import data.mcp_fhir.authz.purpose
 import data.mcp_fhir.authz.rbac
 import data.mcp_fhir.authz.request
 import data.mcp_fhir.authz.util
-
-_labels := data.mcp_fhir.config.labels
+import data.mcp_fhir.config.labels as _labels
+import data.mcp_fhir.config.roles as _roles_data
 
 # all_labels is every label withheld by default.
 all_labels := util.as_set(_labels.sensitivity) | util.as_set(_labels.confidentiality)
 
-_break_glass_roles := {r | some r in rbac.granting_roles; rbac.role_definition(r).break_glass == true}
+_break_glass_roles := {r | some r in rbac.granting_roles; _roles_data[r].break_glass == true}
 
 default break_glass_invoked := false
 
@@ -37,7 +37,7 @@ break_glass_active if {
 # released: labels a granting role releases for the effective purpose without break-glass.
 released := {label |
 	some r in rbac.granting_roles
-	some label in object.get(rbac.role_definition(r).sensitive_labels, purpose.effective, [])
+	some label in object.get(_roles_data[r].sensitive_labels, purpose.effective, [])
 	label in all_labels
 }
 
@@ -51,7 +51,7 @@ let_through := all_labels - excluded
 
 _clinical_grant if {
 	some r in rbac.granting_roles
-	rbac.role_definition(r).clinical == true
+	_roles_data[r].clinical == true
 }
 
 default non_clinician_release := false
@@ -64,20 +64,18 @@ non_clinician_release if {
 
 # METADATA
 # title: Break-glass reason required
-# description: Break-glass needs a non-empty reason
 # custom:
 #   code: BREAK_GLASS_REASON_REQUIRED
-deny contains util.reason(rego.metadata.rule()) if {
+deny contains {"code": "BREAK_GLASS_REASON_REQUIRED", "message": "Break-glass needs a non-empty reason"} if {
 	request.break_glass_requested
 	not request.break_glass_reason_given
 }
 
 # METADATA
 # title: Break-glass not permitted
-# description: None of the subject's roles that permit this action may invoke break-glass
 # custom:
 #   code: BREAK_GLASS_NOT_PERMITTED
-deny contains util.reason(rego.metadata.rule()) if {
+deny contains {"code": "BREAK_GLASS_NOT_PERMITTED", "message": "None of the subject's roles that permit this action may invoke break-glass"} if {
 	break_glass_invoked
 	count(_break_glass_roles) == 0
 }
