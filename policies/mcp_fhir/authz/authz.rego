@@ -19,13 +19,23 @@ import data.mcp_fhir.config.roles as _roles_data
 
 # METADATA
 # title: Decision
-# description: The decision for one tool call; POST /v1/data/mcp_fhir/authz/decision.
+# description: >-
+#   The decision for one tool call; POST /v1/data/mcp_fhir/authz/decision. One object per
+#   outcome, so nothing below re-tests allow: an allowed call gets the granted obligations, a
+#   denied one its reasons and the closed obligations.
 # entrypoint: true
 decision := {
-	"allow": allow,
-	"reasons": reasons,
-	"obligations": obligations,
-	"audit": audit,
+	"allow": true,
+	"reasons": [],
+	"obligations": _granted_obligations,
+	"audit": {"sensitivity": _granted_sensitivity, "alerts": sort(_granted_alerts)},
+} if {
+	allow
+} else := {
+	"allow": false,
+	"reasons": sort(_denied_reasons),
+	"obligations": _closed_obligations,
+	"audit": {"sensitivity": "standard", "alerts": sort(_request_alerts)},
 }
 
 default allow := false
@@ -83,13 +93,10 @@ _code(token) := code if {
 #   code: POLICY_INCOMPLETE
 _incomplete := util.reason(rego.metadata.rule())
 
-_reasons := set() if allow
-
-else := _deny if count(_deny) > 0
+# reasons on deny: every deny reason, or POLICY_INCOMPLETE when none applies.
+_denied_reasons := _deny if count(_deny) > 0
 
 else := {_incomplete}
-
-reasons := sort(_reasons)
 
 # allowed_categories: resource type -> categories, where purpose or scopes restrict them
 # (the intersection when both do). A type absent from the map is unrestricted.
@@ -120,30 +127,24 @@ _granted_obligations := {
 	"max_results": purpose.max_results,
 }
 
-# obligations: what the sidecar must enforce on an allowed result; closed (nothing passes) on deny.
-obligations := _granted_obligations if allow
-
-else := _closed_obligations
-
-_sensitivity := "restricted" if {
-	allow
+# The decision's audit.sensitivity on allow: restricted when break-glass was used, sensitive when
+# some default-withheld label is let through, else standard (a denied call is always standard).
+_granted_sensitivity := "restricted" if {
 	sensitivity.break_glass_active
 } else := "sensitive" if {
-	allow
 	count(sensitivity.let_through) > 0
 } else := "standard"
 
-_alerts contains alert if {
-	request.well_formed
-	some alert in anomalies.alerts
-}
+# Alerts for any well-formed request (after hours, break-glass); none for a malformed one.
+_request_alerts := anomalies.alerts if request.well_formed
 
-_alerts contains "sensitive_access_non_clinician" if {
-	allow
+else := set()
+
+# Alerts on allow: the request's, plus sensitive_access_non_clinician when labels reach a
+# subject with no clinical granting role.
+_granted_alerts := anomalies.alerts | {"sensitive_access_non_clinician"} if {
 	sensitivity.non_clinician_release
-}
-
-audit := {"sensitivity": _sensitivity, "alerts": sort(_alerts)}
+} else := anomalies.alerts
 
 # METADATA
 # title: Visible tools

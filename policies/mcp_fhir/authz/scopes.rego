@@ -74,7 +74,24 @@ letter := _defaults.scope_letter[request.operation]
 subject_scopes := parsed_scopes(request.scopes)
 
 # _request_covering: the subject's scopes that grant this request, computed once.
-_request_covering := covering(subject_scopes, request.resource_type, letter, request.patient != null)
+_request_covering := covering(_request_candidates, request.resource_type, letter, request.patient != null)
+
+# _request_candidates: the honoured scopes that could cover this request's resource type. A covering
+# scope's text always holds the type name or "*", so only those scopes are parsed (a subject with
+# one scope per type parses one or two, not all of them).
+_request_candidates := {s |
+	some raw in request.scopes
+	_may_cover(raw, rt)
+	s := parse(raw)
+} if {
+	rt := request.resource_type
+}
+
+_may_cover(raw, rt) if {
+	contains(raw, rt)
+} else if {
+	contains(raw, "*")
+}
 
 default covered := false
 
