@@ -8,15 +8,10 @@ package mcp_fhir.authz.request
 
 import data.mcp_fhir.authz.util
 
-# RFC 3339 date-time; day-of-month is checked separately so that parsing can never error.
-_rfc3339 := `^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$`
-
-# The last valid "MM-DD" of each month (February 29 is checked against the year separately);
-# zero-padded "MM-DD" strings compare as dates do.
-_last_day := {
-	"01": "01-31", "02": "02-28", "03": "03-31", "04": "04-30", "05": "05-31", "06": "06-30",
-	"07": "07-31", "08": "08-31", "09": "09-30", "10": "10-31", "11": "11-30", "12": "12-31",
-}
+# RFC 3339 date-time that time.parse_rfc3339_ns accepts, in one regex: years 1678-2261 (epoch
+# nanoseconds fit int64 only from 1677-09-21 to 2262-04-11; whole years inside that), each
+# month's days (February up to 29; February 29 is checked against the year separately).
+_rfc3339 := `^(167[89]|16[89][0-9]|1[7-9][0-9]{2}|2[01][0-9]{2}|22[0-5][0-9]|226[01])-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)|02-(0[1-9]|1[0-9]|2[0-9]))T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$`
 
 _subject := input.subject if is_object(input.subject)
 
@@ -143,25 +138,18 @@ _break_glass_ok(bg) if {
 }
 
 # valid_time is true for an RFC 3339 date-time that time.parse_rfc3339_ns accepts
-# (years 1678-2261, so the instant fits in epoch nanoseconds). String comparisons only, so
-# the common case costs a regex match and a few substrings.
+# (years 1678-2261, so the instant fits in epoch nanoseconds). One regex does the ranges, so
+# the common case costs a regex match and one substring.
 valid_time(t) if {
 	is_string(t)
 	regex.match(_rfc3339, t)
-	year := substring(t, 0, 4)
-
-	# Epoch nanoseconds fit int64 only from 1677-09-21 to 2262-04-11; whole years inside that.
-	# Four-digit years compare as strings exactly as they do as numbers.
-	year >= "1678"
-	year <= "2261"
-	_day_ok(substring(t, 5, 5), year)
+	_leap_day_ok(t)
 }
 
-_day_ok(month_day, year) if {
-	month_day <= _last_day[substring(month_day, 0, 2)]
+_leap_day_ok(t) if {
+	substring(t, 5, 5) != "02-29"
 } else if {
-	month_day == "02-29"
-	_leap(to_number(year))
+	_leap(to_number(substring(t, 0, 4)))
 }
 
 _leap(year) if {
@@ -249,23 +237,23 @@ patient := p if {
 
 default params := {}
 
-params := _resource.params if is_object(_resource.params)
+params := input.resource.params if is_object(input.resource.params)
 
 default declared_purpose := null
 
-declared_purpose := _context.purpose if util.non_empty_string(_context.purpose)
+declared_purpose := input.context.purpose if util.non_empty_string(input.context.purpose)
 
 default context_given := false
 
-context_given if is_object(_context)
+context_given if is_object(input.context)
 
 time_ns := time.parse_rfc3339_ns(input.context.time) if well_formed
 
 default break_glass_requested := false
 
 # break_glass_requested: the caller sent a break_glass object (with or without a reason).
-break_glass_requested if is_object(_context.break_glass)
+break_glass_requested if is_object(input.context.break_glass)
 
 default break_glass_reason_given := false
 
-break_glass_reason_given if util.non_empty_string(_context.break_glass.reason)
+break_glass_reason_given if util.non_empty_string(input.context.break_glass.reason)
