@@ -19,27 +19,22 @@ _bound_purpose := request.claims[_claim_name] if util.non_empty_string(request.c
 
 _declared if request.declared_purpose != null
 
-_mismatch if {
-	_bound
-	_declared
-	not _bound_matches_declared
-}
-
+# _mismatch: a bound claim that is not a usable purpose, or a declared purpose that differs from it.
 _mismatch if {
 	_bound
 	not _bound_purpose
+} else if {
+	_bound
+	_declared
+	_bound_purpose != request.declared_purpose
 }
 
-_bound_matches_declared if _bound_purpose == request.declared_purpose
-
 # effective is the purpose this request acts under; undefined when missing or contradictory.
+# One else chain: the declared purpose, else (nothing declared) the bound one.
 effective := request.declared_purpose if {
 	_declared
 	not _mismatch
-}
-
-effective := _bound_purpose if {
-	not _declared
+} else := _bound_purpose if {
 	not _mismatch
 }
 
