@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Print the in-process cost (ns/op, `opa bench`) of the decision and visible_tools entry points
-# for a few representative inputs: allow, deny, malformed, visible_tools.
+# Print the in-process cost (ns/op, `opa bench`) and the number of evaluation steps (`opa eval
+# --explain full`, the stable measure on a shared machine) of the decision and visible_tools entry
+# points for a few representative inputs: allow, deny, malformed, visible_tools.
 # Usage: policies/bench.sh [count]   (count: repetitions per input, the median is printed)
 #        POLICIES=/other/checkout/policies policies/bench.sh
 set -euo pipefail
@@ -40,9 +41,16 @@ bench() { # query input -> median ns/op over COUNT runs
 	done | sort -n | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'
 }
 
-printf '%-14s %-40s %12s\n' input query ns/op
+steps() { # query input -> number of expressions evaluated (deterministic)
+	"$OPA" eval --ignore '*_test.rego' --ignore fixtures -d "$POLICIES" --input "$2" --format pretty \
+		--explain full "$1" | grep -c '| Eval'
+}
+
+printf '%-14s %-40s %12s %7s\n' input query ns/op steps
 for case in allow deny malformed; do
-	printf '%-14s %-40s %12s\n' "$case" data.mcp_fhir.authz.decision "$(bench data.mcp_fhir.authz.decision "$tmp/$case.json")"
+	q=data.mcp_fhir.authz.decision
+	printf '%-14s %-40s %12s %7s\n' "$case" "$q" "$(bench "$q" "$tmp/$case.json")" "$(steps "$q" "$tmp/$case.json")"
 done
-printf '%-14s %-40s %12s\n' visible data.mcp_fhir.authz.visible_tools "$(bench data.mcp_fhir.authz.visible_tools "$tmp/visible.json")"
+q=data.mcp_fhir.authz.visible_tools
+printf '%-14s %-40s %12s %7s\n' visible "$q" "$(bench "$q" "$tmp/visible.json")" "$(steps "$q" "$tmp/visible.json")"
 printf 'load average: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
