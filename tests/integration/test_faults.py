@@ -41,7 +41,7 @@ from tests.testbed.token_server import RegisteredClient, start_token_server
 
 pytestmark = pytest.mark.integration
 
-DECISION_TIMEOUT = 0.5  # the sidecar's default opa.decision_timeout
+DECISION_TIMEOUT = 0.5  # the sidecar's default opa.decision_timeout, set explicitly in running()
 OPA_SLOW = 1.5  # > DECISION_TIMEOUT
 FHIR_READ_TIMEOUT = 0.5
 FHIR_SLOW = 2.0  # > FHIR_READ_TIMEOUT
@@ -64,6 +64,7 @@ class Running:
 
 @asynccontextmanager
 async def running(workdir: Path, fhir_base: str, opa: str, **overrides: Any) -> AsyncIterator[Running]:
+    overrides = {"opa": {"decision_timeout": DECISION_TIMEOUT}, **overrides}
     settings = config.from_mapping(
         sidecar_config(workdir, fhir_base, opa_url=opa, identity=CLINICIAN, **overrides)
     )

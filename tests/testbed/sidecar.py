@@ -15,6 +15,9 @@ from mcp_fhir.config import Settings
 from tests.testbed import data
 
 REPO = Path(__file__).resolve().parents[2]
+# Tests about behaviour must not fail because a loaded CI machine made OPA slower than the production
+# default (0.5 s). The fault suite tests the timeout itself, with its own value.
+TEST_DECISION_TIMEOUT = 3.0
 POLICIES = REPO / "policies"
 
 # Identities the tests and demo use. Claims are raw: the policy derives roles from them.
@@ -60,6 +63,7 @@ def sidecar_config(
             "url": opa_url,
             "policies": str(POLICIES),
             "decision_log": str(workdir / "opa-decisions.log"),
+            "decision_timeout": TEST_DECISION_TIMEOUT,
         },
         "backends": {"testbed": {"base_url": fhir_base_url}},
         "idmap": {
