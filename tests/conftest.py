@@ -30,6 +30,12 @@ def require_env(name: str) -> str:
     return value
 
 
+@pytest.fixture
+def postgres_dsn() -> str:
+    """The test PostgreSQL (scripts/services.sh): skipped locally without it, a failure under CI."""
+    return require_env("MCP_FHIR_TEST_POSTGRES_DSN")
+
+
 @pytest.fixture(scope="session")
 def opa_binary() -> str:
     from mcp_fhir.policy.managed_opa import find_opa

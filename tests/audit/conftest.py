@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -71,12 +70,3 @@ async def file_trail(file_settings: AuditSettings) -> AsyncIterator[AuditTrail]:
         await trail.close()
 
 
-@pytest.fixture
-def postgres_dsn() -> str:
-    """The test PostgreSQL DSN; skip locally without it, fail under CI."""
-    dsn = os.environ.get("MCP_FHIR_TEST_POSTGRES_DSN")
-    if not dsn:
-        if os.environ.get("CI"):
-            pytest.fail("MCP_FHIR_TEST_POSTGRES_DSN is not set under CI")
-        pytest.skip("MCP_FHIR_TEST_POSTGRES_DSN not set (run scripts/services.sh start)")
-    return dsn

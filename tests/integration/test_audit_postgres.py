@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,13 +33,8 @@ def _record(n: int, **kw):
 
 
 @pytest.fixture
-def dsn() -> str:
-    value = os.environ.get("MCP_FHIR_TEST_POSTGRES_DSN")
-    if not value:
-        if os.environ.get("CI"):
-            pytest.fail("MCP_FHIR_TEST_POSTGRES_DSN is not set under CI")
-        pytest.skip("MCP_FHIR_TEST_POSTGRES_DSN not set (run scripts/services.sh start)")
-    return value
+def dsn(postgres_dsn: str) -> str:
+    return postgres_dsn
 
 
 @pytest.fixture

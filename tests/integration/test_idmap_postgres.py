@@ -7,7 +7,6 @@ under CI. Each run uses its own schema, dropped afterwards.
 from __future__ import annotations
 
 import importlib.util
-import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,14 +27,6 @@ _spec.loader.exec_module(_behaviours)
 BEHAVIOURS = _behaviours.BEHAVIOURS
 
 
-@pytest.fixture
-def postgres_dsn() -> str:
-    dsn = os.environ.get("MCP_FHIR_TEST_POSTGRES_DSN")
-    if not dsn:
-        if os.environ.get("CI"):
-            pytest.fail("MCP_FHIR_TEST_POSTGRES_DSN is required under CI")
-        pytest.skip("MCP_FHIR_TEST_POSTGRES_DSN not set (run scripts/services.sh start)")
-    return dsn
 
 
 @pytest.fixture
