@@ -8,7 +8,6 @@ a copy where the nurse role gains MedicationStatement.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,24 +18,11 @@ from mcp_fhir.cli.main import main
 from mcp_fhir.policy.grid import replay_cases
 from mcp_fhir.server import build_server
 from tests.testbed import data
-from tests.testbed.sidecar import NURSE, POLICIES, sidecar_config
+from tests.testbed.sidecar import NURSE, POLICIES, policies_with_nurse_reading_medications, sidecar_config
 
 pytestmark = pytest.mark.integration
 
 NURSE_WITH_MEDS = {**NURSE, "scopes": [*NURSE["scopes"], "user/MedicationStatement.rs"]}
-NURSE_READ = "  read: [Observation, Patient]"
-NURSE_READ_WIDER = "  read: [MedicationStatement, Observation, Patient]"
-
-
-def widened_copy(tmp: Path) -> Path:
-    copy = tmp / "head-policies"
-    shutil.copytree(POLICIES, copy)
-    roles = copy / "mcp_fhir" / "config" / "roles" / "data.yaml"
-    text = roles.read_text(encoding="utf-8")
-    if NURSE_READ not in text:
-        pytest.fail("the nurse role's read list changed shape; update this test's edit")
-    roles.write_text(text.replace(NURSE_READ, NURSE_READ_WIDER), encoding="utf-8")
-    return copy
 
 
 async def produce_trail(workdir: Path, fhir_url: str) -> Path:
@@ -56,7 +42,7 @@ async def test_replaying_a_recorded_trail_reports_the_widening_of_the_recorded_c
     assert [c.input["action"]["tool"] for c in cases] == [
         "read_patient", "search_observations", "search_medication_statements", "search_medication_statements",
     ]  # fmt: skip
-    head = widened_copy(tmp_path)
+    head = policies_with_nurse_reading_medications(tmp_path)
     out, html = tmp_path / "diff.json", tmp_path / "diff.html"
     code = main(["policy", "diff", str(POLICIES), str(head), "--replay", str(trail), "--no-grid", "--no-fixtures",
                  "--format", "json", "--out", str(out), "--html", str(html), "--quiet"])  # fmt: skip

@@ -8,7 +8,6 @@ calls through `build_server(settings)`.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,26 +16,13 @@ from mcp import Client
 from mcp_fhir import config, metrics
 from mcp_fhir.server import build_server
 from tests.testbed import data
-from tests.testbed.sidecar import NURSE, POLICIES, sidecar_config
+from tests.testbed.sidecar import NURSE, policies_with_nurse_reading_medications, sidecar_config
 
 pytestmark = pytest.mark.integration
 
 # the nurse's credential also grants the MedicationStatement scope, so only the role data decides
 NURSE_WITH_MEDS = {**NURSE, "scopes": [*NURSE["scopes"], "user/MedicationStatement.rs"]}
 DECIDED_KINDS = ("access", "shadow_divergence")
-NURSE_READ = "  read: [Observation, Patient]"
-NURSE_READ_WIDER = "  read: [MedicationStatement, Observation, Patient]"
-
-
-def candidate_policies(tmp: Path) -> Path:
-    copy = tmp / "candidate-policies"
-    shutil.copytree(POLICIES, copy)
-    roles = copy / "mcp_fhir" / "config" / "roles" / "data.yaml"
-    text = roles.read_text(encoding="utf-8")
-    if NURSE_READ not in text:
-        pytest.fail("the nurse role's read list changed shape; update this test's edit")
-    roles.write_text(text.replace(NURSE_READ, NURSE_READ_WIDER), encoding="utf-8")
-    return copy
 
 
 def records(path: Path) -> list[dict]:
@@ -57,7 +43,11 @@ async def test_a_disagreeing_candidate_is_recorded_and_counted_but_the_active_de
             tmp_path,
             fhir_server.base_url,
             identity=NURSE_WITH_MEDS,
-            opa={"shadow_policies": str(candidate_policies(tmp_path))},
+            opa={
+                "shadow_policies": str(
+                    policies_with_nurse_reading_medications(tmp_path, "candidate-policies")
+                )
+            },
         )
     )
     before = divergences("widening")
@@ -85,7 +75,11 @@ async def test_a_call_on_which_both_policies_agree_leaves_no_divergence(tmp_path
             tmp_path,
             fhir_server.base_url,
             identity=NURSE_WITH_MEDS,
-            opa={"shadow_policies": str(candidate_policies(tmp_path))},
+            opa={
+                "shadow_policies": str(
+                    policies_with_nurse_reading_medications(tmp_path, "candidate-policies")
+                )
+            },
         )
     )
     before = sum(divergences(k) for k in ("widening", "narrowing", "obligations"))

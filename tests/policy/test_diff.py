@@ -6,7 +6,6 @@ security engineer would in a pull request (nurse gains MedicationStatement).
 
 from __future__ import annotations
 
-import shutil
 from datetime import date
 from pathlib import Path
 
@@ -15,11 +14,10 @@ import pytest
 from mcp_fhir._exceptions import ConfigError
 from mcp_fhir.policy.diff import Approvals, BatchEvaluator, Case, classify, diff_cases, unique_cases
 from mcp_fhir.policy.grid import fixture_cases, grid_cases
+from tests.testbed.sidecar import policies_with_nurse_reading_medications
 
 REPO = Path(__file__).resolve().parents[2]
 POLICIES = REPO / "policies"
-NURSE_READ = "  read: [Observation, Patient]"
-NURSE_READ_WIDER = "  read: [MedicationStatement, Observation, Patient]"
 
 ALLOW = {
     "allow": True,
@@ -43,17 +41,6 @@ DENY = {
 
 def with_obligations(**changes: object) -> dict:
     return {**ALLOW, "obligations": {**ALLOW["obligations"], **changes}}
-
-
-def widened_copy(tmp: Path) -> Path:
-    copy = tmp / "policies"
-    shutil.copytree(POLICIES, copy)
-    roles = copy / "mcp_fhir" / "config" / "roles" / "data.yaml"
-    text = roles.read_text(encoding="utf-8")
-    if NURSE_READ not in text:
-        pytest.fail("the nurse role's read list changed shape; update this test's edit")
-    roles.write_text(text.replace(NURSE_READ, NURSE_READ_WIDER), encoding="utf-8")
-    return copy
 
 
 def test_identical_decisions_are_not_a_change():
@@ -160,7 +147,7 @@ def test_duplicate_inputs_are_replayed_once():
 @pytest.fixture(scope="module")
 def widening(tmp_path_factory, opa_binary):
     """The diff of policies/ → a copy where the nurse role gains MedicationStatement (grid + fixtures)."""
-    head_dir = widened_copy(tmp_path_factory.mktemp("widened"))
+    head_dir = policies_with_nurse_reading_medications(tmp_path_factory.mktemp("widened"))
     base, head = BatchEvaluator(POLICIES), BatchEvaluator(head_dir)
     configs = [head.query("data.mcp_fhir.config"), base.query("data.mcp_fhir.config")]
     cases = unique_cases([*fixture_cases([POLICIES / "fixtures"]), *grid_cases(configs)])

@@ -158,3 +158,21 @@ def http_config(
 
 def api_key_entry(identity: dict[str, Any], digest: str) -> dict[str, Any]:
     return {"id": identity["id"], "hash": digest, "claims": identity["claims"], "scopes": identity["scopes"]}
+
+
+NURSE_READ = "  read: [Observation, Patient]"
+NURSE_READ_WIDER = "  read: [MedicationStatement, Observation, Patient]"
+
+
+def policies_with_nurse_reading_medications(workdir: Path, name: str = "policies") -> Path:
+    """A copy of `policies/` where the nurse role also reads MedicationStatement: a real widening."""
+    import shutil
+
+    copy = workdir / name
+    shutil.copytree(POLICIES, copy)
+    roles = copy / "mcp_fhir" / "config" / "roles" / "data.yaml"
+    text = roles.read_text(encoding="utf-8")
+    if NURSE_READ not in text:
+        raise AssertionError("the nurse role's read list changed shape; update this helper's edit")
+    roles.write_text(text.replace(NURSE_READ, NURSE_READ_WIDER), encoding="utf-8")
+    return copy
