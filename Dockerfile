@@ -17,8 +17,6 @@ RUN groupadd --system --gid 10001 mcpfhir \
  && useradd --system --uid 10001 --gid mcpfhir --home-dir /var/lib/mcp-fhir --create-home --shell /usr/sbin/nologin mcpfhir
 COPY --from=build /wheels /wheels
 RUN pip install --no-index /wheels/*.whl && rm -rf /wheels
-# The wheel does not carry mcp_fhir/data/*.yaml yet (pyproject.toml has no package-data entry): ship it here.
-COPY mcp_fhir/data /usr/local/lib/python3.11/site-packages/mcp_fhir/data
 # Mount points owned by the runtime user: a fresh named volume takes their ownership (audit; and the compose
 # demo's bundle-key and bundle volumes, which its one-shot services share as the same uid).
 RUN mkdir -p /var/lib/mcp-fhir/audit /keys /bundles \
