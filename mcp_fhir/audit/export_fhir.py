@@ -30,8 +30,11 @@ import base64
 import json
 import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
+
+import yaml
 
 from mcp_fhir.audit.record import AuditRecord
 
@@ -51,21 +54,12 @@ WRITER_SYSTEM = "urn:mcp-fhir:audit-writer"
 DECISION_SYSTEM = "urn:mcp-fhir:opa-decision-id"
 KIND_SYSTEM = "urn:mcp-fhir:audit-kind"
 
-#: purpose → v3-ActReason code. A terminology mapping for export only; nothing decides by it.
+#: purpose → v3-ActReason code, from mcp_fhir/data/purpose_of_use.yaml. Export only; nothing decides by it.
 PURPOSE_OF_USE: dict[str, str] = {
-    "treatment": "TREAT",
-    "discharge_summary": "TREAT",
-    "medication_reconciliation": "TREAT",
-    "care_coordination": "TREAT",
-    "emergency": "ETREAT",
-    "break_glass": "ETREAT",
-    "audit": "HOPERAT",
-    "operations": "HOPERAT",
-    "quality": "HOPERAT",
-    "payment": "HPAYMT",
-    "research": "HRESCH",
-    "public_health": "PUBHLTH",
-    "patient_request": "PATRQT",
+    str(k): str(v)
+    for k, v in (
+        yaml.safe_load((Path(__file__).parents[1] / "data" / "purpose_of_use.yaml").read_text()) or {}
+    ).items()
 }
 
 _ACTIONS = {
