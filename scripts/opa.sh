@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OPA_VERSION=v1.22.3
 CACHE=${MCP_FHIR_TOOL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mcp-fhir}/opa-$OPA_VERSION
-have() { [ -x "$1" ] && "$1" version 2>/dev/null | grep -q "Version: ${OPA_VERSION#v}"; }
+# Compare captured output: `opa version | grep -q` fails under pipefail when grep exits first (SIGPIPE).
+have() { [ -x "$1" ] && [[ "$("$1" version 2>/dev/null)" == *"Version: ${OPA_VERSION#v}"* ]]; }
 
 mkdir -p .tools/bin
 have .tools/bin/opa && exit 0

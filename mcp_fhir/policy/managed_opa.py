@@ -9,10 +9,14 @@ share a decision id.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -24,6 +28,7 @@ from mcp_fhir._exceptions import ConfigError, PolicyUnavailable
 DEFAULT_START_TIMEOUT = 20.0  # seconds for OPA to compile the policies and answer /health
 DEFAULT_STOP_TIMEOUT = 5.0
 _HEALTH_POLL_INTERVAL = 0.05
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _PROJECT_OPA = Path(__file__).resolve().parents[2] / ".tools" / "bin" / "opa"
 
 
@@ -35,6 +40,13 @@ def find_opa(configured: str | None = None) -> str:
     raise ConfigError(
         "opa.binary", "no OPA binary found: run scripts/opa.sh, set MCP_FHIR_OPA, or configure opa.url"
     )
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, ask the kernel to SIGTERM OPA when the sidecar dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -95,7 +107,7 @@ class ManagedOpa:
             self.decision_log.parent.mkdir(parents=True, exist_ok=True)
             out = self._log_file = open(self.decision_log, "ab")  # noqa: ASYNC230 - once, at start
         self.process = subprocess.Popen(  # noqa: ASYNC220 - a child we own; Popen returns at once
-            self.command(), stdout=out, stderr=out, stdin=subprocess.DEVNULL
+            self.command(), stdout=out, stderr=out, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
         )
         await self.wait_healthy()
 
