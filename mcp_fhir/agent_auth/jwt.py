@@ -17,11 +17,12 @@ Decoding is not validating. ``JwtVerifier.verify`` runs four explicit steps:
 The ``Subject`` (``authn="oauth"``) carries every raw claim untouched. Python never turns
 claims into roles: OPA reads them. Mapping rules:
 
-- ``id``: the ``sub`` claim (required, non-empty string).
+- ``id``: the caller, i.e. the agent. For a delegation token (RFC 8693 §4.1) that is the actor,
+  ``act.sub``; otherwise ``sub`` (required, non-empty string).
+- ``on_behalf_of``: the party the agent acts for. For a delegation token, ``sub`` (the principal);
+  otherwise the configured ``on_behalf_of_claim`` (a string claim), if set.
 - ``scopes``: ``scope`` (space-separated string, RFC 8693/9068) or else ``scp`` (list or string).
-- ``on_behalf_of``: the configured ``on_behalf_of_claim`` (a string claim) if set; otherwise
-  the ``act`` claim's ``sub`` (RFC 8693 §4.1). Note that in RFC 8693 ``act.sub`` names the
-  *actor*, the party acting for ``sub``; OPA sees the raw ``act`` claim either way.
+OPA sees the raw ``sub`` and ``act`` claims either way.
 """
 
 from __future__ import annotations
@@ -184,15 +185,19 @@ def _scopes(claims: Mapping[str, Any]) -> tuple[str, ...]:
     raise AgentAuthError("token_malformed")
 
 
+def _actor(claims: Mapping[str, Any]) -> str | None:
+    """The RFC 8693 actor (`act.sub`): the agent acting for the token's `sub`."""
+    act = claims.get("act")
+    actor = act.get("sub") if isinstance(act, dict) else None
+    return actor if isinstance(actor, str) and actor else None
+
+
 def _on_behalf_of(claims: Mapping[str, Any], claim_name: str | None) -> str | None:
+    if _actor(claims) is not None:
+        return str(claims["sub"])  # a delegation token: the agent acts for its subject
     if claim_name is not None:
         value = claims.get(claim_name)
         return value if isinstance(value, str) and value else None
-    act = claims.get("act")
-    if isinstance(act, dict):
-        actor = act.get("sub")
-        if isinstance(actor, str) and actor:
-            return actor
     return None
 
 
@@ -226,7 +231,7 @@ class JwtVerifier:
         claims = verify_signature(token, jwk, alg)
         self._claims.validate(claims)
         return Subject(
-            id=claims["sub"],
+            id=_actor(claims) or claims["sub"],
             authn="oauth",
             claims=claims,
             scopes=_scopes(claims),

@@ -57,15 +57,25 @@ async def test_scp_list_is_read_when_scope_is_absent(issuer, static_keys):
     assert (await _verifier(issuer, static_keys).verify(token)).scopes == ("a.read", "b.write")
 
 
-async def test_act_claim_sub_becomes_on_behalf_of(issuer, static_keys):
-    token = issuer.mint("agent-1", claims={"act": {"sub": "dr-jones"}})
-    assert (await _verifier(issuer, static_keys).verify(token)).on_behalf_of == "dr-jones"
+async def test_a_delegation_token_makes_the_actor_the_subject_acting_for_sub(issuer, static_keys):
+    # RFC 8693 4.1: `sub` is the principal (the practitioner), `act.sub` the actor (the agent).
+    token = issuer.mint("dr-jones", claims={"act": {"sub": "agent-1"}})
+    subject = await _verifier(issuer, static_keys).verify(token)
+    assert (subject.id, subject.on_behalf_of) == ("agent-1", "dr-jones")
 
 
-async def test_configured_on_behalf_of_claim_wins_over_act(issuer, static_keys):
-    token = issuer.mint(claims={"act": {"sub": "x"}, "practitioner": "dr-who"})
+async def test_without_delegation_the_configured_claim_names_on_behalf_of(issuer, static_keys):
+    token = issuer.mint("agent-1", claims={"practitioner": "dr-who"})
     verifier = _verifier(issuer, static_keys, on_behalf_of_claim="practitioner")
-    assert (await verifier.verify(token)).on_behalf_of == "dr-who"
+    subject = await verifier.verify(token)
+    assert (subject.id, subject.on_behalf_of) == ("agent-1", "dr-who")
+
+
+async def test_a_delegation_token_wins_over_the_configured_claim(issuer, static_keys):
+    token = issuer.mint("dr-jones", claims={"act": {"sub": "agent-1"}, "practitioner": "dr-who"})
+    verifier = _verifier(issuer, static_keys, on_behalf_of_claim="practitioner")
+    subject = await verifier.verify(token)
+    assert (subject.id, subject.on_behalf_of) == ("agent-1", "dr-jones")
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,7 @@ def verifier(issuer, static_keys, rejections) -> AgentTokenVerifier:
 
 
 async def test_a_valid_jwt_becomes_an_access_token_that_rebuilds_the_exact_subject(issuer, verifier):
-    token = issuer.mint("agent-1", scopes=["mcp.read"], claims={"azp": "client-9", "act": {"sub": "dr-a"}})
+    token = issuer.mint("dr-a", scopes=["mcp.read"], claims={"azp": "client-9", "act": {"sub": "agent-1"}})
     access = await verifier.verify_token(token)
     assert access is not None
     assert (access.client_id, access.subject, access.resource, access.scopes) == (

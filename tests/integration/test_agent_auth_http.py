@@ -214,10 +214,10 @@ async def _whoami(stack: Stack, credential: str) -> dict[str, Any]:
 
 
 async def test_a_valid_jwt_reaches_the_tool_with_its_subject(stack):
-    token = stack.issuer.mint(
-        "agent-1",
+    token = stack.issuer.mint(  # a delegation token: agent-1 acting for dr-a (RFC 8693)
+        "dr-a",
         scopes=[REQUIRED_SCOPE],
-        claims={"roles": ["nurse"], "act": {"sub": "dr-a"}, "azp": "cli-1"},
+        claims={"roles": ["nurse"], "act": {"sub": "agent-1"}, "azp": "cli-1"},
     )
     before = len(stack.rejections.seen)
     subject = await _whoami(stack, token)
