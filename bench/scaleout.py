@@ -41,6 +41,8 @@ def _replica_cfg(
 
     cfg = sidecar_cfg(workdir, fhir_url, opa_url, digest, port)
     cfg["backends"] = {"testbed": {"base_url": fhir_url, "rate_limit_per_minute": RATE_LIMIT_PER_MINUTE}}
+    # One limit for every replica: the token bucket lives in Redis (rate_limit.store: redis).
+    cfg["rate_limit"] = {"store": "redis", "redis_url_env": REDIS_ENV, "redis_key_prefix": f"{prefix}rl:"}
     cfg["cache"] = (
         {"enabled": True, "backend": "redis", "redis_url_env": REDIS_ENV, "redis_key_prefix": prefix}
         if cache
@@ -66,10 +68,7 @@ async def scale_out(bench: Any, fhir_url: str) -> dict[str, Any]:
     origin, _, base_path = fhir_url.partition("/fhir")
     key, digest = generate_api_key()
     arguments = {"patient_id": PATIENT, "purpose": PURPOSE}
-    out: dict[str, Any] = {
-        "note": "mcp_fhir/ehr/factory.py builds RateLimiter(limits) with the in-memory store: the limit is "
-        "per replica, not shared through Redis, whatever the cache backend is",
-    }
+    out: dict[str, Any] = {"note": "the replicas share one rate limit through Redis (rate_limit.store: redis)"}
     children: list[Child] = []
 
     async def replica(name: str, upstream: str, prefix: str, cache: bool) -> Child:
