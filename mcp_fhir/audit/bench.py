@@ -39,7 +39,7 @@ def _record(n: int) -> AuditRecord:
         patient=f"pat-{n % 7}",
         backend="default",
         scopes=("user/Patient.rs",),
-        purpose="treatment",
+        purpose="bench",
         decision_id=f"dec-{n}",
     )
 
