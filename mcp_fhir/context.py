@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -50,7 +51,6 @@ class Limits:
     max_page_size: int = 100
     max_range_days: int = 3660
     max_note_chars: int = 20_000
-    max_text_chars: int = 4_000
     summary_items_per_section: int = 10
 
 
@@ -85,23 +85,33 @@ class AppContext:
             raise
 
     async def decide(self, decision_input: Mapping[str, Any]) -> Decision:
-        """Step 4: ask the policy. Any failure is a deny with its own reason code (fail closed)."""
+        """Step 4: ask the policy. Any failure is a deny with its own reason code (fail closed).
+
+        A shadow (candidate) policy is asked at the same time, not after: shadow mode costs no latency.
+        """
+        if self.shadow_engine is None:
+            decision = await self._active(decision_input)
+        else:
+            decision, candidate = await asyncio.gather(
+                self._active(decision_input), evaluate_failing_closed(self.shadow_engine, decision_input)
+            )
+            await self._shadow(decision_input, decision, candidate)
+        return decision
+
+    async def _active(self, decision_input: Mapping[str, Any]) -> Decision:
         started = time.perf_counter()
         decision = await evaluate_failing_closed(self.engine, decision_input)
-        metrics.DECISION_LATENCY.observe(
-            time.perf_counter() - started
-        )  # the active policy only, not the shadow
+        metrics.DECISION_LATENCY.observe(time.perf_counter() - started)
         result = "allow" if decision.allow else "deny"
         for code in decision.reason_codes or ("none",):
             metrics.DECISIONS.labels(result, code).inc()
-        if self.shadow_engine is not None:
-            await self._shadow(decision_input, decision)
         return decision
 
-    async def _shadow(self, decision_input: Mapping[str, Any], active: Decision) -> None:
-        """Evaluate the candidate policy beside the active one; record a divergence, enforce nothing."""
-        # A broken candidate is a candidate deny: it never changes or breaks the active decision.
-        candidate = await evaluate_failing_closed(self.shadow_engine, decision_input)  # type: ignore[arg-type]
+    async def _shadow(self, decision_input: Mapping[str, Any], active: Decision, candidate: Decision) -> None:
+        """Record where the candidate policy disagrees with the active one; enforce nothing.
+
+        A broken candidate is a candidate deny: it never changes or breaks the active decision.
+        """
         if (candidate.allow, candidate.obligations) == (active.allow, active.obligations):
             return
         kind = (

@@ -3,6 +3,7 @@ never enforced, and the visible tools are the policy's answer ∩ enabled minus 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -125,6 +126,32 @@ async def test_a_shadow_divergence_is_recorded_once_and_never_changes_the_active
     assert record.result == ("allowed" if active.allow else "denied")
     assert record.extra["candidate"]["allow"] is candidate.allow
     assert _divergences(kind) == before + 1
+
+
+class GatedEngine:
+    """Answers only once `gate` is set; sets `started` when asked."""
+
+    def __init__(self, decision: Decision, gate: asyncio.Event, started: asyncio.Event) -> None:
+        self.decision, self.gate, self.started = decision, gate, started
+
+    async def evaluate(self, decision_input: Mapping[str, Any]) -> Decision:
+        self.started.set()
+        await self.gate.wait()
+        return self.decision
+
+    async def visible_tools(self, subject_input: Mapping[str, Any]) -> frozenset[str]:
+        return frozenset()
+
+
+async def test_the_shadow_policy_is_asked_at_the_same_time_as_the_active_one_not_after():
+    active_started, shadow_started = asyncio.Event(), asyncio.Event()
+    # The active engine answers only once the shadow has been asked: run one after the other, this deadlocks.
+    active = GatedEngine(allow_with(), shadow_started, active_started)
+    shadow = GatedEngine(allow_with(), asyncio.Event(), shadow_started)
+    shadow.gate = active_started
+    h = make_harness(engine=active, shadow_engine=shadow)
+    decision = await asyncio.wait_for(h.app.decide(INPUT), timeout=5)
+    assert decision.allow
 
 
 async def test_an_agreeing_shadow_writes_nothing():
