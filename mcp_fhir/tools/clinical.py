@@ -248,15 +248,6 @@ async def search_tool(
     return respond(result, render_search(result, title=tool.replace("_", " ")))
 
 
-class PatientResult(BaseModel):
-    """One patient's demographics, as the policy allows them to be seen."""
-
-    patient: str
-    resource: dict[str, Any] | None
-    withheld: Withheld
-    provenance: Any
-
-
 class SummarySection(BaseModel):
     resource_type: str
     allowed: bool

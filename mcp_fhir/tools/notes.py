@@ -39,7 +39,7 @@ NoteText = Annotated[str, Field(min_length=1, max_length=20_000, description="Th
 NoteTitle = Annotated[str, Field(min_length=1, max_length=200, description="A short title.")]
 
 
-class NoteText_(BaseModel):
+class DocumentText(BaseModel):
     """One note's text, fenced as data."""
 
     document_id: str
@@ -87,7 +87,7 @@ def register(server: MCPServer) -> None:
         ctx: Context,
         purpose: Purpose = None,
         break_glass_reason: BreakGlassReason = None,
-    ) -> NoteText_:
+    ) -> DocumentText:
         """Read one clinical note's text, fenced as data, under policy."""
         app = app_of(ctx)
         async with CallPath(app).begin(
@@ -106,7 +106,7 @@ def register(server: MCPServer) -> None:
             ctype, text, truncated = (
                 _note_text(kept[0], app.limits.max_note_chars) if kept else (None, None, False)
             )
-            result = NoteText_(
+            result = DocumentText(
                 document_id=document_id,
                 patient=patient_id,
                 content_type=ctype,
