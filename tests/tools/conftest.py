@@ -128,3 +128,24 @@ def observation(rid: str, patient: str = PATIENT, **extra: Any) -> dict[str, Any
 @pytest.fixture
 def harness() -> Harness:
     return make_harness()
+
+
+class _Capture:
+    """Collects the tool functions a module registers, so tests can call them directly."""
+
+    def __init__(self) -> None:
+        self.tools: dict[str, Any] = {}
+
+    def tool(self, name: str | None = None, **_kw: Any) -> Any:
+        def deco(fn: Any) -> Any:
+            self.tools[name or fn.__name__] = fn
+            return fn
+
+        return deco
+
+
+def registered_tools(register: Any) -> dict[str, Any]:
+    """The tool functions `register(server)` would add, by name."""
+    capture = _Capture()
+    register(capture)
+    return capture.tools

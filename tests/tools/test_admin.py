@@ -11,25 +11,11 @@ from mcp_fhir._exceptions import UpstreamRateLimited
 from mcp_fhir.audit.record import AuditRecord
 from mcp_fhir.policy.engine import Obligations
 from mcp_fhir.tools.admin import REFRESH_PER_MINUTE, _RefreshLimiter, register
-from tests.tools.conftest import PATIENT, Harness, allow_with, make_harness, observation
-
-
-class Capture:
-    def __init__(self) -> None:
-        self.tools: dict[str, Any] = {}
-
-    def tool(self, name: str | None = None, **_kw: Any) -> Any:
-        def deco(fn: Any) -> Any:
-            self.tools[name or fn.__name__] = fn
-            return fn
-
-        return deco
+from tests.tools.conftest import PATIENT, Harness, allow_with, make_harness, observation, registered_tools
 
 
 def _tools() -> dict[str, Any]:
-    capture = Capture()
-    register(capture)  # type: ignore[arg-type]
-    return capture.tools
+    return registered_tools(register)
 
 
 def _stored(n: int) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from mcp_fhir._exceptions import PolicyDenied
 from mcp_fhir.ehr.client import FakeEHRClient, FetchResult
 from mcp_fhir.tools.notes import IDEMPOTENCY_SYSTEM, _note_text, create_note, register
 from mcp_fhir.tools.results import UNTRUSTED_CLOSE, UNTRUSTED_OPEN
-from tests.tools.conftest import OTHER_PATIENT, PATIENT, Harness, deny_with, make_harness
+from tests.tools.conftest import OTHER_PATIENT, PATIENT, Harness, deny_with, make_harness, registered_tools
 
 NOTE = "Patient reports chest pain radiating to the left arm; Wetherall family history of MI."
 
@@ -65,24 +65,8 @@ def test_note_text_of_a_document_with_no_readable_content_is_none():
     assert _note_text(_doc({"contentType": "image/png", "data": _b64(b"\x89PNG")}), 10) == (None, None, False)
 
 
-class Capture:
-    """Collects the tool functions a module registers, so they can be called directly."""
-
-    def __init__(self) -> None:
-        self.tools: dict[str, Any] = {}
-
-    def tool(self, name: str | None = None, **_kw: Any) -> Any:
-        def deco(fn: Any) -> Any:
-            self.tools[name or fn.__name__] = fn
-            return fn
-
-        return deco
-
-
 def _tools() -> dict[str, Any]:
-    capture = Capture()
-    register(capture)  # type: ignore[arg-type]
-    return capture.tools
+    return registered_tools(register)
 
 
 async def test_read_document_fences_the_text_and_flags_instructions():
