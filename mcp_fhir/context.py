@@ -148,7 +148,6 @@ class AppContext:
 
     async def write_audit(self, record: AuditRecord) -> None:
         """Step 8: make the record durable. Failure is `AuditUnavailable`, and no data leaves."""
-        started = time.perf_counter()
         try:
             await self.audit.record(record)
         except AuditUnavailable:
@@ -159,7 +158,6 @@ class AppContext:
             metrics.AUDIT_FAILURES.inc()
             raise AuditUnavailable("the audit record could not be written") from exc
         self.audit_healthy = True
-        metrics.AUDIT_WRITE_LATENCY.observe(time.perf_counter() - started)
 
     async def visible_tools(self, subject: Subject) -> frozenset[str]:
         """The tools this subject may see: the policy's answer, minus tools the EHR did not grant scopes for."""

@@ -200,3 +200,20 @@ async def test_an_audit_failure_marks_the_trail_unhealthy_and_a_later_success_he
     h.sink.fail = False
     await h.app.write_audit(AuditRecord(ts=utc_now_ms(), request_id="r"))
     assert h.app.audit_healthy
+
+
+async def test_one_audited_call_is_one_observation_of_the_audit_write_histogram(tmp_path):
+    from mcp_fhir.audit.record import AuditRecord, utc_now_ms
+    from mcp_fhir.audit.settings import AuditSettings
+    from mcp_fhir.audit.trail import build_trail
+
+    trail = build_trail(AuditSettings(sink="file", path=str(tmp_path / "audit.jsonl"), writer_id="w"))
+    await trail.start()
+    h = make_harness()
+    h.app.audit = trail
+    before = metrics.REGISTRY.get_sample_value("mcp_fhir_audit_write_seconds_count") or 0.0
+    try:
+        await h.app.write_audit(AuditRecord(ts=utc_now_ms(), request_id="r"))
+    finally:
+        await trail.close()
+    assert metrics.REGISTRY.get_sample_value("mcp_fhir_audit_write_seconds_count") == before + 1
