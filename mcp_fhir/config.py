@@ -61,6 +61,10 @@ class ServerSettings(_Strict):
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     stateless: bool = False
+    json_response: bool = Field(
+        True,
+        description="Answer each MCP POST with one JSON body instead of an SSE stream (no notifications are sent mid-call).",
+    )
     metrics_port: int | None = Field(None, ge=1, le=65535)
 
     _v_public = field_validator("public_url")(lambda v: _http_url(v))

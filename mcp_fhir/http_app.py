@@ -43,6 +43,7 @@ def build_http_app(settings: Settings, server: SidecarServer) -> Any:
     app: Any = server.streamable_http_app(
         streamable_http_path=settings.server.path,
         stateless_http=settings.server.stateless,
+        json_response=settings.server.json_response,
         transport_security=transport_security_for(
             settings.server.host,
             settings.server.port,

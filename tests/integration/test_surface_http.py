@@ -384,3 +384,30 @@ async def test_protected_resource_metadata_names_the_issuer_and_the_canonical_ur
     metadata = response.json()
     assert metadata["resource"] == sidecar.url
     assert [a.rstrip("/") for a in metadata["authorization_servers"]] == [sidecar.issuer.issuer]
+
+
+# --- response framing -------------------------------------------------------------------------
+
+
+async def _initialize_content_type(url: str, authorization: str) -> str:
+    response = await _post_initialize(url, authorization)
+    assert response.status_code == 200
+    return response.headers["content-type"].split(";")[0]
+
+
+async def test_an_mcp_post_is_answered_with_one_json_body_by_default(sidecar):
+    content_type = await _initialize_content_type(sidecar.url, f"Bearer {sidecar.keys['nurse']}")
+    assert content_type == "application/json"
+
+
+async def test_json_response_false_answers_with_an_event_stream_that_the_official_client_reads(
+    tmp_path, fhir_server
+):
+    thread, running = start_http_sidecar(tmp_path, fhir_server.base_url, server={"json_response": False})
+    with thread:
+        content_type = await _initialize_content_type(running.url, f"Bearer {running.keys['nurse']}")
+        async with mcp_client(running.url, running.headers("nurse")) as client:
+            result = await client.call_tool("read_patient", READ_ARGS)
+    assert content_type == "text/event-stream"
+    assert not result.is_error
+    assert result.structured_content["resources"][0]["id"] == data.AU_PATIENT_ID
