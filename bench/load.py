@@ -32,6 +32,18 @@ class _Tally:
     calls: int = 0
 
 
+@dataclass
+class CellSamples:
+    """The raw outcome of one closed-loop cell: every latency (s), the errors and the elapsed time."""
+
+    latencies: list[float]
+    errors: int
+    seconds: float
+
+    def summary(self) -> CellResult:
+        return summarise(self.latencies, errors=self.errors, seconds=self.seconds)
+
+
 async def run_cell(
     stream: StreamFactory,
     concurrency: int,
@@ -41,6 +53,21 @@ async def run_cell(
     setup_timeout: float = DEFAULT_SETUP_TIMEOUT,
 ) -> CellResult:
     """`concurrency` streams, each calling its op in turn until `seconds` pass or `max_calls` are made."""
+    samples = await run_cell_samples(
+        stream, concurrency, seconds=seconds, max_calls=max_calls, setup_timeout=setup_timeout
+    )
+    return samples.summary()
+
+
+async def run_cell_samples(
+    stream: StreamFactory,
+    concurrency: int,
+    *,
+    seconds: float = DEFAULT_CELL_SECONDS,
+    max_calls: int = MAX_CALLS_PER_CELL,
+    setup_timeout: float = DEFAULT_SETUP_TIMEOUT,
+) -> CellSamples:
+    """`run_cell`, keeping the raw latencies so that several rounds of one cell can be merged."""
     if concurrency < 1 or seconds <= 0 or max_calls < 1:
         raise BenchError("concurrency, seconds and max_calls must be positive")
     tally = _Tally([])
@@ -75,7 +102,7 @@ async def run_cell(
         async with asyncio.timeout(seconds + setup_timeout):
             await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - began
-    return summarise(tally.latencies, errors=tally.errors, seconds=elapsed)
+    return CellSamples(tally.latencies, tally.errors, elapsed)
 
 
 async def run_paced(op: Op, *, rate: float, seconds: float, max_in_flight: int = 256) -> CellResult:

@@ -28,6 +28,16 @@ PEER_VENV = REPO / ".tools" / "peer-venv"
 PEER_BINARY = PEER_VENV / "bin" / "fhir-mcp-server"
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time `pid` has used, in seconds, from `/proc/<pid>/stat`."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+    except OSError as exc:
+        raise BenchError(f"cannot read the CPU time of pid {pid}") from exc
+    fields = text.rsplit(")", 1)[1].split()  # after "pid (comm)": state is fields[0]
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def memory_kib(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM of `pid` in KiB, from `/proc/<pid>/status`."""
     out: dict[str, int] = {}

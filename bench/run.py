@@ -36,15 +36,25 @@ from typing import Any
 import httpx2
 
 from bench import profile as profiling
-from bench.load import Op, run_cell, run_paced
+from bench.load import CellSamples, Op, run_cell_samples, run_paced
 from bench.mcp_session import McpSession
-from bench.procs import REPO, Child, memory_kib, peer_available, start_peer, start_sidecar
-from bench.stats import RATIOS, BenchError, CellResult, compare_to_baseline, ratios, target_report
+from bench.procs import REPO, Child, cpu_seconds, memory_kib, peer_available, start_peer, start_sidecar
+from bench.stats import (
+    RATIOS,
+    BenchError,
+    CellResult,
+    compare_to_baseline,
+    median_ratios,
+    ratios,
+    target_report,
+)
 
 FULL_CONCURRENCY = (1, 8, 32, 128)
 QUICK_CONCURRENCY = (1, 8)
 FULL_CELL_SECONDS = 5.0
-QUICK_CELL_SECONDS = 1.0
+QUICK_CELL_SECONDS = 0.4  # per round; a quick cell is QUICK_ROUNDS rounds of this
+QUICK_ROUNDS = 5  # interleaved rounds in --quick: the CI guard compares the median ratio
+MAX_ROUNDS = 20
 PACED_RATE = 300.0  # calls/s for the decision-latency target
 FULL_PACED_SECONDS = 5.0
 QUICK_PACED_SECONDS = 2.0
@@ -198,7 +208,15 @@ class Bench:
         self.quick: bool = args.quick
         self.concurrency = QUICK_CONCURRENCY if self.quick else tuple(args.concurrency or FULL_CONCURRENCY)
         self.seconds = QUICK_CELL_SECONDS if self.quick else args.seconds
+        self.rounds: int = QUICK_ROUNDS if self.quick else args.rounds
         self.cells: dict[str, dict[int, CellResult]] = {}
+        self._samples: dict[str, dict[int, CellSamples]] = {}
+        # concurrency -> one dict per round: cell -> that round's p50 (ms)
+        self._round_p50: dict[int, list[dict[str, float]]] = {}
+        # Processes whose CPU time is charged to each cell: name -> pid (set once they run).
+        self.cpu_pids: dict[str, int] = {"harness": os.getpid()}
+        # cell -> concurrency -> [calls, {process: CPU seconds}]
+        self._cpu: dict[str, dict[int, tuple[int, dict[str, float]]]] = {}
         self.notes: list[str] = []
         self.extra: dict[str, Any] = {}
         self.children: list[Child] = []
@@ -206,17 +224,38 @@ class Bench:
     def log(self, text: str) -> None:
         print(f"[bench] {text}", file=sys.stderr, flush=True)
 
-    async def cell(self, name: str, factory: Any, conc: int) -> CellResult | None:
+    async def cell(self, name: str, factory: Any, conc: int, round_no: int = 0) -> CellResult | None:
+        """Measure one round of a cell; its samples join the cell's earlier rounds."""
         try:
-            result = await run_cell(factory, conc, seconds=self.seconds)
+            cpu_before = {proc: cpu_seconds(pid) for proc, pid in self.cpu_pids.items()}
+            samples = await run_cell_samples(factory, conc, seconds=self.seconds)
+            cpu_after = {proc: cpu_seconds(pid) for proc, pid in self.cpu_pids.items()}
         except (BenchError, OSError, TimeoutError, httpx2.HTTPError) as exc:
-            self.notes.append(f"{name} c={conc} failed: {type(exc).__name__}")
+            self.notes.append(f"{name} c={conc} round {round_no + 1} failed: {type(exc).__name__}")
             self.log(f"{name} c={conc} failed: {type(exc).__name__}")
             return None
-        self.cells.setdefault(name, {})[conc] = result
+        result = samples.summary()
+        # Every call the processes served: measured ones, errors and one warm-up per stream.
+        calls, used = self._cpu.setdefault(name, {}).get(conc, (0, {}))
+        calls += len(samples.latencies) + samples.errors + conc
+        for proc in cpu_after:
+            used[proc] = used.get(proc, 0.0) + cpu_after[proc] - cpu_before[proc]
+        self._cpu[name][conc] = (calls, used)
+        rounds = self._round_p50.setdefault(conc, [])
+        while len(rounds) <= round_no:
+            rounds.append({})
+        rounds[round_no][name] = result.p50_ms
+        merged = self._samples.setdefault(name, {}).get(conc)
+        if merged is None:
+            merged = self._samples[name][conc] = CellSamples([], 0, 0.0)
+        merged.latencies += samples.latencies
+        merged.errors += samples.errors
+        merged.seconds += samples.seconds
+        self.cells.setdefault(name, {})[conc] = merged.summary()
+        tag = f" round {round_no + 1}/{self.rounds}" if self.rounds > 1 else ""
         self.log(
             f"{name:20} c={conc:<4} p50={result.p50_ms:7.2f} ms p99={result.p99_ms:7.2f} ms "
-            f"{result.throughput:8.1f}/s errors={result.errors}"
+            f"{result.throughput:8.1f}/s errors={result.errors}{tag}"
         )
         return result
 
@@ -236,6 +275,13 @@ class Bench:
                 cached = await self._sidecar(
                     "sidecar-cache", fhir.base_url, opa.url, digest, cache={"enabled": True}
                 )
+                if opa.process is not None:
+                    self.cpu_pids["opa"] = opa.process.pid
+                self.cpu_pids |= {
+                    "fhir": fhir.process.pid,
+                    nocache.name: nocache.pid,
+                    cached.name: cached.pid,
+                }
                 try:
                     await self._measure(fhir.base_url, opa.url, key, nocache, cached)
                 finally:
@@ -317,27 +363,36 @@ class Bench:
 
             peer = await self._peer(fhir_url)
             for conc in self.concurrency:
-                await self.cell("a_opa_bare", shared(opa_bare), conc)
-                await self.cell("b_decision_inproc", shared(decide), conc)
-                await self.cell("c_fhir_bare", shared(fhir_bare), conc)
-                sampler = MemorySampler(nocache.pid)
-                async with sampler:
+                peak: dict[str, int] = {}
+                for r in range(self.rounds):
+                    await self.cell("a_opa_bare", shared(opa_bare), conc, r)
+                    await self.cell("b_decision_inproc", shared(decide), conc, r)
+                    await self.cell("c_fhir_bare", shared(fhir_bare), conc, r)
+                    sampler = MemorySampler(nocache.pid)
+                    async with sampler:
+                        await self.cell(
+                            "d_sidecar_nocache",
+                            lambda: mcp_stream(nocache.url, key, "read_patient", arguments),
+                            conc,
+                            r,
+                        )
+                    for k, v in sampler.result().items():
+                        peak[k] = max(peak.get(k, 0), v)
                     await self.cell(
-                        "d_sidecar_nocache",
-                        lambda: mcp_stream(nocache.url, key, "read_patient", arguments),
+                        "e_sidecar_cache",
+                        lambda: mcp_stream(cached.url, key, "read_patient", arguments),
                         conc,
+                        r,
                     )
-                self.extra["memory"].setdefault("under_load_kib", {})[f"d c={conc}"] = sampler.result()
-                await self.cell(
-                    "e_sidecar_cache", lambda: mcp_stream(cached.url, key, "read_patient", arguments), conc
-                )
-                if peer is not None:
-                    peer_url, (tool, peer_args) = peer[0].url, peer[1]
-                    await self.cell(
-                        "f_peer_wso2",
-                        lambda u=peer_url, t=tool, a=peer_args: mcp_stream(u, None, t, a),  # type: ignore[misc]
-                        conc,
-                    )
+                    if peer is not None:
+                        peer_url, (tool, peer_args) = peer[0].url, peer[1]
+                        await self.cell(
+                            "f_peer_wso2",
+                            lambda u=peer_url, t=tool, a=peer_args: mcp_stream(u, None, t, a),  # type: ignore[misc]
+                            conc,
+                            r,
+                        )
+                self.extra["memory"].setdefault("under_load_kib", {})[f"d c={conc}"] = peak
             paced_seconds = QUICK_PACED_SECONDS if self.quick else FULL_PACED_SECONDS
             paced = await run_paced(decide, rate=PACED_RATE, seconds=paced_seconds)
             self.extra["paced_decision"] = {"rate": PACED_RATE, "seconds": paced_seconds, **paced.to_dict()}
@@ -366,24 +421,52 @@ class Bench:
             self.notes.append(f"peer skipped: {exc}")
             return None
         self.children.append(child)
+        self.cpu_pids["peer"] = child.pid
         tool_args = await peer_read_args(child.url)
         await official_client_check(child.url, None, *tool_args, legacy=True)
         return child, tool_args
 
     def report(self) -> dict[str, Any]:
-        p50 = {name: {c: r.p50_ms for c, r in by_c.items()} for name, by_c in self.cells.items()}
-        ratio_values = ratios(p50)
+        ratio_values = self.ratio_values()
         return {
             "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "mode": "quick" if self.quick else "full",
             "cell_seconds": self.seconds,
+            "rounds": self.rounds,
+            "ratio_rounds": {
+                str(conc): [
+                    {name: round(by_c[conc], 4) for name, by_c in self._round_ratios(conc, one).items()}
+                    for one in per_round
+                ]
+                for conc, per_round in self._round_p50.items()
+            },
             "machine": machine(),
             "cells": {n: {str(c): r.to_dict() for c, r in by_c.items()} for n, by_c in self.cells.items()},
             "ratios": {n: {str(c): round(v, 4) for c, v in by_c.items()} for n, by_c in ratio_values.items()},
             "targets": target_targets(self, ratio_values),
+            "cpu_ms_per_call": {
+                name: {
+                    str(conc): {proc: round(sec / calls * 1000.0, 3) for proc, sec in used.items()}
+                    for conc, (calls, used) in by_c.items()
+                }
+                for name, by_c in self._cpu.items()
+            },
             "notes": self.notes,
             **self.extra,
         }
+
+    def ratio_values(self) -> dict[str, dict[int, float]]:
+        """The ratios of p50 latency: over one round, as measured; over several, the median per-round ratio."""
+        if self.rounds == 1:
+            return ratios({name: {c: r.p50_ms for c, r in by_c.items()} for name, by_c in self.cells.items()})
+        per_round = [
+            self._round_ratios(conc, one) for conc, rounds in self._round_p50.items() for one in rounds
+        ]
+        return median_ratios(per_round)
+
+    @staticmethod
+    def _round_ratios(conc: int, p50_by_cell: dict[str, float]) -> dict[str, dict[int, float]]:
+        return ratios({name: {conc: p50} for name, p50 in p50_by_cell.items()})
 
 
 def target_targets(bench: Bench, ratio_values: dict[str, dict[int, float]]) -> list[dict[str, Any]]:
@@ -493,6 +576,20 @@ def table(report: dict[str, Any]) -> str:
                 f"{fmt(cell['p90_ms']):>8} "
                 f"{fmt(cell['p99_ms']):>8} {cell['throughput']:>9.1f} {cell['errors']:>5}"
             )
+    cpu = report.get("cpu_ms_per_call") or {}
+    procs = sorted({p for by_c in cpu.values() for used in by_c.values() for p in used})
+    if procs:
+        lines.append("")
+        lines.append(
+            f"{'CPU ms per call':26} {'c':>4} " + " ".join(f"{p[:15]:>15}" for p in procs) + f" {'total':>8}"
+        )
+        for name, by_c in cpu.items():
+            for conc, used in by_c.items():
+                lines.append(
+                    f"{CELL_LABELS.get(name, name):26} {conc:>4} "
+                    + " ".join(f"{used.get(p, 0.0):>15.2f}" for p in procs)
+                    + f" {sum(used.values()):>8.2f}"
+                )
     lines.append("")
     lines.append(
         "ratios of p50 latency: "
@@ -524,7 +621,12 @@ def table(report: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CI mode: 1 s cells, concurrency 1 and 8, no peer")
-    p.add_argument("--seconds", type=float, default=FULL_CELL_SECONDS, help="seconds per cell (full mode)")
+    p.add_argument(
+        "--seconds", type=float, default=FULL_CELL_SECONDS, help="seconds per cell and round (full mode)"
+    )
+    p.add_argument(
+        "--rounds", type=int, default=1, help="interleaved rounds per cell; ratios are per-round medians"
+    )
     p.add_argument("--concurrency", type=int, nargs="+", help="streams per cell (full mode)")
     peer = p.add_mutually_exclusive_group()
     peer.add_argument("--peer", dest="peer", action="store_true", default=None, help="measure the WSO2 peer")
@@ -538,6 +640,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.seconds <= 0 or args.seconds > 120:
         p.error("--seconds must be between 0 and 120")
+    if not 1 <= args.rounds <= MAX_ROUNDS:
+        p.error(f"--rounds must be between 1 and {MAX_ROUNDS}")
     return args
 
 

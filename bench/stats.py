@@ -8,6 +8,7 @@ time) is what the CI guard compares against `bench/baseline.json`.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -99,6 +100,24 @@ def ratios(
         if per_c:
             out[name] = per_c
     return out
+
+
+def median_ratios(rounds: Sequence[Mapping[str, Mapping[int, float]]]) -> dict[str, dict[int, float]]:
+    """Each ratio's median over interleaved rounds (each round's ratios from that round's cells).
+
+    Measuring every cell in turn, round after round, and taking the median of the per-round ratios
+    keeps a burst of background load from landing on one cell only: a burst moves one round, not
+    the median. A ratio missing from some rounds is the median of the rounds that have it.
+    """
+    collected: dict[str, dict[int, list[float]]] = {}
+    for one in rounds:
+        for name, by_c in one.items():
+            for conc, value in by_c.items():
+                collected.setdefault(name, {}).setdefault(conc, []).append(value)
+    return {
+        name: {conc: statistics.median(values) for conc, values in by_c.items()}
+        for name, by_c in collected.items()
+    }
 
 
 @dataclass(frozen=True, slots=True)

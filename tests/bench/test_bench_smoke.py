@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import math
+import os
+import time
 
 import pytest
 
 from bench.profile import layer_of
 from bench.profile import summarise as summarise_profile
-from bench.stats import BenchError, compare_to_baseline, percentile, ratios, summarise, target_report
+from bench.load import CellSamples
+from bench.procs import cpu_seconds
+from bench.run import parse_args
+from bench.stats import (
+    BenchError,
+    compare_to_baseline,
+    median_ratios,
+    percentile,
+    ratios,
+    summarise,
+    target_report,
+)
 
 
 def test_percentile_interpolates_between_closest_ranks():
@@ -93,3 +106,35 @@ def test_profile_samples_are_charged_to_the_innermost_known_layer():
     assert layer_of("main (x.py:1)") == "other"
     shares = summarise_profile([f"{audit} 3", f"{framing} 1", "garbage"])
     assert shares == {"audit": 0.75, "validation/serialisation": 0.25}
+
+
+def test_median_ratios_take_each_ratios_median_over_the_rounds_that_measured_it():
+    rounds = [
+        {"b/a": {1: 0.5}, "e/d": {1: 0.9}},
+        {"b/a": {1: 3.0}},  # one noisy round moves the mean, not the median
+        {"b/a": {1: 0.6}, "e/d": {1: 0.7}},
+    ]
+    assert median_ratios(rounds) == {"b/a": {1: 0.6}, "e/d": {1: pytest.approx(0.8)}}
+    assert median_ratios([]) == {}
+
+
+def test_cell_samples_summarise_like_the_cell_they_came_from():
+    samples = CellSamples([0.002, 0.004], errors=1, seconds=0.5)
+    assert samples.summary() == summarise([0.002, 0.004], errors=1, seconds=0.5)
+
+
+def test_cpu_seconds_grow_with_work_done_and_an_unknown_pid_is_an_error():
+    before = cpu_seconds(os.getpid())
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:
+        pass
+    assert cpu_seconds(os.getpid()) > before
+    with pytest.raises(BenchError):
+        cpu_seconds(2**22 + 1)  # above the default pid_max
+
+
+@pytest.mark.parametrize("rounds", ["0", "21"])
+def test_rounds_outside_the_bounds_are_refused(rounds, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--rounds", rounds])
+    assert "--rounds" in capsys.readouterr().err
