@@ -63,7 +63,8 @@ class ServerSettings(_Strict):
     stateless: bool = False
     json_response: bool = Field(
         True,
-        description="Answer each MCP POST with one JSON body instead of an SSE stream (no notifications are sent mid-call).",
+        description="Answer each MCP POST with one JSON body instead of an SSE stream "
+        "(the sidecar sends no notifications during a call).",
     )
     metrics_port: int | None = Field(None, ge=1, le=65535)
 

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from bench.profile import layer_of
-from bench.profile import summarise as summarise_profile
 from bench.load import CellSamples
 from bench.procs import cpu_seconds
+from bench.profile import layer_of
+from bench.profile import summarise as summarise_profile
 from bench.run import parse_args
 from bench.stats import (
     BenchError,
