@@ -109,7 +109,7 @@ allowed_categories := {request.resource_type: cats} if {
 } else := {}
 
 # The purpose's categories for this type, computed once (undefined when unrestricted).
-_purpose_categories := purpose.categories(purpose.definition, request.resource_type)
+_purpose_categories := util.as_set(purpose.definition.resource_types[request.resource_type].categories)
 
 _closed_obligations := {
 	"exclude_security_labels": sort(sensitivity.all_labels),
@@ -184,9 +184,12 @@ _subject_grants := {[operation, rt] |
 	op_acc == acc
 }
 
-_purpose_fits(p) if p == purpose.effective
-
-_purpose_fits(_) if not purpose.effective
+# One definition with else: a function with several definitions evaluates every one of them.
+_purpose_fits(p) if {
+	p == purpose.effective
+} else if {
+	not purpose.effective
+}
 
 # _scope_pairs: the [type, letter] pairs the subject's honoured scopes grant ("*" type kept),
 # parsed once. visible_tools lists a tool for any scope context (a patient/ scope covers the

@@ -8,11 +8,6 @@ package mcp_fhir.authz.request
 
 import data.mcp_fhir.authz.util
 
-# RFC 3339 date-time that time.parse_rfc3339_ns accepts, in one regex: years 1678-2261 (epoch
-# nanoseconds fit int64 only from 1677-09-21 to 2262-04-11; whole years inside that), each
-# month's days (February up to 29; February 29 is checked against the year separately).
-_rfc3339 := `^(167[89]|16[89][0-9]|1[7-9][0-9]{2}|2[01][0-9]{2}|22[0-5][0-9]|226[01])-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)|02-(0[1-9]|1[0-9]|2[0-9]))T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$`
-
 _subject := input.subject if is_object(input.subject)
 
 _action := input.action if is_object(input.action)
@@ -127,7 +122,8 @@ malformed contains field if {
 _patient_ok(p) if {
 	p == null
 } else if {
-	util.non_empty_string(p)
+	is_string(p)
+	trim_space(p) != ""
 }
 
 _break_glass_ok(bg) if {
@@ -137,27 +133,15 @@ _break_glass_ok(bg) if {
 	util.null_or_string(object.get(bg, "reason", null))
 }
 
-# valid_time is true for an RFC 3339 date-time that time.parse_rfc3339_ns accepts
-# (years 1678-2261, so the instant fits in epoch nanoseconds). One regex does the ranges, so
-# the common case costs a regex match and one substring.
+# valid_time is true for an RFC 3339 date-time that time.parse_rfc3339_ns accepts, checked by one
+# regex: years 1678-2261 (epoch nanoseconds fit int64 only from 1677-09-21 to 2262-04-11; whole
+# years inside that), each month's days, and February 29 only in the leap years of that range
+# (every fourth year except 1700, 1800, 1900, 2100 and 2200; 2000 is one). The pattern is written
+# inline: a rule holding it would cost a step per query, a leap-year test three more.
 valid_time(t) if {
 	is_string(t)
-	regex.match(_rfc3339, t)
-	_leap_day_ok(t)
+	regex.match(`^((167[89]|16[89][0-9]|1[7-9][0-9]{2}|2[01][0-9]{2}|22[0-5][0-9]|226[01])-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)|02-(0[1-9]|1[0-9]|2[0-8]))|(16(8[048]|9[26])|(1[7-9]|2[01])(0[48]|[2468][048]|[13579][26])|2000|22(0[48]|[24][048]|60|[135][26]))-02-29)T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$`, t)
 }
-
-_leap_day_ok(t) if {
-	substring(t, 5, 5) != "02-29"
-} else if {
-	_leap(to_number(substring(t, 0, 4)))
-}
-
-_leap(year) if {
-	year % 4 == 0
-	year % 100 != 0
-}
-
-_leap(year) if year % 400 == 0
 
 default well_formed := false
 
@@ -170,11 +154,13 @@ well_formed if {
 	subject_well_formed
 	action := input.action
 	is_object(action)
-	is_string(action.tool)
-	trim_space(action.tool) != ""
+	name := action.tool # each field read once into a local: one step instead of one per use
+	is_string(name)
+	trim_space(name) != ""
 	action.operation in {"read", "search", "create", "update"}
-	is_string(action.resource_type)
-	trim_space(action.resource_type) != ""
+	rtype := action.resource_type
+	is_string(rtype)
+	trim_space(rtype) != ""
 	resource := input.resource
 	is_object(resource)
 	_patient_ok(object.get(resource, "patient", null))
@@ -194,12 +180,14 @@ default subject_well_formed := false
 subject_well_formed if {
 	subject := input.subject
 	is_object(subject)
-	is_string(subject.id)
-	trim_space(subject.id) != ""
+	id := subject.id
+	is_string(id)
+	trim_space(id) != ""
 	subject.authn in {"oauth", "api_key", "local"}
 	is_object(subject.claims)
-	is_array(subject.scopes)
-	every scope in subject.scopes {
+	raw_scopes := subject.scopes
+	is_array(raw_scopes)
+	every scope in raw_scopes {
 		is_string(scope)
 	}
 	type_name(object.get(subject, "on_behalf_of", null)) in {"null", "string"}
@@ -237,11 +225,18 @@ patient := p if {
 
 default params := {}
 
-params := input.resource.params if is_object(input.resource.params)
+params := p if {
+	p := input.resource.params
+	is_object(p)
+}
 
 default declared_purpose := null
 
-declared_purpose := input.context.purpose if util.non_empty_string(input.context.purpose)
+declared_purpose := p if {
+	p := input.context.purpose
+	is_string(p)
+	trim_space(p) != ""
+}
 
 default context_given := false
 

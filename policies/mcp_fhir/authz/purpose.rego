@@ -31,8 +31,9 @@ _mismatch if {
 
 # effective is the purpose this request acts under; undefined when missing or contradictory.
 # One else chain: the declared purpose, else (nothing declared) the bound one.
-effective := request.declared_purpose if {
-	_declared
+effective := p if {
+	p := request.declared_purpose # _declared, written out: the value is needed anyway
+	p != null
 	not _mismatch
 } else := _bound_purpose if {
 	not _mismatch
@@ -48,16 +49,11 @@ access := _defaults.access[request.operation]
 default permitted := false
 
 # permitted holds when the effective purpose covers this access kind and resource type.
-permitted if covers(definition, access, request.resource_type)
-
-# covers is true when purpose definition def allows access kind acc on resource type rt.
-covers(def, acc, rt) if {
-	acc in def.access
-	def.resource_types[rt]
+permitted if {
+	def := definition
+	access in def.access
+	def.resource_types[request.resource_type]
 }
-
-# categories is the category list the purpose allows for rt; undefined when unrestricted.
-categories(def, rt) := util.as_set(def.resource_types[rt].categories)
 
 default max_lookback_days := 36500
 
@@ -67,7 +63,10 @@ max_lookback_days := object.get(definition, "max_lookback_days", _defaults.unbou
 default max_results := 0
 
 # max_results is the smaller of the default cap and the purpose's own cap.
-max_results := min({_defaults.max_results, object.get(definition, "max_results", _defaults.max_results)})
+max_results := min({cap, object.get(def, "max_results", cap)}) if {
+	def := definition
+	cap := _defaults.max_results
+}
 
 default redact := set()
 

@@ -12,25 +12,20 @@ import data.mcp_fhir.authz.util
 import data.mcp_fhir.config.claims as _claims_cfg
 import data.mcp_fhir.config.roles as _roles_data
 
-# roles_from_claims maps the configured roles claim (a list of strings) to known roles.
-roles_from_claims(claims, cfg, known) := {role |
-	values := claims[cfg.roles]
+default roles := set()
+
+# roles: the known roles that the configured roles claim (a list of strings) maps to.
+roles := {role |
+	values := request.claims[_claims_cfg.roles]
 	is_array(values)
 	some value in values
 	is_string(value)
-	role := cfg.role_map[value]
-	known[role]
+	role := _claims_cfg.role_map[value]
+	_roles_data[role]
 }
 
-default roles := set()
-
-roles := roles_from_claims(request.claims, _claims_cfg, _roles_data)
-
-# permits is true when role definition def grants access kind acc on resource type rt.
-permits(def, acc, rt) if rt in def[acc]
-
 # permitting_roles grant this access on this resource type, whatever the purpose.
-permitting_roles := {r | some r in roles; permits(_roles_data[r], purpose.access, request.resource_type)}
+permitting_roles := {r | some r in roles; request.resource_type in _roles_data[r][purpose.access]}
 
 # granting_roles grant this access on this resource type AND list the effective purpose.
 granting_roles := {r | some r in permitting_roles; purpose.effective in _roles_data[r].purposes}
@@ -38,9 +33,7 @@ granting_roles := {r | some r in permitting_roles; purpose.effective in _roles_d
 # role_redact: what every granting role redacts (the most permissive granting role wins).
 default role_redact := set()
 
-role_redact := intersection({util.as_set(_roles_data[r].redact) | some r in granting_roles}) if {
-	count(granting_roles) > 0
-}
+role_redact := intersection({util.as_set(_roles_data[r].redact) | some r in granting_roles})
 
 # role_definition gives the data entry of a role (for other packages).
 role_definition(r) := _roles_data[r]

@@ -7,22 +7,31 @@ _cfg := data.mcp_fhir.config.claims
 
 _roles := data.mcp_fhir.config.roles
 
+_with_claims(claims) := testing.patched(testing.clinician_obs, {"/subject/claims": claims})
+
 test_roles_claim_maps_to_roles if {
-	rbac.roles_from_claims({"roles": ["nurse", "clinician", "x", 5]}, _cfg, _roles) == {"nurse", "clinician"}
+	rbac.roles == {"nurse", "clinician"} with input as _with_claims({"roles": ["nurse", "clinician", "x", 5]})
 }
 
 test_roles_claim_name_is_configurable if {
 	cfg := object.union(_cfg, {"roles": "groups"})
-	rbac.roles_from_claims({"groups": ["auditor"], "roles": ["admin"]}, cfg, _roles) == {"auditor"}
+	i := _with_claims({"groups": ["auditor"], "roles": ["admin"]})
+	rbac.roles == {"auditor"} with input as i with data.mcp_fhir.config.claims as cfg
 }
 
 test_roles_claim_not_a_list_grants_nothing if {
-	rbac.roles_from_claims({"roles": "clinician"}, _cfg, _roles) == set()
+	rbac.roles == set() with input as _with_claims({"roles": "clinician"})
+}
+
+test_roles_of_a_malformed_subject_are_none if {
+	rbac.roles == set() with input as testing.patched(testing.clinician_obs, {"/subject/claims": []})
 }
 
 test_clinician_cannot_write_medications if {
-	not rbac.permits(_roles.clinician, "write", "MedicationRequest")
-	rbac.permits(_roles.clinician, "write", "DocumentReference")
+	w := testing.req(["clinician"], ["user/*.cruds"], "create_clinical_note", "create", "MedicationRequest", "p1", "treatment")
+	rbac.permitting_roles == set() with input as w
+	d := testing.patched(w, {"/action/resource_type": "DocumentReference"})
+	rbac.permitting_roles == {"clinician"} with input as d
 }
 
 test_nurse_writes_nothing if {

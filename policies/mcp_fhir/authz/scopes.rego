@@ -13,11 +13,12 @@ import data.mcp_fhir.config.defaults as _defaults
 
 # parse turns one scope string into {context, type, letters, categories}; categories is
 # null when the scope does not restrict categories. Undefined for scopes it cannot honour.
-parse(scope) := {"context": m[1], "type": m[2], "letters": letters, "categories": cats} if {
-	[m] := regex.find_all_string_submatch_n(`^(?:(patient|user|system)/)?([A-Za-z]+|\*)\.(read|write|\*|c?r?u?d?s?)(?:\?(.+))?$`, scope, 1)
-	letters := _letters(m[3], m[4])
+# The match is destructured in one step (no m[i] lookup per group).
+parse(scope) := {"context": ctx, "type": rtype, "letters": letters, "categories": cats} if {
+	[[_, ctx, rtype, perm, query]] := regex.find_all_string_submatch_n(`^(?:(patient|user|system)/)?([A-Za-z]+|\*)\.(read|write|\*|c?r?u?d?s?)(?:\?(.+))?$`, scope, 1)
+	letters := _letters(perm, query)
 	count(letters) > 0
-	cats := _query_categories(m[4])
+	cats := _query_categories(query)
 }
 
 # v1 permissions carry no query; v2 letters may. Each function is one else chain (a function
@@ -73,18 +74,22 @@ letter := _defaults.scope_letter[request.operation]
 # subject_scopes: the subject's honoured scopes, parsed once per evaluation (visible_tools reuses it).
 subject_scopes := parsed_scopes(request.scopes)
 
-# _request_covering: the subject's scopes that grant this request, computed once.
-_request_covering := covering(_request_candidates, request.resource_type, letter, request.patient != null)
-
-# _request_candidates: the honoured scopes that could cover this request's resource type. A covering
-# scope's text always holds the type name or "*", so only those scopes are parsed (a subject with
-# one scope per type parses one or two, not all of them).
-_request_candidates := {s |
+# _request_covering: the subject's scopes that grant this request, computed once: covering()
+# written out over the scopes that could cover this request's resource type. A covering scope's
+# text always holds the type name or "*", so only those scopes are parsed (a subject with one
+# scope per type parses one or two, not all of them). Rule values are bound to locals outside the
+# comprehension (a rule reference inside it costs a step per scope).
+_request_covering := {s |
 	some raw in request.scopes
 	_may_cover(raw, rt)
 	s := parse(raw)
+	s.type in {rt, "*"}
+	l in s.letters
+	_context_fits(s.context, patient_given)
 } if {
 	rt := request.resource_type
+	l := letter
+	patient_given := request.patient != null
 }
 
 _may_cover(raw, rt) if {
@@ -99,12 +104,19 @@ default covered := false
 covered if count(_request_covering) > 0
 
 # request_categories: the scope-imposed categories for this request; undefined when unrestricted.
-request_categories := _categories_of(_request_covering)
+# (categories() for this request, written out: no function call per query. scopes_test.rego pins
+# _request_covering and request_categories to covering() and categories().)
+request_categories := {c | some s in cover; some c in s.categories} if {
+	cover := _request_covering
+	count(cover) > 0
+	every s in cover {
+		s.categories != null
+	}
+}
 
 # categories gives the categories the covering scopes allow; undefined when unrestricted.
-categories(scopes, rt, letter, patient_given) := _categories_of(covering(scopes, rt, letter, patient_given))
-
-_categories_of(cover) := cats if {
+categories(scopes, rt, letter, patient_given) := cats if {
+	cover := covering(scopes, rt, letter, patient_given)
 	count(cover) > 0
 	every s in cover {
 		s.categories != null

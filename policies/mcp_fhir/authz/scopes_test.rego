@@ -35,6 +35,46 @@ test_mixed_scopes_unrestricted_wins if {
 	not scopes.categories(parsed, "Observation", "s", true)
 }
 
+test_category_scope_narrows_categories if {
+	parsed := scopes.parsed_scopes(["user/Observation.s?category=laboratory", "user/Observation.s?category=x|vital-signs"])
+	scopes.categories(parsed, "Observation", "s", true) == {"laboratory", "vital-signs"}
+}
+
+_scope_cases := [
+	["user/*.cruds"],
+	["user/Observation.rs", "user/Patient.rs"],
+	["patient/Observation.rs?category=laboratory", "user/Observation.s?category=vital-signs"],
+	["user/Observation.s?category=laboratory", "Observation.read"],
+	["patient/*.read", "system/Observation.s?category=http://x|laboratory,social-history"],
+	["user/Patient.r", "garbage"],
+	[],
+]
+
+# The request path (_request_covering, request_categories) writes covering() and categories() out
+# over the pre-filtered scopes: both must agree with the general functions for every case.
+test_request_scopes_agree_with_the_general_functions if {
+	mismatches := {[raw, patient] |
+		some raw in _scope_cases
+		some patient in ["p1", null]
+		i := testing.patched(testing.clinician_obs, {"/subject/scopes": raw, "/resource/patient": patient})
+		not _agrees(i, scopes.parsed_scopes(raw), patient != null)
+	}
+	count(mismatches) == 0
+}
+
+_agrees(i, parsed, given) if {
+	cover := scopes.covering(parsed, "Observation", "s", given)
+	scopes._request_covering == cover with input as i
+	_same_categories(i, parsed, given)
+}
+
+_same_categories(i, parsed, given) if {
+	scopes.request_categories == scopes.categories(parsed, "Observation", "s", given) with input as i
+} else if {
+	not scopes.request_categories with input as i
+	not scopes.categories(parsed, "Observation", "s", given)
+}
+
 test_scope_not_granted_denied if {
 	i := testing.patched(testing.clinician_obs, {"/subject/scopes": ["user/Patient.rs"]})
 	{r.code | some r in scopes.deny with input as i} == {"SCOPE_NOT_GRANTED"}
