@@ -266,7 +266,7 @@ class Bench:
         from tests.testbed.sidecar import POLICIES
 
         self.log("starting the FHIR test bed")
-        with start_fhir_server() as fhir:
+        with start_fhir_server(read_latency_ms=self.args.ehr_latency_ms) as fhir:
             async with ManagedOpa([POLICIES], decision_log=self.workdir / "opa-decisions.log") as opa:
                 key, digest = generate_api_key()
                 nocache = await self._sidecar(
@@ -433,6 +433,7 @@ class Bench:
             "mode": "quick" if self.quick else "full",
             "cell_seconds": self.seconds,
             "rounds": self.rounds,
+            "ehr_read_latency_ms": self.args.ehr_latency_ms,
             "ratio_rounds": {
                 str(conc): [
                     {name: round(by_c[conc], 4) for name, by_c in self._round_ratios(conc, one).items()}
@@ -636,10 +637,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_RESULTS, help="where to write the JSON results")
     p.add_argument("--check", type=Path, help="fail if a ratio grew >25%% over this baseline")
     p.add_argument("--write-baseline", type=Path, help="write this run's ratios as a baseline")
+    p.add_argument(
+        "--ehr-latency-ms",
+        type=int,
+        default=0,
+        help="the FHIR test bed answers every read this much later, like an EHR across a network",
+    )
     p.add_argument("--keep-workdir", action="store_true")
     args = p.parse_args(argv)
     if args.seconds <= 0 or args.seconds > 120:
         p.error("--seconds must be between 0 and 120")
+    from tests.testbed.fhir import MAX_READ_LATENCY_MS
+
+    if not 0 <= args.ehr_latency_ms <= MAX_READ_LATENCY_MS:
+        p.error(f"--ehr-latency-ms must be between 0 and {MAX_READ_LATENCY_MS}")
     if not 1 <= args.rounds <= MAX_ROUNDS:
         p.error(f"--rounds must be between 1 and {MAX_ROUNDS}")
     return args

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -17,7 +18,13 @@ import httpx2
 import pytest
 
 from tests.testbed import data
-from tests.testbed.fhir import FhirTestServer, start_fhir_server, testbed_unavailable_reason
+from tests.testbed.fhir import (
+    FhirTestServer,
+    TestbedError,
+    launch_fhir_server,
+    start_fhir_server,
+    testbed_unavailable_reason,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -103,6 +110,24 @@ def test_metadata_reports_stu3_when_started_with_the_fhir_version_flag() -> None
     with start_fhir_server(fhir_version="3.0.2", load=False) as stu3:
         response = httpx2.get(f"{stu3.base_url}/metadata", timeout=REQUEST_TIMEOUT)
     assert response.json()["fhirVersion"] == "3.0.2"
+
+
+def test_a_read_latency_delays_every_read_by_at_least_that_long() -> None:
+    _require_testbed()
+    with start_fhir_server(load=False, read_latency_ms=150) as slow:
+        with httpx2.Client(timeout=REQUEST_TIMEOUT) as http:
+            http.get(f"{slow.base_url}/metadata")  # the connection is open before the clock starts
+            began = time.perf_counter()
+            response = http.get(f"{slow.base_url}/metadata")
+            elapsed = time.perf_counter() - began
+    assert response.status_code == 200
+    assert elapsed >= 0.15
+
+
+@pytest.mark.parametrize("latency", [-1, 10_001])
+def test_a_read_latency_outside_its_bounds_is_refused(latency: int) -> None:
+    with pytest.raises(TestbedError, match="read_latency_ms"):
+        launch_fhir_server(load=False, read_latency_ms=latency)
 
 
 def test_every_catalogued_patient_is_readable_by_its_canonical_id(client: httpx2.Client) -> None:

@@ -58,6 +58,7 @@ DEFAULT_FHIR_VERSION = "4.0.1"
 DEFAULT_START_TIMEOUT = 20.0  # seconds until the ready line; a cold start takes about one
 DEFAULT_LOAD_TIMEOUT = 60.0  # seconds per data-set bundle POST
 DEFAULT_STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
+MAX_READ_LATENCY_MS = 10_000  # the server refuses more: a benchmark knob, not a fault injector
 STDERR_TAIL_LINES = 40  # how much of the server's stderr an error message quotes
 
 FHIR_SERVER_DIR = Path(__file__).resolve().parent / "fhir_server"
@@ -180,15 +181,30 @@ def launch_fhir_server(
     fhir_version: str = DEFAULT_FHIR_VERSION,
     load: bool = True,
     start_timeout: float = DEFAULT_START_TIMEOUT,
+    read_latency_ms: int = 0,
 ) -> FhirTestServer:
-    """Start the server and (by default) load the data set. The caller must ``stop()`` it."""
+    """Start the server and (by default) load the data set. The caller must ``stop()`` it.
+
+    ``read_latency_ms`` delays every GET answer, like an EHR across a network (writes are not delayed).
+    """
+    if not 0 <= port <= 65535:
+        raise TestbedError("port must be between 0 and 65535")
+    if not 0 <= read_latency_ms <= MAX_READ_LATENCY_MS:
+        raise TestbedError(f"read_latency_ms must be between 0 and {MAX_READ_LATENCY_MS}")
     reason = testbed_unavailable_reason()
     if reason:
         raise TestbedError(reason)
-    if not 0 <= port <= 65535:
-        raise TestbedError("port must be between 0 and 65535")
     process = subprocess.Popen(
-        [str(NODE_BINARY), str(SERVER_SCRIPT), "--port", str(port), "--fhir-version", fhir_version],
+        [
+            str(NODE_BINARY),
+            str(SERVER_SCRIPT),
+            "--port",
+            str(port),
+            "--fhir-version",
+            fhir_version,
+            "--read-latency-ms",
+            str(read_latency_ms),
+        ],
         cwd=FHIR_SERVER_DIR,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -235,9 +251,16 @@ def start_fhir_server(
     fhir_version: str = DEFAULT_FHIR_VERSION,
     load: bool = True,
     start_timeout: float = DEFAULT_START_TIMEOUT,
+    read_latency_ms: int = 0,
 ) -> Iterator[FhirTestServer]:
     """Run the FHIR test server for the ``with`` block, with the data set loaded unless ``load=False``."""
-    server = launch_fhir_server(port=port, fhir_version=fhir_version, load=load, start_timeout=start_timeout)
+    server = launch_fhir_server(
+        port=port,
+        fhir_version=fhir_version,
+        load=load,
+        start_timeout=start_timeout,
+        read_latency_ms=read_latency_ms,
+    )
     try:
         yield server
     finally:

@@ -86,8 +86,15 @@ function readTrimmedDefinitions(file) {
 }
 
 const { values: args } = parseArgs({
-  options: { port: { type: 'string' }, 'fhir-version': { type: 'string' } },
+  options: { port: { type: 'string' }, 'fhir-version': { type: 'string' }, 'read-latency-ms': { type: 'string' } },
 });
+// --read-latency-ms N: answer every GET N ms late, like an EHR across a network (the benchmark's
+// cache rows); writes (the data set load) are not delayed.
+const readLatencyMs = Number.parseInt(args['read-latency-ms'] ?? '0', 10);
+if (!Number.isInteger(readLatencyMs) || readLatencyMs < 0 || readLatencyMs > 10000) {
+  process.stderr.write(`invalid --read-latency-ms: ${args['read-latency-ms']}\n`);
+  process.exit(2);
+}
 const port = Number.parseInt(args.port ?? process.env.PORT ?? '0', 10);
 const fhirVersion = args['fhir-version'] ?? DEFAULT_FHIR_VERSION;
 if (!Number.isInteger(port) || port < 0 || port > 65535) {
@@ -278,6 +285,14 @@ async function handle(req, res) {
 }
 
 const server = http.createServer((req, res) => {
+  if (readLatencyMs > 0 && req.method === 'GET') {
+    setTimeout(() => serve(req, res), readLatencyMs);
+  } else {
+    serve(req, res);
+  }
+});
+
+function serve(req, res) {
   handle(req, res).catch((err) => {
     if (err instanceof HttpError) {
       send(res, err.status, outcome(err.status === 404 ? 'not-found' : 'invalid', err.message));
@@ -286,7 +301,7 @@ const server = http.createServer((req, res) => {
       send(res, getStatus(oo) || 500, oo);
     }
   });
-});
+}
 
 server.listen(port, HOST, () => {
   const actual = server.address().port;
