@@ -8,6 +8,7 @@ Secrets are never inline: the file names an environment variable (`*_env`) or a 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -66,9 +67,22 @@ class ServerSettings(_Strict):
         description="Answer each MCP POST with one JSON body instead of an SSE stream "
         "(the sidecar sends no notifications during a call).",
     )
+    event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "auto", description="The HTTP server's event loop; auto takes uvloop when it is installed."
+    )
+    http_parser: Literal["auto", "h11", "httptools"] = Field(
+        "auto", description="The HTTP/1.1 parser; auto takes httptools when it is installed."
+    )
     metrics_port: int | None = Field(None, ge=1, le=65535)
 
     _v_public = field_validator("public_url")(lambda v: _http_url(v))
+
+    @model_validator(mode="after")
+    def _server_extras_installed(self) -> ServerSettings:
+        for key, module in (("event_loop", "uvloop"), ("http_parser", "httptools")):
+            if getattr(self, key) == module and importlib.util.find_spec(module) is None:
+                raise ConfigError(f"server.{key}", f"{module} is not installed")
+        return self
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerSettings:

@@ -7,10 +7,13 @@ import json
 import logging
 import ssl
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mcp_fhir._exceptions import MCPFhirError
 from mcp_fhir._version import __version__
+
+if TYPE_CHECKING:
+    from mcp_fhir.config import Settings
 
 log = logging.getLogger("mcp_fhir.cli")
 
@@ -41,25 +44,28 @@ def _serve(args: argparse.Namespace) -> int:
         server.run("stdio")
         return 0
     app = build_http_app(settings, server)
-    tls: dict[str, Any] = {}
-    if settings.server.tls_cert_file:
-        import ssl
+    uvicorn.run(app, **uvicorn_options(settings))
+    return 0
 
-        tls = {
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """What `serve` hands uvicorn: address, event loop, HTTP parser, and TLS when configured."""
+    options: dict[str, Any] = {
+        "host": settings.server.host,
+        "port": settings.server.port,
+        "loop": settings.server.event_loop,
+        "http": settings.server.http_parser,
+        "log_level": "warning",
+        "access_log": False,
+    }
+    if settings.server.tls_cert_file:
+        options |= {
             "ssl_certfile": str(settings.server.tls_cert_file),
             "ssl_keyfile": str(settings.server.tls_key_file),
             "ssl_version": ssl.PROTOCOL_TLS_SERVER,
             "ssl_context_factory": _tls_context,
         }
-    uvicorn.run(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        log_level="warning",
-        access_log=False,
-        **tls,
-    )
-    return 0
+    return options
 
 
 def _tls_context(config: Any, default_factory: Any) -> Any:
