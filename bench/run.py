@@ -3,7 +3,7 @@
 Starts the FHIR test bed, one managed OPA with decision logging on, and sidecar processes
 (`mcp-fhir serve`, streamable HTTP, API-key auth, durable file audit), then measures:
 
-    a  bare HTTP POST of the decision input to OPA (httpx2, keep-alive)
+    a  bare HTTP POST of the decision input to OPA (aiohttp, keep-alive, like the load generator)
     b  the sidecar's decision step in-process (decision_input + OpaPolicyEngine.evaluate)
     c  bare FHIR GET Patient/<id>
     d  read_patient through the sidecar, cache off
@@ -33,6 +33,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx2
 
 from bench import profile as profiling
@@ -69,6 +70,13 @@ CELL_LABELS = {
     "d_sidecar_nocache": "d  sidecar, cache off",
     "e_sidecar_cache": "e  sidecar, cache warm",
     "f_peer_wso2": "f  WSO2 peer",
+    "d_sse": "d' sidecar, SSE responses",
+    "d_asyncio": 'd" sidecar, asyncio + h11',
+}
+# --ab-server: d beside the same sidecar with one serving choice undone (cache off in all three).
+AB_SIDECARS = {
+    "d_sse": ("sidecar-sse", {"json_response": False}),
+    "d_asyncio": ("sidecar-asyncio", {"event_loop": "asyncio", "http_parser": "h11"}),
 }
 
 
@@ -114,7 +122,14 @@ def machine() -> dict[str, Any]:
 
 
 def sidecar_cfg(
-    workdir: Path, fhir_url: str, opa_url: str, key_hash: str, port: int, **overrides: Any
+    workdir: Path,
+    fhir_url: str,
+    opa_url: str,
+    key_hash: str,
+    port: int,
+    *,
+    server: dict[str, Any] | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """An HTTP sidecar config over the test bed, authenticated by one API key (the nurse's claims)."""
     from tests.testbed.sidecar import NURSE, sidecar_config
@@ -125,7 +140,7 @@ def sidecar_cfg(
         opa_url=opa_url,
         identity=NURSE,
         transport="http",
-        server={"transport": "http", "host": "127.0.0.1", "port": port},
+        server={**(server or {}), "transport": "http", "host": "127.0.0.1", "port": port},
         **overrides,
     )
     cfg["auth"] = {
@@ -215,6 +230,7 @@ class Bench:
         self._round_p50: dict[int, list[dict[str, float]]] = {}
         # Processes whose CPU time is charged to each cell: name -> pid (set once they run).
         self.cpu_pids: dict[str, int] = {"harness": os.getpid()}
+        self.ab: dict[str, Child] = {}  # --ab-server: cell -> the sidecar with one choice undone
         # cell -> concurrency -> [calls, {process: CPU seconds}]
         self._cpu: dict[str, dict[int, tuple[int, dict[str, float]]]] = {}
         self.notes: list[str] = []
@@ -230,7 +246,7 @@ class Bench:
             cpu_before = {proc: cpu_seconds(pid) for proc, pid in self.cpu_pids.items()}
             samples = await run_cell_samples(factory, conc, seconds=self.seconds)
             cpu_after = {proc: cpu_seconds(pid) for proc, pid in self.cpu_pids.items()}
-        except (BenchError, OSError, TimeoutError, httpx2.HTTPError) as exc:
+        except (BenchError, OSError, TimeoutError, httpx2.HTTPError, aiohttp.ClientError) as exc:
             self.notes.append(f"{name} c={conc} round {round_no + 1} failed: {type(exc).__name__}")
             self.log(f"{name} c={conc} failed: {type(exc).__name__}")
             return None
@@ -275,6 +291,12 @@ class Bench:
                 cached = await self._sidecar(
                     "sidecar-cache", fhir.base_url, opa.url, digest, cache={"enabled": True}
                 )
+                for cell_name, (name, server) in AB_SIDECARS.items() if self.args.ab_server else ():
+                    child = await self._sidecar(
+                        name, fhir.base_url, opa.url, digest, cache={"enabled": False}, server=server
+                    )
+                    self.ab[cell_name] = child
+                    self.cpu_pids[name] = child.pid
                 if opa.process is not None:
                     self.cpu_pids["opa"] = opa.process.pid
                 self.cpu_pids |= {
@@ -311,7 +333,7 @@ class Bench:
         from mcp_fhir.policy.opa import OpaPolicyEngine, OpaSettings
 
         arguments = {"patient_id": PATIENT, "purpose": PURPOSE}
-        for child in (nocache, cached):
+        for child in (nocache, cached, *self.ab.values()):
             await official_client_check(child.url, key, "read_patient", arguments)
         recorded = recorded_decision_input(self.workdir / "sidecar-nocache" / "audit.jsonl")
         subject_in = recorded["subject"]
@@ -330,12 +352,17 @@ class Bench:
 
         async with (
             httpx2.AsyncClient(limits=limits, timeout=10) as http,
+            aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=HTTP_POOL), timeout=aiohttp.ClientTimeout(total=10)
+            ) as bare,
             OpaPolicyEngine(OpaSettings(url=opa_url)) as engine,
         ):
-
+            # The bare cells use the load generator's client (aiohttp, `bench/mcp_session.py`).
             async def opa_bare() -> None:
-                r = await http.post(decision_url, content=body, headers={"Content-Type": "application/json"})
-                if r.status_code != 200 or "result" not in r.json():
+                headers = {"Content-Type": "application/json"}
+                async with bare.post(decision_url, data=body, headers=headers) as r:
+                    answer = await r.json(content_type=None)
+                if r.status != 200 or "result" not in answer:
                     raise BenchError("OPA answered without a result")
 
             async def decide() -> None:
@@ -355,10 +382,10 @@ class Bench:
                     raise BenchError("the benchmark decision was a deny")
 
             async def fhir_bare() -> None:
-                r = await http.get(
-                    f"{fhir_url}/Patient/{PATIENT}", headers={"Accept": "application/fhir+json"}
-                )
-                if r.status_code != 200:
+                headers = {"Accept": "application/fhir+json"}
+                async with bare.get(f"{fhir_url}/Patient/{PATIENT}", headers=headers) as r:
+                    await r.json(content_type=None)
+                if r.status != 200:
                     raise BenchError("the FHIR read failed")
 
             peer = await self._peer(fhir_url)
@@ -378,6 +405,13 @@ class Bench:
                         )
                     for k, v in sampler.result().items():
                         peak[k] = max(peak.get(k, 0), v)
+                    for cell_name, child in self.ab.items():
+                        await self.cell(
+                            cell_name,
+                            lambda u=child.url: mcp_stream(u, key, "read_patient", arguments),  # type: ignore[misc]
+                            conc,
+                            r,
+                        )
                     await self.cell(
                         "e_sidecar_cache",
                         lambda: mcp_stream(cached.url, key, "read_patient", arguments),
@@ -642,6 +676,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=0,
         help="the FHIR test bed answers every read this much later, like an EHR across a network",
+    )
+    p.add_argument(
+        "--ab-server",
+        action="store_true",
+        help="also measure d with SSE responses, and with asyncio + h11, beside d in every round",
     )
     p.add_argument("--keep-workdir", action="store_true")
     args = p.parse_args(argv)

@@ -22,6 +22,9 @@ RATIOS: Mapping[str, tuple[str, tuple[str, ...], float | None]] = {
     "d/(a+c)": ("d_sidecar_nocache", ("a_opa_bare", "c_fhir_bare"), 1.5),
     "d/f": ("d_sidecar_nocache", ("f_peer_wso2",), 1.2),
     "e/d": ("e_sidecar_cache", ("d_sidecar_nocache",), 0.5),
+    # --ab-server: the sidecar as shipped over the same sidecar with one serving choice undone.
+    "d/d_sse": ("d_sidecar_nocache", ("d_sse",), None),
+    "d/d_asyncio": ("d_sidecar_nocache", ("d_asyncio",), None),
 }
 
 
