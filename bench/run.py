@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ FULL_CELL_SECONDS = 5.0
 QUICK_CELL_SECONDS = 0.4  # per round; a quick cell is QUICK_ROUNDS rounds of this
 QUICK_ROUNDS = 5  # interleaved rounds in --quick: the CI guard compares the median ratio
 MAX_ROUNDS = 20
+MAX_RUNS = 10
 PACED_RATE = 300.0  # calls/s for the decision-latency target
 FULL_PACED_SECONDS = 5.0
 QUICK_PACED_SECONDS = 2.0
@@ -671,6 +672,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_RESULTS, help="where to write the JSON results")
     p.add_argument("--check", type=Path, help="fail if a ratio grew >25%% over this baseline")
     p.add_argument("--write-baseline", type=Path, help="write this run's ratios as a baseline")
+    p.add_argument("--runs", type=int, default=1, help="complete runs; ratios are their medians")
     p.add_argument(
         "--ehr-latency-ms",
         type=int,
@@ -690,13 +692,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     if not 0 <= args.ehr_latency_ms <= MAX_READ_LATENCY_MS:
         p.error(f"--ehr-latency-ms must be between 0 and {MAX_READ_LATENCY_MS}")
+    if not 1 <= args.runs <= MAX_RUNS:
+        p.error(f"--runs must be between 1 and {MAX_RUNS}")
     if not 1 <= args.rounds <= MAX_ROUNDS:
         p.error(f"--rounds must be between 1 and {MAX_ROUNDS}")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_once(args: argparse.Namespace) -> dict[str, Any]:
+    """One complete run: start everything, measure, stop, print the table and write the JSON."""
     workdir = Path(tempfile.mkdtemp(prefix="mcp-fhir-bench-"))
     try:
         report = asyncio.run(Bench(args, workdir).run())
@@ -707,16 +711,46 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(table(report))
     print(f"\nwrote {args.out}")
+    return report
+
+
+def lowest_ratios(*runs: Mapping[str, Mapping[Any, float]]) -> dict[str, dict[Any, float]]:
+    """Each ratio's lowest value over several runs (a regression must show in every one)."""
+    out: dict[str, dict[Any, float]] = {}
+    for run in runs:
+        for name, by_c in run.items():
+            for conc, value in by_c.items():
+                known = out.setdefault(name, {}).get(conc)
+                out[name][conc] = value if known is None else min(known, value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    reports = [run_once(args) for _ in range(args.runs)]
+    now = median_ratios([r["ratios"] for r in reports]) if len(reports) > 1 else reports[0]["ratios"]
+    if len(reports) > 1:
+        print("median ratios over the runs: " + json.dumps(now))
     if args.write_baseline:
         baseline = {
-            "comment": "ratios of p50 latency from `python -m bench.run --quick`; lower is better",
-            "ratios": report["ratios"],
+            "comment": (
+                f"ratios of p50 latency from `python -m bench.run --quick`, the median of {args.runs} "
+                "run(s); lower is better"
+            ),
+            "ratios": {n: {str(c): round(v, 4) for c, v in by_c.items()} for n, by_c in now.items()},
         }
         args.write_baseline.write_text(json.dumps(baseline, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.write_baseline}")
     if args.check:
         baseline = json.loads(args.check.read_text(encoding="utf-8"))
-        regressions = compare_to_baseline(report["ratios"], baseline.get("ratios") or {})
+        regressions = compare_to_baseline(now, baseline.get("ratios") or {})
+        if regressions:
+            # A real regression shows again; a burst of load on a shared machine seldom does.
+            print("a ratio grew by more than 25%: measuring again to confirm")
+            again = run_once(args)
+            regressions = compare_to_baseline(
+                lowest_ratios(now, again["ratios"]), baseline.get("ratios") or {}
+            )
         for regression in regressions:
             print(f"REGRESSION {regression}")
         if regressions:

@@ -105,14 +105,14 @@ def ratios(
     return out
 
 
-def median_ratios(rounds: Sequence[Mapping[str, Mapping[int, float]]]) -> dict[str, dict[int, float]]:
+def median_ratios(rounds: Sequence[Mapping[str, Mapping[Any, float]]]) -> dict[str, dict[Any, float]]:
     """Each ratio's median over interleaved rounds (each round's ratios from that round's cells).
 
     Measuring every cell in turn, round after round, and taking the median of the per-round ratios
     keeps a burst of background load from landing on one cell only: a burst moves one round, not
     the median. A ratio missing from some rounds is the median of the rounds that have it.
     """
-    collected: dict[str, dict[int, list[float]]] = {}
+    collected: dict[str, dict[Any, list[float]]] = {}
     for one in rounds:
         for name, by_c in one.items():
             for conc, value in by_c.items():

@@ -12,7 +12,7 @@ from bench.load import CellSamples
 from bench.procs import cpu_seconds
 from bench.profile import layer_of
 from bench.profile import summarise as summarise_profile
-from bench.run import parse_args
+from bench.run import lowest_ratios, parse_args
 from bench.stats import (
     BenchError,
     compare_to_baseline,
@@ -133,8 +133,23 @@ def test_cpu_seconds_grow_with_work_done_and_an_unknown_pid_is_an_error():
         cpu_seconds(2**22 + 1)  # above the default pid_max
 
 
-@pytest.mark.parametrize("rounds", ["0", "21"])
-def test_rounds_outside_the_bounds_are_refused(rounds, capsys):
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--rounds", "0"), ("--rounds", "21"), ("--runs", "0"), ("--runs", "11")]
+)
+def test_rounds_and_runs_outside_their_bounds_are_refused(flag, value, capsys):
     with pytest.raises(SystemExit):
-        parse_args(["--rounds", rounds])
-    assert "--rounds" in capsys.readouterr().err
+        parse_args([flag, value])
+    assert flag in capsys.readouterr().err
+
+
+def test_a_regression_is_confirmed_only_by_the_lowest_of_two_runs():
+    first = {"d/(a+c)": {"1": 5.0, "8": 2.0}, "e/d": {"1": 0.9}}
+    again = {"d/(a+c)": {"1": 3.0, "8": 2.5}, "b/a": {"1": 1.1}}
+    assert lowest_ratios(first, again) == {
+        "d/(a+c)": {"1": 3.0, "8": 2.0},
+        "e/d": {"1": 0.9},
+        "b/a": {"1": 1.1},
+    }
+    baseline = {"d/(a+c)": {"1": 3.5, "8": 1.5}}
+    [confirmed] = compare_to_baseline(lowest_ratios(first, again), baseline)
+    assert (confirmed.ratio, confirmed.concurrency) == ("d/(a+c)", 8)
