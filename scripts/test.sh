@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: the README's test command, and what .ci/run calls.
 #   policy gates (opa fmt, check --strict, test --coverage), ruff, then pytest (unit + integration
-#   against the real OPA, the FHIR test bed, PostgreSQL and Redis, and real MCP clients).
+#   against the real OPA, the FHIR test bed, PostgreSQL and Redis, and real MCP clients), then the
+#   benchmark ratio guard (a full run only: no pytest arguments).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 COVERAGE_THRESHOLD=${COVERAGE_THRESHOLD:-95}
@@ -24,3 +25,11 @@ echo "== ruff, mypy"
 
 echo "== pytest"
 .venv/bin/pytest -q -p no:cacheprovider "$@"
+
+# The benchmark's ratio guard (issue #10): a short run, compared with bench/baseline.json; a ratio
+# that grows by more than 25% fails, after a second run confirms it. Only on the full suite.
+if [ "$#" -eq 0 ]; then
+  echo "== benchmark ratio guard (bench/run.py --quick --check bench/baseline.json)"
+  .venv/bin/python -m bench.run --quick --check bench/baseline.json \
+    --out "${TMPDIR:-/tmp}/mcp-fhir-bench-quick.json" 2>&1 | grep -v '^\[bench\]'
+fi
