@@ -1,6 +1,8 @@
 """A py-spy profile of the sidecar under load, summarised by call-path layer.
 
-`py-spy record --format raw` writes collapsed stacks (`frame;frame;... count`, root first). Each
+`py-spy record --gil --format raw` writes collapsed stacks (`frame;frame;... count`, root first) of
+the thread holding the GIL only, so the shares are of the sidecar's Python CPU time, not of time
+spent waiting for OPA, the EHR or the disk. Each
 sample is charged to the first layer met walking from the leaf towards the root, so time in
 `json` or `asyncio` called from the audit sink is audit time, and time in pydantic called by the
 MCP SDK is validation/serialisation.
@@ -87,6 +89,7 @@ async def profile_sidecar(bench: Any, child: Child, stream: Callable[[], Any]) -
                 "--output",
                 str(raw),
                 "--nonblocking",
+                "--gil",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
