@@ -1,7 +1,7 @@
 """The EHR client seam: what the tools need from an EHR, and the real implementation over FHIR.
 
 `EHRClient` is the interface; `FhirEHRClient` is the real one (fhirpy query building on the
-pooled httpx2 transport, a SMART token, the backend's profile, cache, rate limit, circuit
+pooled aiohttp transport, a SMART token, the backend's profile, cache, rate limit, circuit
 breaker and read retries); `FakeEHRClient` is the in-package fake for unit tests.
 """
 
@@ -15,8 +15,6 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
-import httpx2
-
 from mcp_fhir import metrics
 from mcp_fhir._exceptions import (
     MCPFhirError,
@@ -27,7 +25,7 @@ from mcp_fhir._exceptions import (
     UpstreamUnavailable,
 )
 from mcp_fhir.ehr.hl7_results import Hl7ResultsSource
-from mcp_fhir.ehr.transport import PooledFHIRClient, Response, send
+from mcp_fhir.ehr.transport import EhrHttp, PooledFHIRClient, Response, send
 from mcp_fhir.resilience.cache import Cache, CacheKey
 
 Params = Mapping[str, str | Sequence[str]]
@@ -166,7 +164,7 @@ class FhirEHRClient:
         name: str,
         base_url: str,
         *,
-        http: httpx2.AsyncClient,
+        http: EhrHttp,
         token_provider: TokenProvider | None = None,
         normalise: Normaliser | None = None,
         guard: Guard | None = None,

@@ -2,18 +2,28 @@
 
 fhirpy's async client opens a new aiohttp session for every request: no keep-alive, a TLS
 handshake per call. `PooledFHIRClient` keeps fhirpy's query building and resource model but
-sends every request through one long-lived `httpx2.AsyncClient`, so connections are reused.
-`send()` is the one seam where HTTP failures become `UpstreamError` leaves.
+sends every request through one long-lived session, so connections are reused.
+
+    EhrHttp (Protocol)      request() one exchange, aclose()
+    ├── AiohttpEhrHttp      the real one: one aiohttp session, keep-alive, finite timeouts, verified TLS
+    └── FakeEhrHttp         in-package fake for unit tests: answers with a function, keeps every request
+
+The EHR path uses aiohttp, not httpx2 (the rest of the stack's client): on the same FHIR read it
+costs about a quarter of httpx2's CPU and half its wall time (`python -m bench.http_clients`,
+`docs/performance.md`), and the sidecar already carries aiohttp for OPA. `AiohttpEhrHttp.request`
+is the one place where aiohttp failures become `UpstreamError` leaves; `send()` turns HTTP statuses
+into them.
 """
 
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-import httpx2
+import aiohttp
 from fhirpy import AsyncFHIRClient
 
 from mcp_fhir._exceptions import (
@@ -30,6 +40,8 @@ DEFAULT_CONNECT_TIMEOUT = 3.0
 DEFAULT_READ_TIMEOUT = 15.0
 DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024  # a response larger than this is refused, not parsed
+READ_CHUNK_BYTES = 64 * 1024
+FHIR_JSON = "application/fhir+json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,41 +53,137 @@ class Response:
     retry_after: str | None = None
 
 
+class EhrHttp(Protocol):
+    """One HTTP exchange with the EHR. Transport failures raise `UpstreamError` leaves; statuses do not."""
+
+    async def request(
+        self, method: str, url: str, *, json_body: Any, headers: Mapping[str, str], max_body: int
+    ) -> Response: ...
+
+    async def aclose(self) -> None: ...
+
+
+def _parse(status: int, raw: bytes) -> Any:
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        if status < 400:
+            raise UpstreamBadResponse("the EHR answered with a body that is not JSON") from exc
+    return None
+
+
+class AiohttpEhrHttp:
+    """The pooled session for one backend: keep-alive, finite timeouts, verified TLS, no redirects.
+
+    The aiohttp session is opened on first use, inside the running event loop. Proxy variables in the
+    environment are ignored, as for the SMART token client: credentials go only where configured.
+    """
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        if connect_timeout <= 0 or read_timeout <= 0 or max_connections < 1:
+            raise ValueError("timeouts must be positive and max_connections at least 1")
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect_timeout, sock_connect=connect_timeout, sock_read=read_timeout
+        )
+        self._max_connections = max_connections
+        self._ssl = ssl_context
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._max_connections, ssl=self._ssl if self._ssl is not None else True
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=self._timeout, headers={"Accept": FHIR_JSON}, trust_env=False
+            )
+        return self._session
+
+    async def request(
+        self, method: str, url: str, *, json_body: Any, headers: Mapping[str, str], max_body: int
+    ) -> Response:
+        data = None if json_body is None else json.dumps(json_body).encode()
+        try:
+            async with self._client().request(
+                method, url, data=data, headers=dict(headers), allow_redirects=False
+            ) as response:
+                if response.content_length is not None and response.content_length > max_body:
+                    raise UpstreamBadResponse("the EHR response exceeded the size limit")
+                raw = bytearray()
+                async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
+                    raw += chunk
+                    if len(raw) > max_body:
+                        raise UpstreamBadResponse("the EHR response exceeded the size limit")
+                status, retry_after = response.status, response.headers.get("Retry-After")
+        except TimeoutError as exc:  # before OSError: asyncio's timeouts are TimeoutError, an OSError
+            raise UpstreamTimeout("the EHR did not answer in time") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            # Resets, refused connections and bodies cut short (a truncated body is never partial data).
+            raise UpstreamUnavailable("the EHR connection failed") from exc
+        return Response(status, _parse(status, bytes(raw)), retry_after)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+@dataclass(frozen=True, slots=True)
+class SentRequest:
+    """One request a `FakeEhrHttp` received."""
+
+    method: str
+    url: str
+    json: Any
+    headers: Mapping[str, str]
+
+
+@dataclass
+class FakeEhrHttp:
+    """An in-package fake for unit tests: answers with `respond(request)` and keeps every request."""
+
+    respond: Callable[[SentRequest], Response] = field(default=lambda r: Response(200, None))
+    requests: list[SentRequest] = field(default_factory=list)
+    closed: bool = False
+
+    async def request(
+        self, method: str, url: str, *, json_body: Any, headers: Mapping[str, str], max_body: int
+    ) -> Response:
+        sent = SentRequest(method, url, json_body, dict(headers))
+        self.requests.append(sent)
+        return self.respond(sent)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
 def build_http_client(
     *,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     read_timeout: float = DEFAULT_READ_TIMEOUT,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
-    verify: Any = True,
-    cert: Any = None,
-) -> httpx2.AsyncClient:
+    ssl_context: ssl.SSLContext | None = None,
+) -> AiohttpEhrHttp:
     """The pooled client for one backend: keep-alive, finite timeouts, verified TLS."""
-    return httpx2.AsyncClient(
-        timeout=httpx2.Timeout(read_timeout, connect=connect_timeout),
-        limits=httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-        verify=verify,
-        cert=cert,
-        follow_redirects=False,
-        headers={"Accept": "application/fhir+json"},
+    return AiohttpEhrHttp(
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        max_connections=max_connections,
+        ssl_context=ssl_context,
     )
 
 
-def _parse(response: httpx2.Response, max_body: int) -> Response:
-    raw = response.content
-    if len(raw) > max_body:
-        raise UpstreamBadResponse("the EHR response exceeded the size limit")
-    body: Any = None
-    if raw:
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            if response.status_code < 400:
-                raise UpstreamBadResponse("the EHR answered with a body that is not JSON") from exc
-    return Response(response.status_code, body, response.headers.get("retry-after"))
-
-
 async def send(
-    http: httpx2.AsyncClient,
+    http: EhrHttp,
     method: str,
     url: str,
     *,
@@ -84,14 +192,9 @@ async def send(
     max_body: int = DEFAULT_MAX_BODY_BYTES,
 ) -> Response:
     """Send one request and translate every failure. 2xx and 3xx come back; the rest raise."""
-    try:
-        response = await http.request(method, url, json=json_body, headers=dict(headers or {}))
-    except httpx2.TimeoutException as exc:
-        raise UpstreamTimeout("the EHR did not answer in time") from exc
-    except httpx2.TransportError as exc:
-        # Resets, refused connections and bodies cut short (a truncated body is never partial data).
-        raise UpstreamUnavailable("the EHR connection failed") from exc
-    parsed = _parse(response, max_body)
+    parsed = await http.request(
+        method, url, json_body=json_body, headers=dict(headers or {}), max_body=max_body
+    )
     status = parsed.status
     if status < 400:
         return parsed

@@ -1,17 +1,16 @@
-"""`FhirEHRClient` over an in-memory transport: cache path, one token refresh on 401, continuations, vendor checks."""
+"""`FhirEHRClient` over `FakeEhrHttp`: cache, one token refresh on 401, continuations, vendor checks."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx2
 import pytest
 
 from mcp_fhir._exceptions import UpstreamAuthError, UpstreamBadResponse, UpstreamUnavailable
 from mcp_fhir.ehr.client import FhirEHRClient
+from mcp_fhir.ehr.transport import FakeEhrHttp, Response, SentRequest
 from mcp_fhir.resilience.cache import Cache, CacheSettings
 
 BASE = "http://ehr.test/fhir"
@@ -44,12 +43,10 @@ def _bundle(*ids: str, next_url: str | None = None) -> dict[str, Any]:
 class Upstream:
     """The EHR: answers through `respond`, and keeps every request it saw."""
 
-    respond: Callable[[httpx2.Request], httpx2.Response] = field(
-        default=lambda r: httpx2.Response(200, json=_bundle("o1"))
-    )
-    requests: list[httpx2.Request] = field(default_factory=list)
+    respond: Callable[[SentRequest], Response] = field(default=lambda r: Response(200, _bundle("o1")))
+    requests: list[SentRequest] = field(default_factory=list)
 
-    def handler(self, request: httpx2.Request) -> httpx2.Response:
+    def handler(self, request: SentRequest) -> Response:
         self.requests.append(request)
         return self.respond(request)
 
@@ -70,8 +67,7 @@ class Tokens:
 
 
 def _client(upstream: Upstream, **kwargs: Any) -> FhirEHRClient:
-    http = httpx2.AsyncClient(transport=httpx2.MockTransport(upstream.handler))
-    return FhirEHRClient("ehr", BASE, http=http, **kwargs)
+    return FhirEHRClient("ehr", BASE, http=FakeEhrHttp(upstream.handler), **kwargs)
 
 
 def _cached(upstream: Upstream, clock: Clock, **kwargs: Any) -> FhirEHRClient:
@@ -98,7 +94,7 @@ async def test_a_stale_entry_is_served_only_when_allowed_and_the_upstream_failed
     client = _cached(upstream, clock, allow_stale=True)
     await _search(client)
     clock.now += OBS_TTL_S + 5
-    upstream.respond = lambda r: httpx2.Response(503)
+    upstream.respond = lambda r: Response(503, None)
     stale = await _search(client)
     assert (stale.cache, stale.stale) == ("stale", True)
     assert stale.cache_age_seconds == pytest.approx(OBS_TTL_S + 5)
@@ -110,7 +106,7 @@ async def test_a_stale_entry_is_not_served_when_stale_is_not_allowed():
     client = _cached(upstream, clock, allow_stale=False)
     await _search(client)
     clock.now += OBS_TTL_S + 5
-    upstream.respond = lambda r: httpx2.Response(503)
+    upstream.respond = lambda r: Response(503, None)
     with pytest.raises(UpstreamUnavailable) as caught:
         await _search(client)
     assert caught.value.code == "upstream_unavailable"
@@ -121,7 +117,7 @@ async def test_a_stale_entry_is_refetched_when_the_upstream_answers():
     client = _cached(upstream, clock, allow_stale=True)
     await _search(client)
     clock.now += OBS_TTL_S + 5
-    upstream.respond = lambda r: httpx2.Response(200, json=_bundle("o2"))
+    upstream.respond = lambda r: Response(200, _bundle("o2"))
     fresh = await _search(client)
     assert (fresh.cache, fresh.stale, [r["id"] for r in fresh.resources]) == ("miss", False, ["o2"])
 
@@ -130,7 +126,7 @@ async def test_bypass_skips_the_lookup_and_refreshes_the_entry():
     upstream, clock = Upstream(), Clock()
     client = _cached(upstream, clock)
     await _search(client)
-    upstream.respond = lambda r: httpx2.Response(200, json=_bundle("o2"))
+    upstream.respond = lambda r: Response(200, _bundle("o2"))
     bypassed = await _search(client, bypass_cache=True)
     again = await _search(client)
     assert bypassed.cache == "bypass" and len(upstream.requests) == 2
@@ -140,10 +136,10 @@ async def test_bypass_skips_the_lookup_and_refreshes_the_entry():
 async def test_a_write_invalidates_that_patients_cached_entries_of_the_type():
     upstream, clock = Upstream(), Clock()
 
-    def respond(request: httpx2.Request) -> httpx2.Response:
+    def respond(request: SentRequest) -> Response:
         if request.method == "POST":
-            return httpx2.Response(201, json={**json.loads(request.content), "id": "new"})
-        return httpx2.Response(200, json={**_bundle(), "entry": []})
+            return Response(201, {**request.json, "id": "new"})
+        return Response(200, {**_bundle(), "entry": []})
 
     upstream.respond = respond
     client = _cached(upstream, clock)
@@ -164,9 +160,7 @@ async def test_a_write_invalidates_that_patients_cached_entries_of_the_type():
 async def test_a_401_refreshes_the_token_once_and_retries_with_the_new_one():
     upstream, tokens = Upstream(), Tokens()
     upstream.respond = lambda r: (
-        httpx2.Response(401)
-        if r.headers["Authorization"] == "Bearer t1"
-        else httpx2.Response(200, json=_bundle("o1"))
+        Response(401, None) if r.headers["Authorization"] == "Bearer t1" else Response(200, _bundle("o1"))
     )
     result = await _search(_client(upstream, token_provider=tokens))
     assert [r["id"] for r in result.resources] == ["o1"]
@@ -175,7 +169,7 @@ async def test_a_401_refreshes_the_token_once_and_retries_with_the_new_one():
 
 
 async def test_a_second_401_after_the_refresh_is_upstream_auth_failed_without_another_refresh():
-    upstream, tokens = Upstream(respond=lambda r: httpx2.Response(401)), Tokens()
+    upstream, tokens = Upstream(respond=lambda r: Response(401, None)), Tokens()
     with pytest.raises(UpstreamAuthError) as caught:
         await _search(_client(upstream, token_provider=tokens))
     assert caught.value.code == "upstream_auth_failed"
@@ -209,9 +203,7 @@ async def test_a_continuation_inside_the_base_is_fetched_as_is():
 
 
 async def test_the_vendor_query_check_runs_for_first_pages_only():
-    upstream = Upstream(
-        respond=lambda r: httpx2.Response(200, json=_bundle("o1", next_url=f"{BASE}/Observation?p=2"))
-    )
+    upstream = Upstream(respond=lambda r: Response(200, _bundle("o1", next_url=f"{BASE}/Observation?p=2")))
     checked: list[tuple[str, Any]] = []
     client = _client(upstream, check_query=lambda rtype, params: checked.append((rtype, dict(params))))
     first = await _search(client)
