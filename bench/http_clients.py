@@ -1,9 +1,10 @@
 """`python -m bench.http_clients`: what one FHIR read costs in each HTTP client the sidecar carries.
 
-The sidecar reads the EHR through httpx2 (`mcp_fhir/ehr/transport.py`) and asks OPA through
-opa-python-client, which is built on aiohttp. This measures both clients doing the same keep-alive
-GET of `Patient/<id>` on the FHIR test bed, in turns (rounds), and prints the CPU time and the wall
-time per request of this process, and the ratios httpx2/aiohttp, all measured in one run.
+The rest of the stack speaks httpx2 (the MCP SDK, SMART token requests); OPA's client and, since this
+measurement, the EHR transport (`mcp_fhir/ehr/transport.py`) use aiohttp. This measures both clients
+doing the same keep-alive GET of `Patient/<id>` on the FHIR test bed, in turns (rounds), and prints
+the CPU time and the wall time per request of this process, and the ratios httpx2/aiohttp, all
+measured in one run.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
+from typing import Any
 
 from bench.stats import BenchError, CellResult, summarise
 
@@ -44,19 +45,9 @@ class CellSamples:
         return summarise(self.latencies, errors=self.errors, seconds=self.seconds)
 
 
-async def run_cell(
-    stream: StreamFactory,
-    concurrency: int,
-    *,
-    seconds: float = DEFAULT_CELL_SECONDS,
-    max_calls: int = MAX_CALLS_PER_CELL,
-    setup_timeout: float = DEFAULT_SETUP_TIMEOUT,
-) -> CellResult:
-    """`concurrency` streams, each calling its op in turn until `seconds` pass or `max_calls` are made."""
-    samples = await run_cell_samples(
-        stream, concurrency, seconds=seconds, max_calls=max_calls, setup_timeout=setup_timeout
-    )
-    return samples.summary()
+async def run_cell(stream: StreamFactory, concurrency: int, **limits: Any) -> CellResult:
+    """`run_cell_samples` (same limits: seconds, max_calls, setup_timeout), summarised."""
+    return (await run_cell_samples(stream, concurrency, **limits)).summary()
 
 
 async def run_cell_samples(
@@ -67,7 +58,10 @@ async def run_cell_samples(
     max_calls: int = MAX_CALLS_PER_CELL,
     setup_timeout: float = DEFAULT_SETUP_TIMEOUT,
 ) -> CellSamples:
-    """`run_cell`, keeping the raw latencies so that several rounds of one cell can be merged."""
+    """`concurrency` streams, each calling its op in turn until `seconds` pass or `max_calls` are made.
+
+    Keeps the raw latencies, so that several rounds of one cell can be merged.
+    """
     if concurrency < 1 or seconds <= 0 or max_calls < 1:
         raise BenchError("concurrency, seconds and max_calls must be positive")
     tally = _Tally([])

@@ -104,6 +104,17 @@ def test_profile_samples_are_charged_to_the_innermost_known_layer():
     assert layer_of(audit) == "audit"
     assert layer_of(framing) == "validation/serialisation"
     assert layer_of("main (x.py:1)") == "other"
+    wrapped = (
+        "call (mcp_fhir/agent_auth/http.py:9);read (mcp_fhir/ehr/transport.py:4);feed (aiohttp/parser.py:2)"
+    )
+    assert layer_of(wrapped) == "FHIR"  # the auth middleware wraps everything; the EHR read is the step
+    assert layer_of("run (asyncio/events.py:1);data_received (aiohttp/client_proto.py:3)") == (
+        "HTTP client I/O (aiohttp)"
+    )
+    assert (
+        layer_of("call (asyncio/events.py:1);run (mcp_fhir/audit/trail.py:2);dumps (json/encoder.py:5)")
+        == "audit"
+    )
     shares = summarise_profile([f"{audit} 3", f"{framing} 1", "garbage"])
     assert shares == {"audit": 0.75, "validation/serialisation": 0.25}
 

@@ -1,12 +1,15 @@
 """The pooled transport: fhirpy's queries go over one keep-alive session, and HTTP failures are translated."""
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 
 from mcp_fhir._exceptions import UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
 from mcp_fhir.ehr.client import FhirEHRClient
-from mcp_fhir.ehr.transport import build_http_client, send
+from mcp_fhir.ehr.transport import AiohttpEhrHttp, build_http_client, send
 from tests.testbed import data
 from tests.testbed.fault_proxy import Fault, FaultProxy
 
@@ -52,31 +55,35 @@ async def test_each_upstream_failure_becomes_one_typed_error(fhir_server, fault,
     assert getattr(err.value, "code", None) == code
 
 
-async def test_an_answer_slower_than_the_read_timeout_is_upstream_timeout(fhir_server):
+@asynccontextmanager
+async def _through_proxy(
+    fhir_server: Any, fault: Fault | None = None, times: int | None = None, **client: Any
+) -> AsyncIterator[tuple[FaultProxy, AiohttpEhrHttp]]:
+    """The test bed behind a fault proxy (misbehaving as told), and a pooled client to reach it."""
     origin = fhir_server.base_url.rsplit("/fhir/", 1)[0]
     async with FaultProxy(origin) as proxy:
-        proxy.set_fault(Fault.latency(2.0))
-        http = build_http_client(read_timeout=0.2)
+        if fault is not None:
+            proxy.set_fault(fault, times=times)
+        http = build_http_client(**client)
         try:
-            with pytest.raises(UpstreamTimeout) as caught:
-                await send(http, "GET", f"{proxy.url}/fhir/R4/metadata")
+            yield proxy, http
         finally:
             await http.aclose()
+
+
+async def test_an_answer_slower_than_the_read_timeout_is_upstream_timeout(fhir_server):
+    async with _through_proxy(fhir_server, Fault.latency(2.0), read_timeout=0.2) as (proxy, http):
+        with pytest.raises(UpstreamTimeout) as caught:
+            await send(http, "GET", f"{proxy.url}/fhir/R4/metadata")
     assert caught.value.code == "upstream_timeout"
 
 
 async def test_a_body_over_the_size_limit_is_refused_not_parsed(fhir_server):
-    origin = fhir_server.base_url.rsplit("/fhir/", 1)[0]
     big = {"resourceType": "Patient", "id": "x", "text": {"div": "x" * 5000}}
-    async with FaultProxy(origin) as proxy:
-        proxy.set_fault(Fault.json(big))
-        http = build_http_client()
-        try:
-            with pytest.raises(UpstreamBadResponse) as caught:
-                await send(http, "GET", f"{proxy.url}/fhir/R4/Patient/x", max_body=1000)
-            small = await send(http, "GET", f"{proxy.url}/fhir/R4/Patient/x", max_body=100_000)
-        finally:
-            await http.aclose()
+    async with _through_proxy(fhir_server, Fault.json(big)) as (proxy, http):
+        with pytest.raises(UpstreamBadResponse) as caught:
+            await send(http, "GET", f"{proxy.url}/fhir/R4/Patient/x", max_body=1000)
+        small = await send(http, "GET", f"{proxy.url}/fhir/R4/Patient/x", max_body=100_000)
     assert caught.value.code == "upstream_bad_response"
     assert small.body == big
 
@@ -111,44 +118,28 @@ async def test_a_chunked_body_without_a_length_is_cut_off_at_the_size_limit():
 
 
 async def test_a_truncated_body_is_upstream_unavailable(fhir_server):
-    origin = fhir_server.base_url.rsplit("/fhir/", 1)[0]
-    async with FaultProxy(origin) as proxy:
-        proxy.set_fault(Fault.truncate(bytes=20))
-        http = build_http_client()
-        try:
-            with pytest.raises(UpstreamUnavailable) as caught:
-                await send(http, "GET", f"{proxy.url}/fhir/R4/Patient/{data.AU_PATIENT_ID}")
-        finally:
-            await http.aclose()
+    async with _through_proxy(fhir_server, Fault.truncate(bytes=20)) as (proxy, http):
+        with pytest.raises(UpstreamUnavailable) as caught:
+            await send(http, "GET", f"{proxy.url}/fhir/R4/Patient/{data.AU_PATIENT_ID}")
     assert caught.value.code == "upstream_unavailable"
 
 
 async def test_a_redirect_is_returned_not_followed(fhir_server):
-    origin = fhir_server.base_url.rsplit("/fhir/", 1)[0]
-    async with FaultProxy(origin) as proxy:
+    async with _through_proxy(fhir_server) as (proxy, http):
         proxy.set_fault(Fault.status(302, headers={"Location": f"{proxy.url}/fhir/R4/metadata"}), times=1)
-        http = build_http_client()
-        try:
-            response = await send(http, "GET", f"{proxy.url}/fhir/R4/Patient/{data.AU_PATIENT_ID}")
-        finally:
-            await http.aclose()
+        response = await send(http, "GET", f"{proxy.url}/fhir/R4/Patient/{data.AU_PATIENT_ID}")
         seen = proxy.requests_seen
     assert response.status == 302
     assert seen == 1
 
 
 async def test_proxy_variables_in_the_environment_are_ignored(fhir_server, monkeypatch):
-    origin = fhir_server.base_url.rsplit("/fhir/", 1)[0]
-    async with FaultProxy(origin) as proxy:
+    async with _through_proxy(fhir_server) as (proxy, http):
         for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
             monkeypatch.setenv(name, proxy.url)
         for name in ("NO_PROXY", "no_proxy"):
             monkeypatch.delenv(name, raising=False)
-        http = build_http_client()
-        try:
-            response = await send(http, "GET", f"{fhir_server.base_url}/Patient/{data.AU_PATIENT_ID}")
-        finally:
-            await http.aclose()
+        response = await send(http, "GET", f"{fhir_server.base_url}/Patient/{data.AU_PATIENT_ID}")
         seen = proxy.requests_seen
     assert response.status == 200
     assert seen == 0
