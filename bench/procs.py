@@ -38,6 +38,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy_seconds() -> float:
+    """CPU time every core of the machine has spent busy (steal included), from `/proc/stat`."""
+    try:
+        fields = Path("/proc/stat").read_text(encoding="ascii").splitlines()[0].split()
+    except (OSError, IndexError) as exc:
+        raise BenchError("cannot read /proc/stat") from exc
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def memory_kib(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM of `pid` in KiB, from `/proc/<pid>/status`."""
     out: dict[str, int] = {}

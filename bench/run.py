@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -39,12 +40,22 @@ import httpx2
 from bench import profile as profiling
 from bench.load import CellSamples, Op, run_cell_samples, run_paced
 from bench.mcp_session import McpSession
-from bench.procs import REPO, Child, cpu_seconds, memory_kib, peer_available, start_peer, start_sidecar
+from bench.procs import (
+    REPO,
+    Child,
+    cpu_seconds,
+    machine_busy_seconds,
+    memory_kib,
+    peer_available,
+    start_peer,
+    start_sidecar,
+)
 from bench.stats import (
     RATIOS,
     BenchError,
     CellResult,
     compare_to_baseline,
+    guard_verdict,
     median_ratios,
     ratios,
     target_report,
@@ -306,7 +317,11 @@ class Bench:
                     cached.name: cached.pid,
                 }
                 try:
+                    busy, ours, began = machine_busy_seconds(), self._our_cpu(), time.monotonic()
                     await self._measure(fhir.base_url, opa.url, key, nocache, cached)
+                    foreign = machine_busy_seconds() - busy - (self._our_cpu() - ours)
+                    capacity = (time.monotonic() - began) * (os.cpu_count() or 1)
+                    self.extra["foreign_cpu_share"] = round(max(0.0, foreign) / capacity, 3)
                 finally:
                     for child in self.children:
                         await child.stop()
@@ -491,6 +506,10 @@ class Bench:
             **self.extra,
         }
 
+    def _our_cpu(self) -> float:
+        """CPU seconds of every process this run started (and of the harness itself)."""
+        return sum(cpu_seconds(pid) for pid in self.cpu_pids.values())
+
     def ratio_values(self) -> dict[str, dict[int, float]]:
         """The ratios of p50 latency: over one round, as measured; over several, the median per-round ratio."""
         if self.rounds == 1:
@@ -649,6 +668,11 @@ def table(report: dict[str, Any]) -> str:
             f"p99 {paced['p99_ms']:.2f} ms, "
             f"{paced['errors']} errors"
         )
+    if "foreign_cpu_share" in report:
+        lines.append(
+            f"  other work on the machine during the measurements: {report['foreign_cpu_share'] * 100:.0f}% "
+            "of its CPU"
+        )
     for note in report["notes"]:
         lines.append(f"  note: {note}")
     return "\n".join(lines)
@@ -748,12 +772,22 @@ def main(argv: list[str] | None = None) -> int:
             # A real regression shows again; a burst of load on a shared machine seldom does.
             print("a ratio grew by more than 25%: measuring again to confirm")
             again = run_once(args)
+            reports.append(again)
             regressions = compare_to_baseline(
                 lowest_ratios(now, again["ratios"]), baseline.get("ratios") or {}
             )
+        shares = [r["foreign_cpu_share"] for r in reports if "foreign_cpu_share" in r]
+        verdict = guard_verdict(regressions, shares)
         for regression in regressions:
-            print(f"REGRESSION {regression}")
-        if regressions:
+            print(f"{'REGRESSION' if verdict == 'fail' else 'UNCONFIRMED'} {regression}")
+        if verdict == "inconclusive":
+            print(
+                "INCONCLUSIVE: other work used "
+                + ", ".join(f"{share * 100:.0f}%" for share in shares)
+                + " of the machine's CPU during these runs; the guard cannot tell a regression from it"
+            )
+            return 0
+        if verdict == "fail":
             return 1
         print(f"no ratio regressed by more than 25% against {args.check}")
     return 0

@@ -168,6 +168,21 @@ def compare_to_baseline(
     return found
 
 
+BUSY_SHARE = 0.25  # other work using more of the machine's CPU than this makes a run "busy"
+
+
+def guard_verdict(regressions: Sequence[Regression], foreign_shares: Sequence[float]) -> str:
+    """ "pass", "fail", or "inconclusive": confirmed regressions measured only while other work
+    (not the benchmark's processes) used more than `BUSY_SHARE` of the machine cannot be told from
+    that work's interference, so they do not fail the build; they are reported as such.
+    """
+    if not regressions:
+        return "pass"
+    if foreign_shares and min(foreign_shares) > BUSY_SHARE:
+        return "inconclusive"
+    return "fail"
+
+
 def target_report(
     ratio_values: Mapping[str, Mapping[int, float]], *, at_concurrency: int = 1
 ) -> list[tuple[str, float | None, float, bool | None]]:

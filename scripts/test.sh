@@ -27,7 +27,8 @@ echo "== pytest"
 .venv/bin/pytest -q -p no:cacheprovider "$@"
 
 # The benchmark's ratio guard (issue #10): a short run, compared with bench/baseline.json; a ratio
-# that grows by more than 25% fails, after a second run confirms it. Only on the full suite.
+# that grows by more than 25% fails, after a second run confirms it (unless other work kept the
+# machine busy through both runs: then it says INCONCLUSIVE). Only on the full suite.
 if [ "$#" -eq 0 ]; then
   echo "== benchmark ratio guard (bench/run.py --quick --check bench/baseline.json)"
   .venv/bin/python -m bench.run --quick --check bench/baseline.json \

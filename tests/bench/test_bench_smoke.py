@@ -16,6 +16,7 @@ from bench.run import lowest_ratios, parse_args
 from bench.stats import (
     BenchError,
     compare_to_baseline,
+    guard_verdict,
     median_ratios,
     percentile,
     ratios,
@@ -164,3 +165,22 @@ def test_a_regression_is_confirmed_only_by_the_lowest_of_two_runs():
     baseline = {"d/(a+c)": {"1": 3.5, "8": 1.5}}
     [confirmed] = compare_to_baseline(lowest_ratios(first, again), baseline)
     assert (confirmed.ratio, confirmed.concurrency) == ("d/(a+c)", 8)
+
+
+def test_a_confirmed_regression_fails_unless_every_run_was_busy_with_other_work():
+    [regression] = compare_to_baseline({"e/d": {"1": 0.9}}, {"e/d": {"1": 0.5}})
+    assert guard_verdict([], [0.9]) == "pass"
+    assert guard_verdict([regression], [0.02, 0.04]) == "fail"
+    assert guard_verdict([regression], [0.6, 0.1]) == "fail"  # one quiet run is enough to believe it
+    assert guard_verdict([regression], [0.6, 0.4]) == "inconclusive"
+    assert guard_verdict([regression], []) == "fail"  # no measure of the machine: no excuse
+
+
+def test_machine_busy_time_grows_with_work_done():
+    from bench.procs import machine_busy_seconds
+
+    before = machine_busy_seconds()
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:
+        pass
+    assert machine_busy_seconds() > before
