@@ -189,26 +189,18 @@ class FhirEHRClient:
     async def _request(self, method: str, url: str, body: Any, headers: Mapping[str, str]) -> Response:
         if self._tokens is None:
             return await send(self._http, method, url, json_body=body, headers=headers)
+
+        async def with_token(token: str) -> Response:
+            bearer = {**headers, "Authorization": f"Bearer {token}"}
+            return await send(self._http, method, url, json_body=body, headers=bearer)
+
         token = await self._tokens.token()
         try:
-            return await send(
-                self._http,
-                method,
-                url,
-                json_body=body,
-                headers={**headers, "Authorization": f"Bearer {token}"},
-            )
+            return await with_token(token)
         except UpstreamAuthError:
             # One retry with a fresh token, then the error stands.
             await self._tokens.invalidate(token)
-            token = await self._tokens.token()
-            return await send(
-                self._http,
-                method,
-                url,
-                json_body=body,
-                headers={**headers, "Authorization": f"Bearer {token}"},
-            )
+            return await with_token(await self._tokens.token())
 
     async def _send(self, method: str, url: str, body: Any, headers: Mapping[str, str]) -> Response:
         started = time.perf_counter()

@@ -114,7 +114,7 @@ class AiohttpEhrHttp:
         data = None if json_body is None else json.dumps(json_body).encode()
         try:
             async with self._client().request(
-                method, url, data=data, headers=dict(headers), allow_redirects=False
+                method, url, data=data, headers=headers, allow_redirects=False
             ) as response:
                 if response.content_length is not None and response.content_length > max_body:
                     raise UpstreamBadResponse("the EHR response exceeded the size limit")
@@ -192,9 +192,7 @@ async def send(
     max_body: int = DEFAULT_MAX_BODY_BYTES,
 ) -> Response:
     """Send one request and translate every failure. 2xx and 3xx come back; the rest raise."""
-    parsed = await http.request(
-        method, url, json_body=json_body, headers=dict(headers or {}), max_body=max_body
-    )
+    parsed = await http.request(method, url, json_body=json_body, headers=headers or {}, max_body=max_body)
     status = parsed.status
     if status < 400:
         return parsed
