@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mcp_fhir import metrics
-from mcp_fhir._exceptions import AuditUnavailable, UnknownPatient
+from mcp_fhir._exceptions import AuditUnavailable
 from mcp_fhir.agent_auth.subject import Subject
 from mcp_fhir.audit.record import AuditRecord, utc_now_ms
 from mcp_fhir.ehr.client import EHRClient
@@ -76,13 +76,6 @@ class AppContext:
 
     def backend(self, name: str | None = None) -> EHRClient:
         return self.backends[name or self.default_backend]
-
-    async def backend_patient_id(self, canonical: str, backend: str) -> str:
-        try:
-            return await self.idmap.backend_id(canonical, backend)
-        except UnknownPatient:
-            metrics.IDMAP_MISMATCHES.labels(backend).inc()
-            raise
 
     async def decide(self, decision_input: Mapping[str, Any]) -> Decision:
         """Step 4: ask the policy. Any failure is a deny with its own reason code (fail closed).

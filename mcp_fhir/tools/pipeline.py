@@ -192,7 +192,8 @@ class CallPath:
                     f"the EHR did not grant the scopes {tool} needs",
                     missing_scopes=list(app.unavailable_tools[tool]),
                 )
-            backend_patient = await app.backend_patient_id(patient, backend_name) if patient else None
+            # An unmapped id raises UnknownPatient; the ID map counts it (IDMAP_MISMATCHES) and logs it.
+            backend_patient = await app.idmap.backend_id(patient, backend_name) if patient else None
         except MCPFhirError as exc:
             exc.audited = True  # audited right here, before it leaves
             await self.audit_error(

@@ -227,3 +227,18 @@ def test_a_policy_error_becomes_a_deny_with_its_own_code_and_decision_id():
 
     decision = Decision.denied_by(PolicyTimeout("slow", decision_id="d-1"))
     assert (decision.allow, decision.reason_codes, decision.decision_id) == (False, ("opa_timeout",), "d-1")
+
+
+async def test_an_unmapped_patient_is_counted_once_as_an_id_map_mismatch():
+    from mcp_fhir._exceptions import UnknownPatient
+    from mcp_fhir.ehr.idmap import MemoryIdMap
+
+    h = make_harness()
+    h.app.idmap = MemoryIdMap()  # knows no patient
+    mismatches = metrics.IDMAP_MISMATCHES.labels(backend=h.app.default_backend)
+    before = mismatches._value.get()
+    with pytest.raises(UnknownPatient):
+        async with _begin(h):
+            pass
+    assert mismatches._value.get() == before + 1
+    assert [(r.result, r.error_code) for r in h.sink.records] == [("error", "unknown_patient")]
