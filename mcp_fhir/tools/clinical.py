@@ -169,10 +169,6 @@ def enforce_page(call: Call, fetch: FetchResult) -> tuple[list[dict[str, Any]], 
     return enforced.resources, withheld
 
 
-def _withheld_total(w: Withheld) -> int:
-    return w.security_label + w.category + w.lookback + w.over_limit
-
-
 async def search_tool(
     ctx: Context,
     *,
@@ -244,7 +240,7 @@ async def search_tool(
             untrusted_text_flags=flag_resources(kept) if app.flag_injection else [],
             provenance=provenance(fetch, call.decision),
         )
-        await call.commit(returned=len(kept), filtered=_withheld_total(withheld), cache=fetch.cache)
+        await call.commit(returned=len(kept), filtered=withheld.resources, cache=fetch.cache)
     return respond(result, render_search(result, title=tool.replace("_", " ")))
 
 
@@ -297,7 +293,7 @@ def register(server: MCPServer) -> None:
                 withheld=withheld,
                 provenance=provenance(fetch, call.decision),
             )
-            await call.commit(returned=len(kept), filtered=_withheld_total(withheld), cache=fetch.cache)
+            await call.commit(returned=len(kept), filtered=withheld.resources, cache=fetch.cache)
         return respond(result, render_search(result, title="patient"))  # type: ignore[return-value]
 
     def family(tool: str, rtype: str, doc: str) -> None:
@@ -407,7 +403,7 @@ async def _section(
                 query["_sort"] = "-" + SEARCH_PARAMS[rtype][0] if rtype != "Condition" else "-recorded-date"
                 fetch = await ehr.search(rtype, query, patient=call.patient, page_size=limit)
             kept, withheld = enforce_page(call, fetch)
-            await call.commit(returned=len(kept), filtered=_withheld_total(withheld), cache=fetch.cache)
+            await call.commit(returned=len(kept), filtered=withheld.resources, cache=fetch.cache)
             return SummarySection(
                 resource_type=rtype,
                 allowed=True,

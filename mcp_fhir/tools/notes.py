@@ -12,7 +12,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel, Field
 
-from mcp_fhir.tools.clinical import READ_ONLY, Withheld, _withheld_total, app_of, enforce_page
+from mcp_fhir.tools.clinical import READ_ONLY, Withheld, app_of, enforce_page
 from mcp_fhir.tools.params import (
     BreakGlassReason,
     PatientId,
@@ -116,7 +116,7 @@ def register(server: MCPServer) -> None:
                 withheld=withheld,
                 provenance=provenance(fetch, call.decision),
             )
-            await call.commit(returned=len(kept), filtered=_withheld_total(withheld), cache=fetch.cache)
+            await call.commit(returned=len(kept), filtered=withheld.resources, cache=fetch.cache)
         if text is None:
             md = f"Document {document_id}: no readable text" + (" (withheld by policy)" if not kept else "")
         else:

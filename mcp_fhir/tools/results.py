@@ -66,6 +66,11 @@ class Withheld(BaseModel):
     over_limit: int = 0
     redacted_elements: int = 0
 
+    @property
+    def resources(self) -> int:
+        """Resources withheld for any cause (redacted elements are inside returned resources)."""
+        return self.security_label + self.category + self.lookback + self.over_limit
+
 
 class SearchResult(BaseModel):
     """A page of FHIR resources for one patient."""
