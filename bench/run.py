@@ -50,6 +50,7 @@ from bench.procs import (
     start_peer,
     start_sidecar,
 )
+from bench.sidecar import PATIENT, PURPOSE, mcp_stream, sidecar_cfg
 from bench.stats import (
     RATIOS,
     BenchError,
@@ -73,8 +74,6 @@ FULL_PACED_SECONDS = 5.0
 QUICK_PACED_SECONDS = 2.0
 DEFAULT_RESULTS = REPO / "bench" / "results" / "latest.json"
 HTTP_POOL = 256  # connections in each bare client: more than the largest concurrency
-PATIENT = "pat-au-001"
-PURPOSE = "treatment"
 CELL_LABELS = {
     "a_opa_bare": "a  OPA bare POST",
     "b_decision_inproc": "b  decision in-process",
@@ -131,46 +130,6 @@ def machine() -> dict[str, Any]:
         # Other work on the machine skews absolute figures; ratios are measured side by side.
         "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
     }
-
-
-def sidecar_cfg(
-    workdir: Path,
-    fhir_url: str,
-    opa_url: str,
-    key_hash: str,
-    port: int,
-    *,
-    server: dict[str, Any] | None = None,
-    **overrides: Any,
-) -> dict[str, Any]:
-    """An HTTP sidecar config over the test bed, authenticated by one API key (the nurse's claims)."""
-    from tests.testbed.sidecar import NURSE, sidecar_config
-
-    cfg = sidecar_config(
-        workdir,
-        fhir_url,
-        opa_url=opa_url,
-        identity=NURSE,
-        transport="http",
-        server={**(server or {}), "transport": "http", "host": "127.0.0.1", "port": port},
-        **overrides,
-    )
-    cfg["auth"] = {
-        "api_keys": [
-            {"id": "bench-agent", "hash": key_hash, "claims": NURSE["claims"], "scopes": NURSE["scopes"]}
-        ]
-    }
-    return cfg
-
-
-@asynccontextmanager
-async def mcp_stream(url: str, bearer: str | None, tool: str, arguments: dict[str, Any]) -> AsyncIterator[Op]:
-    session = McpSession(url, bearer=bearer)
-    try:
-        await session.open()
-        yield lambda: session.call_tool(tool, arguments)
-    finally:
-        await session.aclose()
 
 
 def shared(op: Op):

@@ -37,7 +37,7 @@ def allowed_by_one_limit(per_minute: int, seconds: float) -> int:
 def _replica_cfg(
     workdir: Path, fhir_url: str, opa_url: str, digest: str, port: int, prefix: str, cache: bool
 ) -> dict[str, Any]:
-    from bench.run import sidecar_cfg
+    from bench.sidecar import sidecar_cfg
 
     cfg = sidecar_cfg(workdir, fhir_url, opa_url, digest, port)
     cfg["backends"] = {"testbed": {"base_url": fhir_url, "rate_limit_per_minute": RATE_LIMIT_PER_MINUTE}}
@@ -57,7 +57,7 @@ async def scale_out(bench: Any, fhir_url: str) -> dict[str, Any]:
     missing = [name for name in (POSTGRES_ENV, REDIS_ENV) if not os.environ.get(name)]
     if missing:
         return {"skipped": f'{", ".join(missing)} not set: run eval "$(scripts/services.sh start)"'}
-    from bench.run import PATIENT, PURPOSE, mcp_stream
+    from bench.sidecar import PATIENT, PURPOSE, mcp_stream
     from mcp_fhir.agent_auth.api_keys import generate_api_key
     from mcp_fhir.audit.sinks.postgres import setup_postgres_schema
     from mcp_fhir.policy.managed_opa import ManagedOpa, free_port
@@ -68,7 +68,9 @@ async def scale_out(bench: Any, fhir_url: str) -> dict[str, Any]:
     origin, _, base_path = fhir_url.partition("/fhir")
     key, digest = generate_api_key()
     arguments = {"patient_id": PATIENT, "purpose": PURPOSE}
-    out: dict[str, Any] = {"note": "the replicas share one rate limit through Redis (rate_limit.store: redis)"}
+    out: dict[str, Any] = {
+        "note": "the replicas share one rate limit through Redis (rate_limit.store: redis)"
+    }
     children: list[Child] = []
 
     async def replica(name: str, upstream: str, prefix: str, cache: bool) -> Child:

@@ -21,11 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mcp_fhir._exceptions import ConfigError
 from mcp_fhir.agent_auth.settings import AgentAuthSettings
 from mcp_fhir.audit.settings import AuditSettings
+from mcp_fhir.catalog import CATALOGUE
 from mcp_fhir.ehr.profiles import get_profile
 from mcp_fhir.ehr.smart import SmartSettings
 from mcp_fhir.resilience.cache import CacheSettings
 from mcp_fhir.resilience.ratelimit import RateLimiterSettings
-from mcp_fhir.tools.catalog import CATALOGUE
 
 DEFAULT_HTTP_PORT = 8765
 DEFAULT_CONFIG_ENV = "MCP_FHIR_CONFIG"

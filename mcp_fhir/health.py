@@ -35,7 +35,7 @@ async def readiness(app: AppContext | None, *, expected_revision: str | None = N
     except TimeoutError:
         audit_ok = False
     checks["audit"] = audit_ok
-    from mcp_fhir.ehr.factory import breaker_snapshot
+    from mcp_fhir.backends import breaker_snapshot
 
     checks["backends"] = breaker_snapshot(app.backends)  # type: ignore[arg-type]
     backends_ok = all(state != "open" for state in checks["backends"].values())

@@ -48,13 +48,13 @@ from mcp_fhir.agent_auth.verifier import auth_settings_for, build_token_verifier
 from mcp_fhir.audit.query import AuditQuery
 from mcp_fhir.audit.record import AuditRecord, utc_now_ms
 from mcp_fhir.audit.trail import build_trail
+from mcp_fhir.backends import open_backends, open_idmap
+from mcp_fhir.catalog import CATALOGUE
 from mcp_fhir.config import Settings
 from mcp_fhir.context import AppContext, IdentityIds, Limits
-from mcp_fhir.ehr.factory import open_backends, open_idmap
 from mcp_fhir.policy.managed_opa import ManagedOpa
 from mcp_fhir.policy.opa import OpaPolicyEngine, OpaSettings
 from mcp_fhir.tools import admin, clinical, notes
-from mcp_fhir.tools.catalog import CATALOGUE
 from mcp_fhir.tools.clinical import summary
 from mcp_fhir.tools.params import FHIR_ID
 from mcp_fhir.tools.pipeline import CallPath, current_subject

@@ -19,9 +19,10 @@ echo "== policy: fmt, check --strict, test --coverage (threshold ${COVERAGE_THRE
 "$OPA" test policies/ --fail-on-empty | tail -1
 .venv/bin/python -c "import json; print('policy coverage: %.1f%%' % json.load(open('/tmp/mcp-fhir-opa-coverage.json'))['coverage'])"
 
-echo "== ruff, mypy"
+echo "== ruff, mypy, import-linter (the layers in pyproject.toml)"
 .venv/bin/ruff check mcp_fhir tests bench examples scripts
 .venv/bin/mypy mcp_fhir
+.venv/bin/lint-imports --no-cache | tail -3
 
 echo "== pytest"
 .venv/bin/pytest -q -p no:cacheprovider "$@"

@@ -20,12 +20,12 @@ from mcp.shared.exceptions import MCPError
 from mcp_fhir._exceptions import UpstreamUnavailable
 from mcp_fhir.agent_auth.subject import Subject
 from mcp_fhir.audit.record import AuditRecord
+from mcp_fhir.catalog import CATALOGUE
 from mcp_fhir.context import AppContext, IdentityIds
 from mcp_fhir.ehr.client import FakeEHRClient
 from mcp_fhir.policy.engine import Decision, FakePolicyEngine
 from mcp_fhir.server import INFRA_ERROR, SidecarServer, register_resources_and_prompts
 from mcp_fhir.tools import admin, clinical, notes
-from mcp_fhir.tools.catalog import CATALOGUE
 
 PATIENT: Final = "pat-1"
 SECRET_NAME: Final = "Charlotte Maeve Wetherall"

@@ -146,12 +146,9 @@ def parser() -> argparse.ArgumentParser:
     from mcp_fhir.cli import audit
 
     audit.add_parser(sub)
-    try:
-        from mcp_fhir.cli import policy
-    except ImportError:  # pragma: no cover - the policy commands ship with the policy lifecycle
-        pass
-    else:
-        policy.add_parser(sub)
+    from mcp_fhir.cli import policy
+
+    policy.add_parser(sub)
     return p
 
 

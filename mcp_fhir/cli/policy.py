@@ -37,7 +37,7 @@ import yaml
 
 from mcp_fhir._exceptions import ConfigError
 
-__all__ = ["add_parser", "main"]
+__all__ = ["add_parser"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -118,18 +118,11 @@ def add_parser(subparsers: Any) -> None:
     cfg.set_defaults(func=run_opa_config)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run ``policy ...`` as if from the command line; returns the exit code."""
-    from mcp_fhir.cli.main import main as cli_main
-
-    return cli_main(["policy", *(argv or [])])
-
-
 # -- test / lint ------------------------------------------------------------------------------
 
 
 def run_test(args: argparse.Namespace) -> int:
-    from mcp_fhir.policy.tooling import run_tests
+    from mcp_fhir.governance.tooling import run_tests
 
     result = run_tests(args.policies, threshold=args.threshold)
     if args.json:
@@ -142,7 +135,7 @@ def run_test(args: argparse.Namespace) -> int:
 
 
 def run_lint(args: argparse.Namespace) -> int:
-    from mcp_fhir.policy.tooling import run_lint as lint
+    from mcp_fhir.governance.tooling import run_lint as lint
 
     result = lint(args.policies)
     print(result.summary())
@@ -163,7 +156,7 @@ def _claim(text: str) -> tuple[str, Any]:
 
 
 def _policy_config(policies: Path) -> dict[str, Any]:
-    from mcp_fhir.policy.diff import BatchEvaluator
+    from mcp_fhir.governance.diff import BatchEvaluator
 
     value = BatchEvaluator(policies).query("data.mcp_fhir.config")
     return value if isinstance(value, dict) else {}
@@ -173,9 +166,9 @@ def _input_from_flags(args: argparse.Namespace) -> dict[str, Any]:
     from datetime import datetime
 
     from mcp_fhir.agent_auth.subject import Subject
-    from mcp_fhir.policy.grid import role_claim_name
+    from mcp_fhir.catalog import CATALOGUE
+    from mcp_fhir.governance.grid import role_claim_name
     from mcp_fhir.policy.input import decision_input
-    from mcp_fhir.tools.catalog import CATALOGUE
 
     if not args.tool:
         raise ConfigError("policy.eval", "give --input, --input-json, or --tool with flags")
@@ -235,7 +228,7 @@ def rule_title(path: Path, row: int) -> str | None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from mcp_fhir.policy.tooling import explain
+    from mcp_fhir.governance.tooling import explain
 
     decision_input = _eval_input(args)
     decision, fired = explain(args.policies, decision_input)
@@ -317,9 +310,9 @@ def _progress(quiet: bool) -> Any:
 
 def run_diff(args: argparse.Namespace) -> int:
     from mcp_fhir.audit.trail import load_cipher
-    from mcp_fhir.policy.diff import Approvals, BatchEvaluator, diff_cases, unique_cases
-    from mcp_fhir.policy.grid import fixture_cases, grid_cases, replay_cases, role_claim_name
-    from mcp_fhir.policy.report import to_html, to_json, to_markdown
+    from mcp_fhir.governance.diff import Approvals, BatchEvaluator, diff_cases, unique_cases
+    from mcp_fhir.governance.grid import fixture_cases, grid_cases, replay_cases, role_claim_name
+    from mcp_fhir.governance.report import to_html, to_json, to_markdown
 
     progress = _progress(args.quiet)
     with (
@@ -370,7 +363,7 @@ def run_diff(args: argparse.Namespace) -> int:
 
 def run_bundle(args: argparse.Namespace) -> int:
     from mcp_fhir._exceptions import PolicyUnavailable
-    from mcp_fhir.policy.bundle import BundleSettings, build_bundle
+    from mcp_fhir.governance.bundle import BundleSettings, build_bundle
 
     settings = BundleSettings(
         policies=args.policies, output=args.output, signing_key=args.signing_key,
@@ -388,7 +381,7 @@ def run_bundle(args: argparse.Namespace) -> int:
 
 
 def run_opa_config(args: argparse.Namespace) -> int:
-    from mcp_fhir.policy.bundle import bundle_config
+    from mcp_fhir.governance.bundle import bundle_config
 
     if not args.verification_key.is_file():
         raise ConfigError("policy.opa_config.verification_key", "must be a PEM file")

@@ -13,8 +13,8 @@ from pydantic import BaseModel, Field
 
 from mcp_fhir._exceptions import UpstreamRateLimited
 from mcp_fhir.audit.export_fhir import to_audit_event
+from mcp_fhir.catalog import PATIENT_TYPES
 from mcp_fhir.policy.obligations import redact
-from mcp_fhir.tools.catalog import PATIENT_TYPES
 from mcp_fhir.tools.clinical import READ_ONLY, app_of, current_subject_id, search_tool
 from mcp_fhir.tools.params import FHIR_ID, BreakGlassReason, PatientId, Purpose, audit_params
 from mcp_fhir.tools.pipeline import CallPath

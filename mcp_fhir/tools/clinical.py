@@ -17,11 +17,11 @@ from mcp.types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel
 
 from mcp_fhir._exceptions import MCPFhirError, PolicyDenied
+from mcp_fhir.catalog import SUMMARY_SECTIONS
 from mcp_fhir.context import AppContext
 from mcp_fhir.ehr.client import FetchResult
 from mcp_fhir.policy.engine import Obligations
 from mcp_fhir.policy.obligations import enforce
-from mcp_fhir.tools.catalog import SUMMARY_SECTIONS
 from mcp_fhir.tools.params import (
     BreakGlassReason,
     Category,

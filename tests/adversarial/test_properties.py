@@ -33,12 +33,12 @@ from mcp_fhir.agent_auth.api_keys import ApiKeyStore, generate_api_key
 from mcp_fhir.agent_auth.errors import AgentAuthError
 from mcp_fhir.agent_auth.jwt import JwtVerifier
 from mcp_fhir.agent_auth.settings import AgentAuthSettings, ApiKeyEntry
+from mcp_fhir.catalog import CATALOGUE
 from mcp_fhir.ehr.profiles import get_profile
 from mcp_fhir.policy.engine import Obligations
 from mcp_fhir.policy.managed_opa import ManagedOpa
 from mcp_fhir.policy.obligations import clinical_date, enforce, security_codes
 from mcp_fhir.server import build_server
-from mcp_fhir.tools.catalog import CATALOGUE
 from tests.testbed import data
 from tests.testbed.sidecar import POLICIES, sidecar_config
 

@@ -68,5 +68,3 @@ async def file_trail(file_settings: AuditSettings) -> AsyncIterator[AuditTrail]:
         yield trail
     finally:
         await trail.close()
-
-

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mcp_fhir._exceptions import ConfigError
+from mcp_fhir.catalog import CATALOGUE
 from mcp_fhir.ehr.scopes import required_scopes, scope_covers, unavailable_tools
-from mcp_fhir.tools.catalog import CATALOGUE
 
 # The sidecar's own catalogue: scopes are computed from exactly what the server registers.
 

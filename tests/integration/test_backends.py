@@ -9,7 +9,7 @@ import pytest
 from mcp import Client
 
 from mcp_fhir import config
-from mcp_fhir.ehr.factory import open_backends
+from mcp_fhir.backends import open_backends
 from mcp_fhir.server import build_server
 from tests.testbed import data
 from tests.testbed.fhir import start_fhir_server

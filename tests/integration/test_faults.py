@@ -29,8 +29,8 @@ import pytest
 from mcp import Client
 
 from mcp_fhir import config
+from mcp_fhir.backends import breaker_snapshot
 from mcp_fhir.context import AppContext
-from mcp_fhir.ehr.factory import breaker_snapshot
 from mcp_fhir.policy.managed_opa import ManagedOpa
 from mcp_fhir.server import build_server
 from tests.adversarial.conftest import attempt, audit_records, tool_error

@@ -27,8 +27,6 @@ _spec.loader.exec_module(_behaviours)
 BEHAVIOURS = _behaviours.BEHAVIOURS
 
 
-
-
 @pytest.fixture
 async def pg_idmap(postgres_dsn: str) -> AsyncIterator[IdMap]:
     import psycopg

@@ -15,7 +15,7 @@ from mcp import Client
 
 from mcp_fhir import config
 from mcp_fhir.cli.main import main
-from mcp_fhir.policy.grid import replay_cases
+from mcp_fhir.governance.grid import replay_cases
 from mcp_fhir.server import build_server
 from tests.testbed import data
 from tests.testbed.sidecar import NURSE, POLICIES, policies_with_nurse_reading_medications, sidecar_config

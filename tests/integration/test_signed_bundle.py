@@ -25,8 +25,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from mcp import Client
 
 from mcp_fhir import config
+from mcp_fhir.governance.bundle import (
+    BundleSettings,
+    BundleStatus,
+    build_bundle,
+    bundle_config,
+    bundle_status,
+)
 from mcp_fhir.health import readiness
-from mcp_fhir.policy.bundle import BundleSettings, BundleStatus, build_bundle, bundle_config, bundle_status
 from mcp_fhir.policy.managed_opa import ManagedOpa
 from mcp_fhir.server import build_server
 from tests.testbed import data

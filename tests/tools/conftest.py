@@ -17,10 +17,10 @@ import pytest
 
 from mcp_fhir.agent_auth.subject import Subject
 from mcp_fhir.audit.record import AuditRecord
+from mcp_fhir.catalog import CATALOGUE
 from mcp_fhir.context import AppContext, IdentityIds
 from mcp_fhir.ehr.client import FakeEHRClient
 from mcp_fhir.policy.engine import Decision, FakePolicyEngine, Obligations
-from mcp_fhir.tools.catalog import CATALOGUE
 
 PATIENT: Final = "pat-1"
 OTHER_PATIENT: Final = "pat-2"

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from mcp_fhir._exceptions import InvalidArgument, PolicyDenied
+from mcp_fhir.catalog import SUMMARY_SECTIONS
 from mcp_fhir.ehr.client import FetchResult
 from mcp_fhir.policy.engine import Decision, Obligations
-from mcp_fhir.tools.catalog import SUMMARY_SECTIONS
 from mcp_fhir.tools.clinical import enforce_page, references_patient, search_tool, summary, upstream_query
 from mcp_fhir.tools.results import make_continuation
 from tests.tools.conftest import (

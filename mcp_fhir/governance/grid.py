@@ -22,7 +22,7 @@ from typing import Any
 from mcp_fhir._exceptions import ConfigError
 from mcp_fhir.audit.crypto import RecordCipher
 from mcp_fhir.audit.query import decode_entries
-from mcp_fhir.policy.diff import Case
+from mcp_fhir.governance.diff import Case
 
 __all__ = [
     "GRID_PATIENT",

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from mcp_fhir._exceptions import ConfigError
-from mcp_fhir.policy.diff import Approvals, BatchEvaluator, Case, classify, diff_cases, unique_cases
-from mcp_fhir.policy.grid import fixture_cases, grid_cases
+from mcp_fhir.governance.diff import Approvals, BatchEvaluator, Case, classify, diff_cases, unique_cases
+from mcp_fhir.governance.grid import fixture_cases, grid_cases
 from tests.testbed.sidecar import policies_with_nurse_reading_medications
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ import html
 import json
 from typing import Any
 
-from mcp_fhir.policy.diff import Change, DiffReport, Group
+from mcp_fhir.governance.diff import Change, DiffReport, Group
 
 __all__ = ["MAX_MD_GROUPS", "to_html", "to_json", "to_markdown"]
 

@@ -392,7 +392,7 @@ class Group:
 
 @dataclass
 class DiffReport:
-    """Everything the renderers in `mcp_fhir.policy.report` need."""
+    """Everything the renderers in `mcp_fhir.governance.report` need."""
 
     base_label: str
     head_label: str

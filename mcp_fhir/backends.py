@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from typing import Any
 
 from mcp_fhir._exceptions import (
-    CircuitOpen,
     ConfigError,
     MCPFhirError,
-    UpstreamRateLimited,
-    UpstreamUnavailable,
 )
+from mcp_fhir.catalog import CATALOGUE, LOCAL_TYPES
 from mcp_fhir.config import IdMapConfig, Settings
 from mcp_fhir.ehr.client import FhirEHRClient
 from mcp_fhir.ehr.hl7_results import Hl7ResultsSource
@@ -32,50 +29,10 @@ from mcp_fhir.ehr.tls import build_ssl_context
 from mcp_fhir.ehr.transport import build_http_client
 from mcp_fhir.resilience.breaker import BreakerSettings, CircuitBreaker
 from mcp_fhir.resilience.cache import Cache
-from mcp_fhir.resilience.ratelimit import RateLimiter, parse_retry_after
-from mcp_fhir.resilience.retry import retry_idempotent
-from mcp_fhir.tools.catalog import CATALOGUE, LOCAL_TYPES
+from mcp_fhir.resilience.guard import BackendGuard
+from mcp_fhir.resilience.ratelimit import RateLimiter
 
 log = logging.getLogger("mcp_fhir.ehr")
-
-
-def _retryable(exc: BaseException) -> bool:
-    """Reads are retried on outages and on the EHR's own 429; never when our breaker or limiter said no."""
-    if isinstance(exc, CircuitOpen):
-        return False
-    if isinstance(exc, UpstreamRateLimited):
-        return isinstance(exc, MCPFhirError) and exc.details.get("status") == 429
-    return isinstance(exc, UpstreamUnavailable)
-
-
-class BackendGuard:
-    """Rate limit → circuit breaker → request, with jittered retries for idempotent reads only."""
-
-    def __init__(self, backend: str, *, limiter: RateLimiter | None, breaker: CircuitBreaker) -> None:
-        self.backend = backend
-        self.limiter = limiter
-        self.breaker = breaker
-
-    async def _once(self, call: Callable[[], Awaitable[Any]]) -> Any:
-        if self.limiter is not None:
-            await self.limiter.acquire(self.backend)
-        async with self.breaker.guard():
-            try:
-                return await call()
-            except UpstreamRateLimited as exc:
-                # The EHR's Retry-After, as seconds: the retry loop waits it out, and a limiter holds it for all.
-                wait = parse_retry_after(
-                    exc.retry_after if isinstance(exc.retry_after, str) else None, time.time()
-                )
-                exc.retry_after = wait
-                if self.limiter is not None:
-                    await self.limiter.penalise(self.backend, wait)
-                raise
-
-    async def run(self, call: Callable[[], Awaitable[Any]], *, idempotent: bool) -> Any:
-        if not idempotent:
-            return await self._once(call)
-        return await retry_idempotent(lambda: self._once(call), retryable=_retryable)
 
 
 def _normaliser(profile_name: str) -> Callable[[dict[str, Any]], dict[str, Any]] | None:

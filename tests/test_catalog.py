@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from mcp_fhir.tools.catalog import CATALOGUE
+from mcp_fhir.catalog import CATALOGUE
 
 POLICY_TOOLS = (
     Path(__file__).resolve().parents[2] / "policies" / "mcp_fhir" / "config" / "tools" / "data.yaml"

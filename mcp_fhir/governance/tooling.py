@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mcp_fhir._exceptions import ConfigError, PolicyUnavailable
-from mcp_fhir.policy.diff import DECISION_QUERY, NON_POLICY_FILES
+from mcp_fhir.governance.diff import DECISION_QUERY, NON_POLICY_FILES
 from mcp_fhir.policy.managed_opa import find_opa
 
 __all__ = [

@@ -18,7 +18,8 @@ from mcp_fhir._exceptions import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from mcp_fhir.ehr.factory import BackendGuard, breaker_for
+from mcp_fhir.backends import breaker_for
+from mcp_fhir.resilience.guard import BackendGuard
 
 
 class Events(list[str]):

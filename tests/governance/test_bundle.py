@@ -12,7 +12,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from mcp_fhir._exceptions import ConfigError, PolicyUnavailable
-from mcp_fhir.policy.bundle import BundleSettings, build_bundle, bundle_config, git_revision, verify_bundle
+from mcp_fhir.governance.bundle import (
+    BundleSettings,
+    build_bundle,
+    bundle_config,
+    git_revision,
+    verify_bundle,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 POLICIES = REPO / "policies"
