@@ -1,8 +1,9 @@
-"""The order of the call path: decide → deny-audit, fetch → enforce → commit → respond, and errors audited once."""
+"""The order of the call path: decide → deny-audit, fetch → enforce → audit → respond, and errors audited once."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -11,28 +12,19 @@ from mcp_fhir import metrics
 from mcp_fhir._exceptions import (
     AuditUnavailable,
     AuthenticationError,
+    InvalidArgument,
     MCPFhirError,
     PolicyDenied,
     ToolUnavailable,
     UnknownPatient,
     UpstreamTimeout,
 )
+from mcp_fhir.logs import bind_request
 from mcp_fhir.policy.engine import Decision
-from mcp_fhir.tools.clinical import search_tool
-from mcp_fhir.tools.pipeline import CallPath
+from mcp_fhir.tools import CallPath
 from tests.tools.conftest import PATIENT, Harness, deny_with, make_harness, observation, wait_until
 
-
-def _begin(h: Harness, tool: str = "search_observations", patient: str | None = PATIENT) -> Any:
-    return CallPath(h.app).begin(
-        tool=tool,
-        resource_type="Observation",
-        operation="search",
-        patient=patient,
-        params={"category": "laboratory"},
-        purpose="treatment",
-        break_glass_reason=None,
-    )
+ARGS: dict[str, Any] = {"patient_id": PATIENT, "purpose": "treatment", "category": "laboratory"}
 
 
 def _tool_calls(tool: str, result: str) -> float:
@@ -42,16 +34,18 @@ def _tool_calls(tool: str, result: str) -> float:
     )
 
 
-async def _search(h: Harness, **kwargs: Any) -> Any:
-    return await search_tool(
-        h.ctx,
-        tool="search_observations",
-        rtype="Observation",
-        patient_id=PATIENT,
-        purpose="treatment",
-        break_glass_reason=None,
-        **kwargs,
-    )
+async def _search(h: Harness, tool: str = "search_observations", **kwargs: Any) -> Any:
+    return await h.run(tool, **{**ARGS, **kwargs})
+
+
+class BrokenFetch:
+    """A tool declaration whose fetch has a bug."""
+
+    def __init__(self, h: Harness) -> None:
+        self.tool = replace(h.tools["search_observations"], fetch=self._fetch)
+
+    async def _fetch(self, call: Any, args: Any) -> Any:
+        raise KeyError("a bug in a tool")
 
 
 class UnknownIds:
@@ -63,7 +57,6 @@ async def test_a_deny_is_audited_before_the_error_leaves_and_the_ehr_is_never_ca
     h = make_harness(lambda _i: deny_with("ROLE_NOT_PERMITTED"), resources=[observation("o1")])
     with pytest.raises(PolicyDenied) as caught:
         await _search(h)
-    assert caught.value.audited
     assert (caught.value.code, caught.value.reasons, caught.value.decision_id) == (
         "policy_denied",
         ["ROLE_NOT_PERMITTED"],
@@ -111,9 +104,8 @@ async def test_a_failure_after_the_decision_is_audited_once_as_an_error_with_its
     h = make_harness()
     h.ehr.fail_with = UpstreamTimeout("slow")
     before = _tool_calls("search_observations", "error")
-    with pytest.raises(UpstreamTimeout) as caught:
+    with pytest.raises(UpstreamTimeout):
         await _search(h)
-    assert caught.value.audited
     assert [(r.result, r.error_code, r.decision_id) for r in h.sink.records] == [
         ("error", "upstream_timeout", "d-allow")
     ]
@@ -123,30 +115,17 @@ async def test_a_failure_after_the_decision_is_audited_once_as_an_error_with_its
 async def test_a_bug_after_the_decision_is_audited_with_the_decisions_details_as_internal_error():
     h = make_harness()
     with pytest.raises(MCPFhirError) as caught:
-        async with _begin(h):
-            raise KeyError("a bug in a tool")
+        await CallPath(h.app).run(BrokenFetch(h).tool, ARGS)
     assert caught.value.code == "internal_error"
-    assert caught.value.audited
     assert [(r.result, r.error_code, r.decision_id) for r in h.sink.records] == [
         ("error", "internal_error", "d-allow")
     ]
 
 
-async def test_an_error_raised_after_commit_is_not_audited_a_second_time():
-    h = make_harness()
-    with pytest.raises(UpstreamTimeout) as caught:
-        async with _begin(h) as call:
-            await call.commit(returned=0, filtered=0, cache=None)
-            raise UpstreamTimeout("after the record")
-    assert caught.value.audited
-    assert [r.result for r in h.sink.records] == ["allowed"]
-
-
 async def test_an_unknown_patient_is_audited_and_never_reaches_the_engine():
     h = make_harness(idmap=UnknownIds())
-    with pytest.raises(UnknownPatient) as caught:
+    with pytest.raises(UnknownPatient):
         await _search(h)
-    assert caught.value.audited
     assert h.engine.calls == [] and h.ehr.calls == []
     assert [(r.result, r.error_code, r.patient) for r in h.sink.records] == [
         ("error", "unknown_patient", PATIENT)
@@ -157,7 +136,6 @@ async def test_a_tool_the_ehr_did_not_grant_scopes_for_is_unavailable_and_never_
     h = make_harness(unavailable_tools={"search_observations": ("system/Observation.rs",)})
     with pytest.raises(ToolUnavailable) as caught:
         await _search(h)
-    assert caught.value.audited
     assert caught.value.details["missing_scopes"] == ["system/Observation.rs"]
     assert h.engine.calls == [] and h.ehr.calls == []
     assert [(r.result, r.error_code) for r in h.sink.records] == [("error", "tool_unavailable")]
@@ -165,9 +143,8 @@ async def test_a_tool_the_ehr_did_not_grant_scopes_for_is_unavailable_and_never_
 
 async def test_no_caller_is_unauthenticated_and_audited_without_a_subject():
     h = make_harness(local_subject=None)
-    with pytest.raises(AuthenticationError) as caught:
+    with pytest.raises(AuthenticationError):
         await _search(h)
-    assert caught.value.audited
     assert [(r.error_code, r.subject_id) for r in h.sink.records] == [("unauthenticated", None)]
     assert h.engine.calls == []
 
@@ -194,24 +171,43 @@ async def test_every_error_is_audited_exactly_once(failure: str):
     )
     if failure == "upstream":
         h.ehr.fail_with = UpstreamTimeout("slow")
-    with pytest.raises(MCPFhirError) as caught:
+    with pytest.raises(MCPFhirError):
         await _search(h)
-    assert caught.value.audited
     assert len(h.sink.records) == 1
 
 
-async def test_a_tool_that_returns_without_committing_is_refused_as_audit_unavailable():
+async def test_a_bad_argument_is_audited_under_the_requests_id_before_the_engine_or_the_ehr():
     h = make_harness()
-    with pytest.raises(AuditUnavailable):
-        async with _begin(h):
-            pass  # a buggy tool: no commit
-    assert [(r.result, r.error_code) for r in h.sink.records] == [("error", "audit_unavailable")]
+    with bind_request("req-bad-args-1", None), pytest.raises(InvalidArgument) as caught:
+        await _search(h, date_from="not a date")
+    assert (caught.value.code, caught.value.details["argument"]) == ("invalid_argument", "date_from")
+    assert h.engine.calls == [] and h.ehr.calls == []
+    assert [(r.result, r.error_code, r.request_id) for r in h.sink.records] == [
+        ("error", "invalid_argument", "req-bad-args-1")
+    ]
+
+
+async def test_an_undeclared_argument_is_refused_by_name_and_audited():
+    h = make_harness()
+    with pytest.raises(InvalidArgument) as caught:
+        await _search(h, _include="Patient:link")
+    assert caught.value.details["argument"] == "_include"
+    assert [(r.result, r.error_code) for r in h.sink.records] == [("error", "invalid_argument")]
+
+
+async def test_every_record_of_one_request_carries_the_requests_id():
+    h = make_harness(resources=[observation("o1")])
+    with bind_request("req-one-id-22", None):
+        await _search(h)
+        with pytest.raises(InvalidArgument):
+            await _search(h, page_size=0)
+    assert [r.request_id for r in h.sink.records] == ["req-one-id-22", "req-one-id-22"]
+    assert h.engine.calls[0]["context"]["request_id"] == "req-one-id-22"
 
 
 async def test_the_decision_input_names_the_canonical_patient_and_the_call():
     h = make_harness()
-    async with _begin(h) as call:
-        await call.commit(returned=0, filtered=0, cache=None)
+    await _search(h)
     [d_input] = h.engine.calls
     assert d_input["action"] == {
         "tool": "search_observations",
@@ -238,7 +234,6 @@ async def test_an_unmapped_patient_is_counted_once_as_an_id_map_mismatch():
     mismatches = metrics.IDMAP_MISMATCHES.labels(backend=h.app.default_backend)
     before = mismatches._value.get()
     with pytest.raises(UnknownPatient):
-        async with _begin(h):
-            pass
+        await _search(h)
     assert mismatches._value.get() == before + 1
     assert [(r.result, r.error_code) for r in h.sink.records] == [("error", "unknown_patient")]
