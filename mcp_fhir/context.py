@@ -61,7 +61,7 @@ class Purpose:
     description: str
 
 
-@dataclass
+@dataclass(repr=False)
 class AppContext:
     """What the lifespan yields: the decider (policy engines), EHR clients, patient-id map and audit trail."""
 
@@ -73,11 +73,15 @@ class AppContext:
     local_subject: Subject | None = None
     subject_from_access_token: Callable[[Any], Subject] = field(default=lambda _t: _no_verifier())
     limits: Limits = field(default_factory=Limits)
-    continuation_key: bytes = field(default=b"", repr=False)
+    continuation_key: bytes = b""
     flag_injection: bool = True
     enabled_tools: frozenset[str] = frozenset()
     unavailable_tools: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     purposes: tuple[Purpose, ...] = ()
+
+    def __repr__(self) -> str:
+        # The clients may hold data (a fake EHR holds resources): a repr names them, nothing more.
+        return f"AppContext(backends={sorted(self.backends)!r}, default_backend={self.default_backend!r})"
 
     @property
     def engine(self) -> PolicyEngine:

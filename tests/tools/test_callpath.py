@@ -20,9 +20,17 @@ from mcp_fhir._exceptions import (
     UpstreamTimeout,
 )
 from mcp_fhir.logs import bind_request
-from mcp_fhir.policy.engine import Decision
+from mcp_fhir.policy.engine import Decision, Obligations
 from mcp_fhir.tools import CallPath
-from tests.tools.conftest import PATIENT, Harness, deny_with, make_harness, observation, wait_until
+from tests.tools.conftest import (
+    PATIENT,
+    Harness,
+    allow_with,
+    deny_with,
+    make_harness,
+    observation,
+    wait_until,
+)
 
 ARGS: dict[str, Any] = {"patient_id": PATIENT, "purpose": "treatment", "category": "laboratory"}
 
@@ -237,3 +245,52 @@ async def test_an_unmapped_patient_is_counted_once_as_an_id_map_mismatch():
         await _search(h)
     assert mismatches._value.get() == before + 1
     assert [(r.result, r.error_code) for r in h.sink.records] == [("error", "unknown_patient")]
+
+
+async def test_one_audited_call_is_one_observation_of_the_audit_write_histogram(tmp_path):
+    from mcp_fhir.audit.settings import AuditSettings
+    from mcp_fhir.audit.trail import build_trail
+
+    trail = build_trail(AuditSettings(sink="file", path=str(tmp_path / "audit.jsonl"), writer_id="w"))
+    await trail.start()
+    h = make_harness(resources=[observation("o1")])
+    h.app.audit = trail
+    before = metrics.REGISTRY.get_sample_value("mcp_fhir_audit_write_seconds_count") or 0.0
+    try:
+        await _search(h)
+    finally:
+        await trail.close()
+    assert metrics.REGISTRY.get_sample_value("mcp_fhir_audit_write_seconds_count") == before + 1
+
+
+SECRET_PATIENT = "pat-secret-4711"
+SECRET_REASON = "Cardiac arrest in ED bay 4, no consent possible"
+
+
+async def test_no_call_object_repr_shows_a_patient_id_a_parameter_or_the_break_glass_reason():
+    seen: list[Any] = []
+    ob = Obligations(audit_patients=frozenset({SECRET_PATIENT}), present=frozenset({"audit_patients"}))
+    h = make_harness(lambda _i: allow_with(ob), resources=[observation("o1", SECRET_PATIENT)])
+    tool = h.tools["search_observations"]
+    original = tool.fetch
+
+    async def spy(call: Any, args: Any) -> Any:
+        seen.extend([call, args, call.decision, call.obligations, *call.inputs.values(), call.tool])
+        return await original(call, args)
+
+    spying = replace(tool, fetch=spy)
+    await CallPath(h.app).run(
+        spying,
+        {
+            "patient_id": SECRET_PATIENT,
+            "purpose": "treatment",
+            "code": "http://loinc.org|4548-4",
+            "break_glass_reason": SECRET_REASON,
+        },
+    )
+    seen += [CallPath(h.app), h.app, h.app.decider, h.sink, *h.sink.records]
+    for obj in seen:
+        for text in (repr(obj), str(obj), f"{obj!r}", f"{obj}"):
+            assert SECRET_PATIENT not in text, type(obj).__name__
+            assert "4548-4" not in text, type(obj).__name__
+            assert "Cardiac" not in text, type(obj).__name__
