@@ -129,7 +129,7 @@ test_clinician_visible_tools_exclude_audit_log if {
 
 test_nurse_visible_tools_are_patient_and_observations if {
 	s := object.union(testing.clinician_obs.subject, {"claims": {"roles": ["nurse"]}})
-	authz.visible_tools == ["patient_summary", "read_patient", "refresh", "search_immunizations", "search_observations"] with input as {"subject": s}
+	authz.visible_tools == ["patient_summary", "read_patient", "refresh", "search_observations"] with input as {"subject": s}
 }
 
 test_admin_visible_tools_are_audit_log_only if {
