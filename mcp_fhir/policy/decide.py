@@ -110,7 +110,6 @@ class Decider:
                 type(exc).__name__,
                 extra={"code": PolicyUnavailable.code},
             )
-        metrics.DECISIONS.labels("deny", "visible_tools_failed").inc()
         return frozenset()
 
     async def aclose(self) -> None:
