@@ -358,8 +358,10 @@ def render_note(result: NoteCreated) -> str:
 
 def render_audit_log(result: AuditLogResult) -> str:
     lines = [f"### {result.count} audit events"] + [
-        f"- {e.get('recorded')} {e.get('subtype', [{}])[0].get('code', '')} outcome={e.get('outcome')} "
-        f"{e.get('outcomeDesc', '')}"
+        inline(
+            f"- {e.get('recorded')} {e.get('subtype', [{}])[0].get('code', '')} outcome={e.get('outcome')} "
+            f"{e.get('outcomeDesc', '')}"
+        )
         for e in result.events
     ]
     return "\n".join(lines)
