@@ -162,7 +162,12 @@ class Call:
         extra: dict[str, Any] = dict(fetched.audit_extra) if fetched is not None else {}
         if self.tool.sections:
             extra["sections"] = [
-                _section_record(rt, dec, enforced.parts.get(rt) if enforced else None)
+                _section_record(
+                    rt,
+                    dec,
+                    enforced.parts.get(rt) if enforced else None,
+                    fetched.parts.get(rt) if fetched else None,
+                )
                 for rt, dec in self.decisions.items()
             ]
         counts: dict[str, Any] = {}
@@ -203,7 +208,9 @@ class Call:
         )
 
 
-def _section_record(rtype: str, decision: Decision, enforced: Enforced | None) -> dict[str, Any]:
+def _section_record(
+    rtype: str, decision: Decision, enforced: Enforced | None, fetched: Fetched | None
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "resource_type": rtype,
         "result": "allowed" if decision.allow else "denied",
@@ -213,6 +220,8 @@ def _section_record(rtype: str, decision: Decision, enforced: Enforced | None) -
     if enforced is not None:
         out["returned_count"] = len(enforced.resources)
         out["filtered_count"] = enforced.withheld.resources
+    if fetched is not None:
+        out["cache"] = fetched.cache
     return out
 
 

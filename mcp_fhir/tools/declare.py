@@ -80,10 +80,11 @@ class Fetched:
     cursor: str | None = None
     audit_extra: dict[str, Any] = field(default_factory=dict)
     parts: dict[str, Fetched] = field(default_factory=dict)
+    write: bool = False  # a write has no cache state to record
 
     @property
     def cache(self) -> str | None:
-        return self.source.cache if self.source is not None else None
+        return self.source.cache if self.source is not None and not self.write else None
 
     @property
     def upstream(self) -> FetchResult:

@@ -148,7 +148,9 @@ async def create_note(call: Call, args: NoteArgs) -> Fetched:
     fetch = await call.app.backend(call.backend).create(
         doc, patient=call.patient, if_none_exist=f"identifier={IDEMPOTENCY_SYSTEM}|{key}"
     )
-    return Fetched(fetch.resources[:1], source=fetch, audit_extra={"created": bool(fetch.created)})
+    return Fetched(
+        fetch.resources[:1], source=fetch, audit_extra={"created": bool(fetch.created)}, write=True
+    )
 
 
 def keep_written(_call: Call, fetched: Fetched) -> Enforced:

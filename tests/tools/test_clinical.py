@@ -263,6 +263,9 @@ async def test_a_summary_with_some_sections_denied_shows_the_rest_in_one_audit_r
         (t, "denied" if t in {"Condition", "MedicationStatement"} else "allowed") for t in SUMMARY_SECTIONS
     ]
     assert record.reason_codes == ("ROLE_NOT_PERMITTED",)
+    assert [s.get("cache") for s in record.extra["sections"]] == [
+        None if t in {"Condition", "MedicationStatement"} else "miss" for t in SUMMARY_SECTIONS
+    ]
     assert {op for op, _t in h.ehr.calls} <= {"read", "search"}
     assert {t for _op, t in h.ehr.calls} == set(SUMMARY_SECTIONS) - {"Condition", "MedicationStatement"}
     assert "withheld by policy" in result.content[0].text

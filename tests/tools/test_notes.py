@@ -135,6 +135,7 @@ async def test_create_clinical_note_audits_lengths_and_a_digest_never_the_note_t
     }
     [record] = h.sink.records
     assert record.params == expected
+    assert record.cache is None  # a write has no cache state
     assert h.engine.calls[0]["resource"]["params"] == expected
     assert "Wetherall" not in json.dumps(record.to_dict(), default=str)
     assert "Wetherall" not in json.dumps(h.engine.calls[0], default=str)
