@@ -48,10 +48,12 @@ def _audit_harness(ob: Obligations, n: int = 3, *, others: int = 0) -> Harness:
 
 
 async def _audit_log(h: Harness, **arguments: Any) -> Any:
-    written = len(h.sink.records)
-    result = await h.run("search_audit_log", purpose="audit", **arguments)
-    h.written = h.sink.records[written:]  # type: ignore[attr-defined]
-    return result
+    return await h.run("search_audit_log", purpose="audit", **arguments)
+
+
+def _own(h: Harness) -> list[AuditRecord]:
+    """The records the search itself wrote (the harness trail was seeded with others first)."""
+    return [r for r in h.sink.records if r.tool == "search_audit_log"]
 
 
 @pytest.mark.parametrize("element", ["entity", "agent", "purposeOfEvent"])
@@ -83,7 +85,7 @@ async def test_search_audit_log_asks_for_no_more_than_the_policys_cap_and_audits
     result = await _audit_log(h, patient_id=PATIENT, limit=50)
     assert h.sink.queries[0].patient == PATIENT
     assert result.structured_content["count"] == 2
-    assert [(r.tool, r.returned_count) for r in h.written] == [("search_audit_log", 2)]
+    assert [(r.tool, r.returned_count) for r in _own(h)] == [("search_audit_log", 2)]
 
 
 async def test_search_audit_log_sends_its_patient_filter_as_the_decision_inputs_patient():
@@ -91,7 +93,7 @@ async def test_search_audit_log_sends_its_patient_filter_as_the_decision_inputs_
     await _audit_log(h, patient_id=PATIENT, agent_id="agent-9", limit=10)
     [d_input] = h.engine.calls
     assert d_input["resource"] == {"patient": PATIENT, "params": {"agent_id": "agent-9", "limit": 10}}
-    assert [(r.tool, r.patient) for r in h.written] == [("search_audit_log", PATIENT)]
+    assert [(r.tool, r.patient) for r in _own(h)] == [("search_audit_log", PATIENT)]
 
 
 async def test_search_audit_log_with_any_patient_allowed_returns_events_about_every_patient():
@@ -117,7 +119,7 @@ async def test_search_audit_log_bound_to_several_patients_filters_the_results_ag
     )
     result = await _audit_log(h)
     assert result.structured_content["count"] == 2
-    assert [(r.returned_count, r.filtered_count) for r in h.written] == [(2, 3)]
+    assert [(r.returned_count, r.filtered_count) for r in _own(h)] == [(2, 3)]
 
 
 async def test_search_audit_log_filtering_on_a_patient_outside_the_obligation_returns_nothing():
@@ -125,7 +127,7 @@ async def test_search_audit_log_filtering_on_a_patient_outside_the_obligation_re
     result = await _audit_log(h, patient_id=OTHER_PATIENT)
     assert result.structured_content["count"] == 0
     assert h.sink.queries == []
-    assert [(r.result, r.patient) for r in h.written] == [("allowed", OTHER_PATIENT)]
+    assert [(r.result, r.patient) for r in _own(h)] == [("allowed", OTHER_PATIENT)]
 
 
 async def test_search_audit_log_allowed_without_the_audit_patients_obligation_fails_closed():
