@@ -11,6 +11,8 @@ secret, and no stack trace leaves the process.
     ├── InvalidArgument                  invalid_argument
     ├── UnknownPatient                   unknown_patient
     ├── IdMapUnavailable                 idmap_unavailable
+    ├── ConfirmationRequired             confirmation_required
+    │   └── ConfirmationDeclined         confirmation_declined
     ├── PolicyError
     │   ├── PolicyDenied                 policy_denied
     │   └── PolicyUnavailable            opa_unavailable
@@ -43,6 +45,8 @@ __all__ = [
     "AuthenticationError",
     "CircuitOpen",
     "ConfigError",
+    "ConfirmationDeclined",
+    "ConfirmationRequired",
     "IdMapUnavailable",
     "InvalidArgument",
     "MCPFhirError",
@@ -110,6 +114,19 @@ class InvalidArgument(MCPFhirError):
         super().__init__(f"argument '{argument}': {rule}", argument=argument)
         self.argument = argument
         self.rule = rule
+
+
+class ConfirmationRequired(MCPFhirError):
+    """The policy requires a person to confirm this write, and none did: the client cannot ask one
+    (no elicitation support), or the question expired. Nothing was written."""
+
+    code = "confirmation_required"
+
+
+class ConfirmationDeclined(ConfirmationRequired):
+    """The person asked to confirm this write declined or cancelled. Nothing was written."""
+
+    code = "confirmation_declined"
 
 
 class UnknownPatient(MCPFhirError):
