@@ -109,9 +109,10 @@ async def open_backends(
     cache = Cache.from_settings(settings.cache_settings()) if settings.cache_enabled else None
     if cache is not None:
         stack.push_async_callback(cache.aclose)
-    rate_settings = settings.rate_limit_settings()  # memory, or Redis to hold one limit across replicas
-    limits = rate_settings.limits
-    limiter = RateLimiter.from_settings(rate_settings) if limits else None
+    # Memory, or Redis to hold one limit across replicas. Every backend has a schedule in it, limited or
+    # not, so that one backend's 429 (or 503 with Retry-After) holds every call to that backend.
+    limiter = RateLimiter.from_settings(settings.rate_limit_settings())
+    stack.push_async_callback(limiter.aclose)
     clients: dict[str, FhirEHRClient] = {}
     unavailable: dict[str, tuple[str, ...]] = {}
     for name, cfg in settings.backends.items():
@@ -129,7 +130,10 @@ async def open_backends(
             token_provider=tokens,
             normalise=_normaliser(cfg.profile),
             guard=BackendGuard(
-                name, limiter=limiter if name in limits else None, breaker=breaker_for(name, cfg.breaker)
+                name,
+                limiter=limiter,
+                breaker=breaker_for(name, cfg.breaker),
+                max_retry_after=cfg.max_retry_after,
             ),
             cache=cache,
             allow_stale=cfg.allow_stale,
@@ -166,6 +170,16 @@ async def open_idmap(cfg: IdMapConfig) -> Any:
                 if exc.code != "config_invalid":
                     raise
     return idmap
+
+
+async def held_for(clients: Mapping[str, FhirEHRClient]) -> dict[str, float]:
+    """Seconds until each backend may be sent its next request (a Retry-After hold or the rate limit)."""
+    out = {}
+    for name, client in clients.items():
+        guard = getattr(client, "_guard", None)
+        if isinstance(guard, BackendGuard) and guard.limiter is not None:
+            out[name] = await guard.limiter.held_for(name)
+    return out
 
 
 def breaker_snapshot(clients: Mapping[str, FhirEHRClient]) -> dict[str, str]:

@@ -205,7 +205,9 @@ async def send(
     if status in (404, 410):
         raise ResourceNotFound("the EHR has no such resource", status=status)
     if status >= 500:
-        raise UpstreamUnavailable(f"the EHR failed (HTTP {status})", status=status)
+        failed = UpstreamUnavailable(f"the EHR failed (HTTP {status})", status=status)
+        failed.retry_after = parsed.retry_after  # a 503 may say when to come back, as a 429 does
+        raise failed
     raise UpstreamRejected(f"the EHR refused the request (HTTP {status})", status=status)
 
 
