@@ -118,7 +118,10 @@ async def open_backends(
     for name, cfg in settings.backends.items():
         ssl_ctx = build_ssl_context(cfg.ca_bundle, cfg.client_cert, cfg.client_key, prefix=f"backends.{name}")
         http = build_http_client(
-            connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout, ssl_context=ssl_ctx
+            connect_timeout=cfg.connect_timeout,
+            read_timeout=cfg.read_timeout,
+            total_timeout=cfg.total_timeout,
+            ssl_context=ssl_ctx,
         )
         tokens, missing = await _smart(stack, name, settings.smart_settings(name), settings.tools)
         profile = get_profile(cfg.profile)

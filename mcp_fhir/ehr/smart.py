@@ -21,12 +21,16 @@ How a token is obtained:
    a short-lived token does not cause a request per call). Refresh is single-flight: concurrent callers
    share ONE in-flight request, and share its failure too.
 
-Errors: every failure, including timeouts and unreachable endpoints, is an ``UpstreamAuthError``
-(code ``upstream_auth_failed``), with ``details["reason"]`` one of ``timeout``, ``transport``,
-``rejected``, ``bad_response``, ``bad_discovery``, ``unsupported``, ``retry_failed``. We chose one code
-(rather than ``UpstreamTimeout`` for timeouts) so that every caller handles "no token" in one place; the
-``reason`` lets a breaker tell transient from permanent. Messages carry the HTTP status and the OAuth
-``error`` code only, never a token, secret, assertion or ``error_description``.
+Deadline: ``token_timeout`` bounds each phase of a discovery or token request (connect, write, each
+read) AND the whole request, body included, so that an endpoint trickling its answer cannot hold a
+call for longer (issue #19). Passing it is an ``UpstreamTimeout`` (code ``upstream_timeout``,
+``details["reason"]`` ``timeout``), as for every other upstream request.
+
+Errors: every other failure, including unreachable endpoints, is an ``UpstreamAuthError`` (code
+``upstream_auth_failed``), with ``details["reason"]`` one of ``transport``, ``rejected``,
+``bad_response``, ``bad_discovery``, ``unsupported``, ``retry_failed``; the ``reason`` lets a breaker
+tell transient from permanent. Messages carry the HTTP status and the OAuth ``error`` code only, never a
+token, secret, assertion or ``error_description``.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import re
 import secrets
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -50,7 +54,7 @@ from typing import Any, Protocol, TypeVar
 import httpx2
 import jwt
 
-from mcp_fhir._exceptions import ConfigError, UpstreamAuthError
+from mcp_fhir._exceptions import ConfigError, UpstreamAuthError, UpstreamTimeout
 from mcp_fhir.ehr.keys import ALLOWED_ALGORITHMS, SigningKey, load_signing_key, public_jwks
 from mcp_fhir.ehr.tls import build_ssl_context
 from mcp_fhir.metrics import TOKEN_REFRESHES
@@ -269,13 +273,17 @@ class TokenSource(Protocol):
     async def invalidate(self, token: str) -> None: ...
 
 
-@contextlib.contextmanager
-def _translate_http_errors(step: str) -> Iterator[None]:
-    """The one seam where httpx2 failures become ``UpstreamAuthError`` (no URL, no body in the message)."""
+@contextlib.asynccontextmanager
+async def _translate_http_errors(step: str, deadline: float) -> AsyncIterator[None]:
+    """The one seam where httpx2 failures become upstream errors (no URL, no body in the message).
+
+    ``deadline`` bounds the whole exchange: a timeout of any kind is ``UpstreamTimeout``.
+    """
     try:
-        yield
-    except httpx2.TimeoutException as exc:
-        raise UpstreamAuthError(f"{step}: timed out", reason="timeout") from exc
+        async with asyncio.timeout(deadline):
+            yield
+    except (httpx2.TimeoutException, TimeoutError) as exc:
+        raise UpstreamTimeout(f"{step}: timed out", reason="timeout") from exc
     except httpx2.HTTPError as exc:
         raise UpstreamAuthError(f"{step}: {type(exc).__name__}", reason="transport") from exc
 
@@ -418,7 +426,7 @@ class SmartBackendAuth:
         try:
             endpoint = await self._discover()
             fresh = await self._request_token(endpoint)
-        except UpstreamAuthError as exc:
+        except (UpstreamAuthError, UpstreamTimeout) as exc:
             TOKEN_REFRESHES.labels(backend=self._backend, outcome="error").inc()
             logger.warning(
                 "SMART token request failed backend=%s code=%s reason=%s",
@@ -439,7 +447,7 @@ class SmartBackendAuth:
             return self._token_endpoint
         base = (self._settings.fhir_base_url or "").rstrip("/")
         step = "SMART discovery"
-        with _translate_http_errors(step):
+        async with _translate_http_errors(step, self._settings.token_timeout):
             response = await self._http.get(
                 base + SMART_CONFIGURATION_PATH,
                 headers={"Accept": "application/json"},
@@ -515,7 +523,7 @@ class SmartBackendAuth:
             form["scope"] = " ".join(self._requested)
         form.update(extra_form)
         started = self._clock()
-        with _translate_http_errors(step):
+        async with _translate_http_errors(step, self._settings.token_timeout):
             response = await self._http.post(
                 endpoint,
                 data=form,

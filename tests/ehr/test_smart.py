@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from mcp_fhir._exceptions import ConfigError, UpstreamAuthError
+from mcp_fhir._exceptions import ConfigError, UpstreamAuthError, UpstreamError
 from mcp_fhir.ehr.smart import (
     ASSERTION_LIFETIME_SECONDS,
     CLIENT_ASSERTION_TYPE,
@@ -418,22 +418,22 @@ async def test_an_error_code_that_is_not_a_plain_oauth_code_is_not_echoed(smart_
 
 
 @pytest.mark.parametrize(
-    ("exc", "reason"),
+    ("exc", "code", "reason"),
     [
-        (httpx2.ReadTimeout("slow"), "timeout"),
-        (httpx2.ConnectTimeout("slow"), "timeout"),
-        (httpx2.ConnectError("no"), "transport"),
+        (httpx2.ReadTimeout("slow"), "upstream_timeout", "timeout"),
+        (httpx2.ConnectTimeout("slow"), "upstream_timeout", "timeout"),
+        (httpx2.ConnectError("no"), "upstream_auth_failed", "transport"),
     ],
 )
-async def test_transport_failures_become_upstream_auth_errors(
-    smart_es384_pem: str, exc: Exception, reason: str
+async def test_transport_failures_become_upstream_errors_and_timeouts_are_upstream_timeouts(
+    smart_es384_pem: str, exc: Exception, code: str, reason: str
 ) -> None:
     def handler(request: httpx2.Request) -> httpx2.Response:
         raise exc
 
-    with pytest.raises(UpstreamAuthError) as info:
+    with pytest.raises(UpstreamError) as info:
         await _jwt_auth(handler, smart_es384_pem).token()
-    assert info.value.code == "upstream_auth_failed"
+    assert info.value.code == code
     assert info.value.details["reason"] == reason
     assert info.value.__cause__ is exc
 

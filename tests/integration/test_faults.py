@@ -398,3 +398,96 @@ async def test_a_429_seen_by_one_replica_holds_the_backend_for_a_replica_sharing
     assert all(not r.is_error for r in results)
     assert len(times) == 3
     assert all(t - times[0] >= HINT for t in times[1:])
+
+
+# --- Issue #19 §3: a total deadline on every upstream request, proven with a trickling sender --------
+
+TRICKLE = Fault.trickle(every=0.5, bytes=1)  # every read answers within 0.5 s; the body takes minutes
+TRICKLE_READ_TIMEOUT = 1.0  # > the trickle's interval: an idle-socket timeout never fires
+TOTAL_DEADLINE = 2.0
+MAX_BACKOFF = 0.3  # the retry loop's jittered backoff before attempts 2 and 3 (0.1 + 0.2 at most)
+SLACK = 1.0  # scheduling on a shared 2-core machine
+
+
+async def test_an_ehr_body_trickled_past_the_total_deadline_fails_with_upstream_timeout(
+    tmp_path: Path, fhir_server: Any, opa: ManagedOpa
+) -> None:
+    backend = {"read_timeout": TRICKLE_READ_TIMEOUT, "total_timeout": TOTAL_DEADLINE}
+    async with fhir_proxy(fhir_server) as (fhir, base):
+        async with running(
+            tmp_path,
+            base,
+            opa.url,
+            cache={"enabled": False},
+            backends={"testbed": {**backend, "base_url": base, "breaker": {"failure_threshold": 20}}},
+        ) as sc:
+            start = len(fhir.request_times)
+            fhir.set_fault(TRICKLE)
+            began = time.monotonic()
+            result = await attempt(sc.client, "read_patient", ARGS)
+            elapsed = time.monotonic() - began
+            attempts = len(fhir.request_times) - start
+            fhir.clear()
+    assert tool_error(result)["code"] == "upstream_timeout"
+    assert 1 <= attempts <= 3  # reads are retried; each attempt is cut at the deadline
+    assert elapsed <= attempts * TOTAL_DEADLINE + MAX_BACKOFF + SLACK
+    records = audit_records(tmp_path)
+    assert [r["result"] for r in records] == ["error"]
+
+
+async def test_a_token_endpoint_trickling_its_answer_fails_with_upstream_timeout_within_the_deadline(
+    tmp_path: Path, fhir_server: Any, opa: ManagedOpa, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(SMART_SECRET_ENV, SMART_SECRET)
+    with start_token_server(
+        [RegisteredClient("sidecar", secret=SMART_SECRET)], upstream_fhir_url=fhir_server.base_url
+    ) as tokens:
+        async with FaultProxy(tokens.base_url) as token_proxy:
+            backend = {
+                "base_url": tokens.fhir_base_url,
+                "breaker": {"failure_threshold": 20},
+                "smart": {
+                    "client_id": "sidecar",
+                    "auth_method": "client_secret_basic",
+                    "token_url": token_proxy.url + urlsplit(tokens.token_url).path,
+                    "client_secret_env": SMART_SECRET_ENV,
+                    "token_timeout": TOTAL_DEADLINE,  # > the trickle's interval, so only the total fires
+                },
+            }
+            async with running(
+                tmp_path,
+                tokens.fhir_base_url,
+                opa.url,
+                cache={"enabled": False},
+                backends={"testbed": backend},
+            ) as sc:
+                for token in tokens.issued_tokens():
+                    tokens.expire(token)  # the next EHR call gets a 401 and needs a fresh token
+                start = token_proxy.requests_seen
+                token_proxy.set_fault(TRICKLE)
+                began = time.monotonic()
+                result = await attempt(sc.client, "read_patient", ARGS)
+                elapsed = time.monotonic() - began
+                attempts = token_proxy.requests_seen - start
+                token_proxy.clear()
+    assert tool_error(result)["code"] == "upstream_timeout"
+    assert 1 <= attempts <= 3
+    assert elapsed <= attempts * TOTAL_DEADLINE + MAX_BACKOFF + SLACK
+
+
+async def test_an_opa_answer_trickled_past_the_decision_timeout_denies_with_opa_timeout_in_time(
+    tmp_path: Path, fhir_server: Any, opa: ManagedOpa
+) -> None:
+    async with fhir_proxy(fhir_server) as (fhir, base), FaultProxy(opa.url) as opa_proxy:
+        async with running(tmp_path, base, opa_proxy.url, cache={"enabled": False}) as sc:
+            before = fhir.requests_seen
+            opa_proxy.set_fault(TRICKLE)
+            began = time.monotonic()
+            result = await attempt(sc.client, "read_patient", ARGS)
+            elapsed = time.monotonic() - began
+            seen = fhir.requests_seen - before
+            opa_proxy.clear()
+    err = tool_error(result)
+    assert err["code"] == "policy_denied" and err["reasons"] == ["opa_timeout"]
+    assert elapsed <= DECISION_TIMEOUT + SLACK  # OPA's deadline is the whole decision, body included
+    assert seen == 0
