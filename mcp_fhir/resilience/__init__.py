@@ -6,7 +6,6 @@ Each piece is small, has an injectable clock, and a memory or Redis store.
 """
 
 from mcp_fhir.resilience.breaker import (
-    Breakers,
     BreakerSettings,
     BreakerSnapshot,
     BreakerState,
@@ -31,13 +30,12 @@ from mcp_fhir.resilience.ratelimit import (
     RedisBucketStore,
     parse_retry_after,
 )
-from mcp_fhir.resilience.retry import RetrySettings, retry_idempotent, run_write_once
+from mcp_fhir.resilience.retry import retry_idempotent
 
 __all__ = [
     "BreakerSettings",
     "BreakerSnapshot",
     "BreakerState",
-    "Breakers",
     "Cache",
     "CacheEntry",
     "CacheKey",
@@ -51,10 +49,8 @@ __all__ = [
     "RateLimiterSettings",
     "RedisBucketStore",
     "RedisStore",
-    "RetrySettings",
     "canonical_query",
     "is_upstream_failure",
     "parse_retry_after",
     "retry_idempotent",
-    "run_write_once",
 ]
