@@ -1,8 +1,10 @@
 """Resilience in front of the EHR, composed by the EHR client in this order:
 
-    cache → rate limit → circuit breaker → (retry, reads only) → HTTP
+    cache → (Retry-After hold + rate limit) → circuit breaker → (retry on tenacity, reads only) → HTTP
 
-Each piece is small, has an injectable clock, and a memory or Redis store.
+Each piece is small, has an injectable clock, and a memory or Redis store. ``guard.BackendGuard``
+composes the middle three for one backend; what is retried and waited for is in its docstring and in
+docs/operator-guide.md.
 """
 
 from mcp_fhir.resilience.breaker import (

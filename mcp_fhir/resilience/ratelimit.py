@@ -21,6 +21,23 @@ or (with the Redis store) in every replica.
 Stores: :class:`MemoryBucketStore` (one process, injectable clock) and :class:`RedisBucketStore`
 (several replicas share one limit; a Lua script updates the bucket atomically using the Redis
 server's TIME). If Redis cannot be reached the call fails closed with ``upstream_unavailable``.
+
+Why this is hand-written rather than on the ``limits`` library (issue #15 §7 asked for it; checked
+with limits 5.8, memory and Redis storage alike):
+
+* ``limits`` windows are whole seconds (``RateLimitItem.multiples`` is an ``int``). An EHR publishes
+  a token bucket, burst B at rate r, whose equivalent window is ``(B - 1) / r`` seconds: 0.5 s for
+  600/min with burst 6. ``RateLimitItemPerSecond(5, 0.5)`` silently becomes a window of 0 s, i.e. no
+  limit; the nearest whole-second window either halves the rate or lets through a burst larger than
+  the EHR's own bucket, which then answers 429.
+* Where the window is whole (Oracle Health, 100/min, burst 16 → "15 per 9 seconds"), a moving window
+  lets 15 calls through and then nothing for 9 s: measured, the 16th ``hit`` is refused with
+  ``reset_time`` 9.0 s ahead, where this bucket releases it 0.6 s later. With the default 5 s bounded
+  wait, calls this limiter serves would fail with ``upstream_rate_limited``.
+* ``limits`` answers yes or no (``hit``) and a reset time; it cannot *reserve* a place. Waiting callers
+  would poll and race, so there would be neither FIFO order nor an exact bounded wait.
+* It has no penalty: the Retry-After hold that every replica must honour (issue #19) would be a
+  second store beside it anyway.
 """
 
 from __future__ import annotations
