@@ -17,6 +17,7 @@ Retries are for idempotent reads only, and never when our own breaker or limiter
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -57,12 +58,16 @@ class BackendGuard:
         breaker: CircuitBreaker,
         max_retry_after: float = DEFAULT_MAX_RETRY_AFTER_SECONDS,
         wall_clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.backend = backend
         self.limiter = limiter
         self.breaker = breaker
         self.max_retry_after = min(max(0.0, max_retry_after), MAX_RETRY_AFTER_SECONDS)
         self._wall_clock = wall_clock
+        self._clock = clock
+        self._sleep = sleep
 
     def hold_seconds(self, exc: UpstreamError) -> float | None:
         """How long the EHR asked us to keep away from it, capped; ``None`` when it did not ask."""
@@ -91,4 +96,6 @@ class BackendGuard:
     async def run(self, call: Callable[[], Awaitable[Any]], *, idempotent: bool) -> Any:
         if not idempotent:
             return await self._once(call)
-        return await retry_idempotent(lambda: self._once(call), retryable=_retryable)
+        return await retry_idempotent(
+            lambda: self._once(call), retryable=_retryable, clock=self._clock, sleep=self._sleep
+        )
