@@ -69,7 +69,11 @@ def breaker_for(backend: str, raw: Mapping[str, Any] | None) -> CircuitBreaker:
 
 
 async def _smart(
-    stack: AsyncExitStack, name: str, smart_settings: SmartSettings | None, tools: tuple[str, ...]
+    stack: AsyncExitStack,
+    name: str,
+    smart_settings: SmartSettings | None,
+    tools: tuple[str, ...],
+    max_retry_after: float,
 ) -> tuple[SmartBackendAuth | None, dict[str, tuple[str, ...]]]:
     if smart_settings is None:
         return None, {}
@@ -78,7 +82,9 @@ async def _smart(
     scopes = required_scopes(ehr_tools, syntax=syntax, catalogue=CATALOGUE)
     http = build_token_http_client(smart_settings)
     stack.push_async_callback(http.aclose)
-    auth = SmartBackendAuth(smart_settings, backend=name, scopes=scopes, http_client=http)
+    auth = SmartBackendAuth(
+        smart_settings, backend=name, scopes=scopes, http_client=http, max_retry_after=max_retry_after
+    )
     try:
         await auth.token()
     except MCPFhirError as exc:
@@ -123,7 +129,9 @@ async def open_backends(
             total_timeout=cfg.total_timeout,
             ssl_context=ssl_ctx,
         )
-        tokens, missing = await _smart(stack, name, settings.smart_settings(name), settings.tools)
+        tokens, missing = await _smart(
+            stack, name, settings.smart_settings(name), settings.tools, cfg.max_retry_after
+        )
         profile = get_profile(cfg.profile)
         unavailable.update(missing)
         client = FhirEHRClient(

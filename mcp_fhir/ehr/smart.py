@@ -20,10 +20,13 @@ How a token is obtained:
    characters (Epic allows at most 151)), or with ``client_secret_basic`` (RFC 6749 §2.3.1:
    form-urlencoded id and secret in HTTP Basic; hand-written, because Authlib's encoder skips the
    form-urlencoding, see ``_client_auth``);
-3. hand-written, because Authlib has no counterpart: SMART discovery, the checks on the token
+3. a 429, or a 5xx carrying Retry-After, from the token endpoint holds it: no discovery or token request
+   is sent before it expires (capped by the backend's ``max_retry_after``); meanwhile a still-valid
+   cached token is used, and without one the call fails at once (``reason`` ``held``);
+4. hand-written, because Authlib has no counterpart: SMART discovery, the checks on the token
    response (bearer, positive ``expires_in``, granted scopes), the error seam that never echoes a
    secret, and the cache below, which Authlib's clients do not share between concurrent callers;
-4. the token is cached until ``refresh_skew_seconds`` before it expires (capped at half its lifetime, so
+5. the token is cached until ``refresh_skew_seconds`` before it expires (capped at half its lifetime, so
    a short-lived token does not cause a request per call). Refresh is single-flight: concurrent callers
    share ONE in-flight request, and share its failure too.
 
@@ -34,9 +37,9 @@ call for longer (issue #19). Passing it is an ``UpstreamTimeout`` (code ``upstre
 
 Errors: every other failure, including unreachable endpoints, is an ``UpstreamAuthError`` (code
 ``upstream_auth_failed``), with ``details["reason"]`` one of ``transport``, ``rejected``,
-``bad_response``, ``bad_discovery``, ``unsupported``, ``retry_failed``; the ``reason`` lets a breaker
-tell transient from permanent. Messages carry the HTTP status and the OAuth ``error`` code only, never a
-token, secret, assertion or ``error_description``.
+``bad_response``, ``bad_discovery``, ``unsupported``, ``retry_failed``, ``held``; the ``reason`` lets a
+breaker tell transient from permanent. Messages carry the HTTP status and the OAuth ``error`` code only,
+never a token, secret, assertion or ``error_description``.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -68,6 +72,7 @@ from mcp_fhir._exceptions import ConfigError, UpstreamAuthError, UpstreamTimeout
 from mcp_fhir.ehr.keys import ALLOWED_ALGORITHMS, SigningKey, load_signing_key, public_jwks
 from mcp_fhir.ehr.tls import build_ssl_context
 from mcp_fhir.metrics import TOKEN_REFRESHES
+from mcp_fhir.resilience.ratelimit import MAX_RETRY_AFTER_SECONDS, parse_retry_after
 
 __all__ = [
     "ASSERTION_LIFETIME_SECONDS",
@@ -332,8 +337,11 @@ class SmartBackendAuth:
         clock: Callable[[], float] = time.time,
         environ: Mapping[str, str] | None = None,
         jti_factory: Callable[[], str] | None = None,
+        max_retry_after: float = MAX_RETRY_AFTER_SECONDS,
     ) -> None:
         self._settings = settings
+        self._max_retry_after = max_retry_after
+        self._not_before = -math.inf  # the token endpoint's Retry-After: no request before this time
         self._backend = backend
         self._requested = tuple(scopes)
         self._http = http_client
@@ -421,8 +429,17 @@ class SmartBackendAuth:
     async def token(self) -> str:
         """A valid access token: cached, or fetched by exactly one request shared by all waiting callers."""
         current = self._current
-        if current is not None and self._clock() < current.refresh_at:
+        now = self._clock()
+        if current is not None and now < current.refresh_at:
             return current.value
+        if now < self._not_before:  # the endpoint asked us to come back later: do not ask it sooner
+            if current is not None and now < current.expires_at:
+                return current.value
+            raise UpstreamAuthError(
+                "SMART token endpoint asked to wait (Retry-After)",
+                reason="held",
+                retry_in_seconds=round(self._not_before - now, 3),
+            )
         task = self._inflight
         if task is None:
             task = asyncio.get_running_loop().create_task(self._refresh())
@@ -549,6 +566,7 @@ class SmartBackendAuth:
                 timeout=self._settings.token_timeout,
             )
         if response.status_code != 200:
+            self._hold(response)
             raise UpstreamAuthError(
                 f"{step}: HTTP {response.status_code} {self._oauth_error(response)}",
                 reason="rejected",
@@ -556,6 +574,13 @@ class SmartBackendAuth:
             )
         token = _json_object(response, step, "bad_response")
         return self._parse_token(token, started, step)
+
+    def _hold(self, response: httpx2.Response) -> None:
+        """A 429, or a 5xx with Retry-After: send the endpoint nothing until it expires (capped)."""
+        status, header = response.status_code, response.headers.get("Retry-After")
+        if status == 429 or (status >= 500 and header is not None):
+            wait = parse_retry_after(header, self._clock(), cap=self._max_retry_after)
+            self._not_before = self._clock() + wait
 
     @staticmethod
     def _oauth_error(response: httpx2.Response) -> str:

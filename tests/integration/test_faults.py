@@ -491,3 +491,48 @@ async def test_an_opa_answer_trickled_past_the_decision_timeout_denies_with_opa_
     assert err["code"] == "policy_denied" and err["reasons"] == ["opa_timeout"]
     assert elapsed <= DECISION_TIMEOUT + SLACK  # OPA's deadline is the whole decision, body included
     assert seen == 0
+
+
+async def test_a_token_endpoint_503_with_retry_after_is_not_asked_again_before_it_expires(
+    tmp_path: Path, fhir_server: Any, opa: ManagedOpa, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(SMART_SECRET_ENV, SMART_SECRET)
+    with start_token_server(
+        [RegisteredClient("sidecar", secret=SMART_SECRET)], upstream_fhir_url=fhir_server.base_url
+    ) as tokens:
+        async with FaultProxy(tokens.base_url) as token_proxy:
+            backend = {
+                "base_url": tokens.fhir_base_url,
+                "smart": {
+                    "client_id": "sidecar",
+                    "auth_method": "client_secret_basic",
+                    "token_url": token_proxy.url + urlsplit(tokens.token_url).path,
+                    "client_secret_env": SMART_SECRET_ENV,
+                },
+            }
+            async with running(
+                tmp_path,
+                tokens.fhir_base_url,
+                opa.url,
+                cache={"enabled": False},
+                backends={"testbed": backend},
+            ) as sc:
+                for token in tokens.issued_tokens():
+                    tokens.expire(token)
+                start = len(token_proxy.request_times)
+                token_proxy.set_fault(Fault.status(503, headers={"Retry-After": str(HINT)}), times=1)
+                refused = await attempt(sc.client, "read_patient", ARGS)
+                held = await attempt(sc.client, "read_patient", ARGS)
+                asked_while_held = len(token_proxy.request_times) - start
+
+                async def recovered() -> bool:
+                    result = await attempt(sc.client, "read_patient", ARGS)
+                    return not isinstance(result, Exception) and not result.is_error
+
+                await wait_until(recovered, RECOVERY_DEADLINE)
+                times = _after(token_proxy.request_times, start)
+    assert tool_error(refused)["code"] == "upstream_auth_failed"
+    assert tool_error(held)["code"] == "upstream_auth_failed" and tool_error(held)["reason"] == "held"
+    assert asked_while_held == 1  # the held call sent the token endpoint nothing
+    assert len(times) == 2
+    assert times[1] - times[0] >= HINT
