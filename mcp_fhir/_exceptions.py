@@ -190,6 +190,7 @@ class UpstreamError(MCPFhirError):
     """The EHR could not give a trustworthy answer."""
 
     code = "upstream_error"
+    retry_after: str | float | None = None  # the EHR's Retry-After (429, 503, ...), when it sent one
 
 
 class UpstreamUnavailable(UpstreamError):
@@ -214,7 +215,6 @@ class UpstreamRateLimited(UpstreamError):
     """The backend's rate limit would be exceeded beyond the bounded wait."""
 
     code = "upstream_rate_limited"
-    retry_after: str | float | None = None  # the EHR's Retry-After, when it sent one
 
 
 class UpstreamAuthError(UpstreamError):

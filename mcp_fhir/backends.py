@@ -69,7 +69,11 @@ def breaker_for(backend: str, raw: Mapping[str, Any] | None) -> CircuitBreaker:
 
 
 async def _smart(
-    stack: AsyncExitStack, name: str, smart_settings: SmartSettings | None, tools: tuple[str, ...]
+    stack: AsyncExitStack,
+    name: str,
+    smart_settings: SmartSettings | None,
+    tools: tuple[str, ...],
+    max_retry_after: float,
 ) -> tuple[SmartBackendAuth | None, dict[str, tuple[str, ...]]]:
     if smart_settings is None:
         return None, {}
@@ -78,7 +82,9 @@ async def _smart(
     scopes = required_scopes(ehr_tools, syntax=syntax, catalogue=CATALOGUE)
     http = build_token_http_client(smart_settings)
     stack.push_async_callback(http.aclose)
-    auth = SmartBackendAuth(smart_settings, backend=name, scopes=scopes, http_client=http)
+    auth = SmartBackendAuth(
+        smart_settings, backend=name, scopes=scopes, http_client=http, max_retry_after=max_retry_after
+    )
     try:
         await auth.token()
     except MCPFhirError as exc:
@@ -109,17 +115,23 @@ async def open_backends(
     cache = Cache.from_settings(settings.cache_settings()) if settings.cache_enabled else None
     if cache is not None:
         stack.push_async_callback(cache.aclose)
-    rate_settings = settings.rate_limit_settings()  # memory, or Redis to hold one limit across replicas
-    limits = rate_settings.limits
-    limiter = RateLimiter.from_settings(rate_settings) if limits else None
+    # Memory, or Redis to hold one limit across replicas. Every backend has a schedule in it, limited or
+    # not, so that one backend's 429 (or 503 with Retry-After) holds every call to that backend.
+    limiter = RateLimiter.from_settings(settings.rate_limit_settings())
+    stack.push_async_callback(limiter.aclose)
     clients: dict[str, FhirEHRClient] = {}
     unavailable: dict[str, tuple[str, ...]] = {}
     for name, cfg in settings.backends.items():
         ssl_ctx = build_ssl_context(cfg.ca_bundle, cfg.client_cert, cfg.client_key, prefix=f"backends.{name}")
         http = build_http_client(
-            connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout, ssl_context=ssl_ctx
+            connect_timeout=cfg.connect_timeout,
+            read_timeout=cfg.read_timeout,
+            total_timeout=cfg.total_timeout,
+            ssl_context=ssl_ctx,
         )
-        tokens, missing = await _smart(stack, name, settings.smart_settings(name), settings.tools)
+        tokens, missing = await _smart(
+            stack, name, settings.smart_settings(name), settings.tools, cfg.max_retry_after
+        )
         profile = get_profile(cfg.profile)
         unavailable.update(missing)
         client = FhirEHRClient(
@@ -129,7 +141,10 @@ async def open_backends(
             token_provider=tokens,
             normalise=_normaliser(cfg.profile),
             guard=BackendGuard(
-                name, limiter=limiter if name in limits else None, breaker=breaker_for(name, cfg.breaker)
+                name,
+                limiter=limiter,
+                breaker=breaker_for(name, cfg.breaker),
+                max_retry_after=cfg.max_retry_after,
             ),
             cache=cache,
             allow_stale=cfg.allow_stale,
@@ -166,6 +181,16 @@ async def open_idmap(cfg: IdMapConfig) -> Any:
                 if exc.code != "config_invalid":
                     raise
     return idmap
+
+
+async def held_for(clients: Mapping[str, FhirEHRClient]) -> dict[str, float]:
+    """Seconds until each backend may be sent its next request (a Retry-After hold or the rate limit)."""
+    out = {}
+    for name, client in clients.items():
+        guard = getattr(client, "_guard", None)
+        if isinstance(guard, BackendGuard) and guard.limiter is not None:
+            out[name] = await guard.limiter.held_for(name)
+    return out
 
 
 def breaker_snapshot(clients: Mapping[str, FhirEHRClient]) -> dict[str, str]:

@@ -138,6 +138,12 @@ class BackendConfig(_Strict):
     rate_limit_per_minute: int | None = Field(None, ge=1, le=100_000)
     connect_timeout: float = Field(3.0, gt=0, le=60)
     read_timeout: float = Field(15.0, gt=0, le=300)
+    total_timeout: float = Field(
+        30.0, gt=0, le=600, description="Seconds one EHR request may take in all, body included."
+    )
+    max_retry_after: float = Field(
+        120.0, ge=0, le=300, description="The longest Retry-After (429 or 503) honoured, in seconds."
+    )
     allow_stale: bool = False
     hl7v2_results_dir: Path | None = Field(
         None, description="A folder of ORU^R01 files completing Observation searches."
