@@ -54,6 +54,7 @@ from mcp_fhir.config import Settings
 from mcp_fhir.context import AppContext, IdentityIds, Limits
 from mcp_fhir.policy.managed_opa import ManagedOpa
 from mcp_fhir.policy.opa import OpaPolicyEngine, OpaSettings
+from mcp_fhir._secret import Secret
 from mcp_fhir.tools import admin, clinical, notes
 from mcp_fhir.tools.clinical import summary
 from mcp_fhir.tools.params import FHIR_ID
@@ -190,7 +191,9 @@ class SidecarServer(MCPServer[AppContext]):
 
 def _engine_settings(settings: Settings, url: str) -> OpaSettings:
     token = os.environ.get(settings.opa.token_env) if settings.opa.token_env else None
-    return OpaSettings(url=url, decision_timeout=settings.opa.decision_timeout, token=token)
+    return OpaSettings(
+        url=url, decision_timeout=settings.opa.decision_timeout, token=Secret(token) if token else None
+    )
 
 
 async def _open_engine(
