@@ -17,7 +17,7 @@ from mcp_fhir._exceptions import (
     MCPFhirError,
 )
 from mcp_fhir.catalog import CATALOGUE, LOCAL_TYPES
-from mcp_fhir.config import IdMapConfig, Settings
+from mcp_fhir.config import IdMapSettings, Settings
 from mcp_fhir.ehr.client import FhirEHRClient
 from mcp_fhir.ehr.hl7_results import Hl7ResultsSource
 from mcp_fhir.ehr.idmap import PostgresIdMap, SqliteIdMap, load_idmap_yaml
@@ -55,8 +55,10 @@ def _normaliser(profile_name: str) -> Callable[[dict[str, Any]], dict[str, Any]]
 BREAKER_KEYS = frozenset(f.name for f in dataclasses.fields(BreakerSettings))
 
 
-def breaker_for(backend: str, raw: Mapping[str, Any] | None) -> CircuitBreaker:
+def breaker_for(backend: str, raw: BreakerSettings | Mapping[str, Any] | None) -> CircuitBreaker:
     """The backend's circuit breaker, from its `breaker` settings (defaults when absent)."""
+    if isinstance(raw, BreakerSettings):
+        return CircuitBreaker(backend, raw)
     data = dict(raw or {})
     for key in data:
         if key not in BREAKER_KEYS:
@@ -144,7 +146,7 @@ async def open_backends(
     return clients, unavailable
 
 
-async def open_idmap(cfg: IdMapConfig) -> Any:
+async def open_idmap(cfg: IdMapSettings) -> Any:
     """The patient-id map the config names, seeded from `seed_file` when given."""
     import os
 
