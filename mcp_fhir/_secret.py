@@ -30,6 +30,7 @@ class Secret:
     """A str-like wrapper whose every printed form is `[secret]`."""
 
     __slots__ = ("_value",)
+    _value: str
 
     def __init__(self, value: str) -> None:
         if isinstance(value, Secret):
@@ -61,7 +62,11 @@ class Secret:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Secret):
             return NotImplemented
-        return hmac.compare_digest(self._value.encode("utf-8", "surrogatepass"), other._value.encode("utf-8", "surrogatepass"))
+        mine, theirs = (
+            self._value.encode("utf-8", "surrogatepass"),
+            other._value.encode("utf-8", "surrogatepass"),
+        )
+        return hmac.compare_digest(mine, theirs)
 
     def __hash__(self) -> int:
         return hash((Secret, len(self._value)))
@@ -88,7 +93,9 @@ def secret_from_file(path: str | os.PathLike[str], key: str, *, max_bytes: int =
         with Path(path).open("rb") as handle:
             raw = handle.read(max_bytes + 1)
     except OSError as exc:
-        raise ConfigError(key, f"cannot read {os.fspath(path)}: {exc.strerror or type(exc).__name__}") from None
+        raise ConfigError(
+            key, f"cannot read {os.fspath(path)}: {exc.strerror or type(exc).__name__}"
+        ) from None
     if len(raw) > max_bytes:
         raise ConfigError(key, f"the file is larger than {max_bytes} bytes")
     try:

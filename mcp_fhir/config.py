@@ -30,6 +30,7 @@ import importlib.util
 import os
 import ssl
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
@@ -563,7 +564,7 @@ def resolve_paths(data: Any, base: Path) -> Any:
                 continue
             if key == "binary" and "/" not in value:
                 continue  # a bare name is looked up on $PATH
-            node[key] = str(base / value)
+            node[key] = os.path.normpath(base / value)
     return data
 
 
@@ -728,7 +729,12 @@ def _smart_errors(smart: SmartSettings, env: Mapping[str, str]) -> list[ConfigEr
     p = smart.prefix
     out: list[ConfigError | None] = []
     if smart.client_secret_file:
-        out.append(_attempt(f"{p}.client_secret_file", lambda: secret_from_file(smart.client_secret_file or "", f"{p}.client_secret_file")))
+        out.append(
+            _attempt(
+                f"{p}.client_secret_file",
+                lambda: secret_from_file(smart.client_secret_file or "", f"{p}.client_secret_file"),
+            )
+        )
     keys: list[tuple[str, AdditionalKey | SmartSettings]] = []
     if smart.auth_method != "client_secret_basic":
         keys.append((p, smart))
@@ -740,7 +746,8 @@ def _smart_errors(smart: SmartSettings, env: Mapping[str, str]) -> list[ConfigEr
         out.append(
             _attempt(
                 key,
-                lambda item=item, key=key, kid=kid: load_signing_key(
+                partial(
+                    load_signing_key,
                     file=item.private_key_file,
                     env=item.private_key_env,
                     kid=kid,
@@ -751,7 +758,11 @@ def _smart_errors(smart: SmartSettings, env: Mapping[str, str]) -> list[ConfigEr
             )
         )
     if smart.ca_bundle or smart.client_cert:
-        out.append(_attempt(p, lambda: build_ssl_context(smart.ca_bundle, smart.client_cert, smart.client_key, prefix=p)))
+        out.append(
+            _attempt(
+                p, lambda: build_ssl_context(smart.ca_bundle, smart.client_cert, smart.client_key, prefix=p)
+            )
+        )
     return out
 
 
@@ -767,9 +778,9 @@ def check_runtime(settings: Settings, environ: Mapping[str, str] | None = None) 
     server = settings.server
     if server.tls_cert_file is not None and server.tls_key_file is not None:
         cert, key = server.tls_cert_file, server.tls_key_file
-        found = [_readable_file("server.tls_cert_file", cert), _readable_file("server.tls_key_file", key)]
-        errors += found
-        if not any(found):
+        present = [_readable_file("server.tls_cert_file", cert), _readable_file("server.tls_key_file", key)]
+        errors += present
+        if not any(present):
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             errors.append(_attempt("server.tls_cert_file", lambda: context.load_cert_chain(cert, key)))
     opa = settings.opa
@@ -787,7 +798,13 @@ def check_runtime(settings: Settings, environ: Mapping[str, str] | None = None) 
             errors.append(
                 _attempt(
                     prefix,
-                    lambda b=backend, p=prefix: build_ssl_context(b.ca_bundle, b.client_cert, b.client_key, prefix=p),
+                    partial(
+                        build_ssl_context,
+                        backend.ca_bundle,
+                        backend.client_cert,
+                        backend.client_key,
+                        prefix=prefix,
+                    ),
                 )
             )
         errors.append(_folder(f"{prefix}.hl7v2_results_dir", backend.hl7v2_results_dir))
@@ -798,7 +815,12 @@ def check_runtime(settings: Settings, environ: Mapping[str, str] | None = None) 
         errors.append(_creatable("idmap.path", idmap.path))
     if idmap.seed_file is not None:
         seed = idmap.seed_file
-        errors.append(_readable_file("idmap.seed_file", seed) or _attempt("idmap.seed_file", lambda: load_idmap_yaml(seed)))
+        problem = _readable_file("idmap.seed_file", seed) or _attempt(
+            "idmap.seed_file", lambda: load_idmap_yaml(seed)
+        )
+        if problem is not None and problem.key.startswith("idmap.seed") and problem.key != "idmap.seed_file":
+            problem = ConfigError("idmap.seed_file" + problem.key.removeprefix("idmap.seed"), problem.rule)
+        errors.append(problem)
     audit = settings.audit
     if audit.sink in ("file", "sqlite"):
         errors.append(_creatable("audit.path", audit.path))
@@ -820,7 +842,7 @@ def check_runtime(settings: Settings, environ: Mapping[str, str] | None = None) 
         errors.append(
             _attempt("audit.encryption_key_env", lambda: decode_aes_key(env[audit.encryption_key_env or ""]))
         )
-    found = [e for e in errors if e is not None]
+    found: list[ConfigError] = [e for e in errors if e is not None]
     if found:
         raise ConfigErrors(_merge(found))
 

@@ -42,6 +42,7 @@ from mcp_fhir._exceptions import (
     UpstreamBadResponse,
     UpstreamUnavailable,
 )
+from mcp_fhir._secret import Secret
 from mcp_fhir._version import __version__
 from mcp_fhir.agent_auth.local import local_subject
 from mcp_fhir.agent_auth.verifier import auth_settings_for, build_token_verifier, subject_from_access_token
@@ -54,7 +55,6 @@ from mcp_fhir.config import Settings
 from mcp_fhir.context import AppContext, IdentityIds, Limits
 from mcp_fhir.policy.managed_opa import ManagedOpa
 from mcp_fhir.policy.opa import OpaPolicyEngine, OpaSettings
-from mcp_fhir._secret import Secret
 from mcp_fhir.tools import admin, clinical, notes
 from mcp_fhir.tools.clinical import summary
 from mcp_fhir.tools.params import FHIR_ID

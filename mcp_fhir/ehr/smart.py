@@ -50,8 +50,8 @@ from typing import Any, Protocol, TypeVar
 import httpx2
 import jwt
 
-from mcp_fhir._secret import Secret
 from mcp_fhir._exceptions import ConfigError, UpstreamAuthError
+from mcp_fhir._secret import Secret
 from mcp_fhir.ehr.keys import ALLOWED_ALGORITHMS, SigningKey, load_signing_key, public_jwks
 from mcp_fhir.ehr.tls import build_ssl_context
 from mcp_fhir.metrics import TOKEN_REFRESHES
