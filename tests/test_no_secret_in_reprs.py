@@ -253,3 +253,11 @@ def test_a_secret_read_from_a_file_drops_the_trailing_newline_and_hides_the_valu
     with pytest.raises(config.ConfigError) as caught:
         secret_from_file(tmp_path / "absent", "backends.x.smart.client_secret_file")
     assert caught.value.key == "backends.x.smart.client_secret_file"
+
+
+def test_the_postgres_audit_sink_holds_its_dsn_as_a_secret(loaded):
+    from mcp_fhir.audit.trail import build_sink
+
+    sink = build_sink(loaded.audit)
+    assert_shows_no_secret(sink, needles())
+    assert_shows_no_secret(vars(sink), needles())

@@ -168,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MCPFhirError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        lines = exc.lines() if hasattr(exc, "lines") else [str(exc)]  # ConfigErrors: one line per error
+        for line in lines:
+            print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
