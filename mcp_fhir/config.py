@@ -68,6 +68,7 @@ __all__ = [
     "OpaDeploymentSettings",
     "ServerSettings",
     "Settings",
+    "breaker_settings",
     "check_environment",
     "check_runtime",
     "from_mapping",
@@ -256,20 +257,44 @@ def _smart_section(value: Any, info: ValidationInfo) -> SmartSettings | None:
         raise _fail("smart", "has a value of the wrong type", relative=True) from None
 
 
+def _dataclass_section(
+    cls: type[Any],
+    section: str,
+    data: Mapping[str, Any],
+    *,
+    exclude: tuple[str, ...] = (),
+    relative: bool = False,
+) -> Any:
+    """A dataclass settings section from its mapping: unknown keys, its own rules, wrong types, by key."""
+    known = {f.name for f in dataclasses.fields(cls)} - set(exclude)
+    for key in data:
+        if key not in known:
+            raise _fail(f"{section}.{key}", "unknown key", relative=relative)
+    try:
+        return cls(**data)
+    except ConfigError as exc:
+        raise _from_config_error(exc, relative=relative) from None
+    except (TypeError, AttributeError):
+        raise _fail(section, "has a value of the wrong type", relative=relative) from None
+
+
 def _breaker_section(value: Any) -> BreakerSettings | None:
     """`backends.NAME.breaker`, built once."""
     if value is None or isinstance(value, BreakerSettings):
         return value
     if not isinstance(value, Mapping):
         raise _fail("breaker", "must be a mapping", relative=True)
-    known = {f.name for f in dataclasses.fields(BreakerSettings)}
-    for key in value:
-        if key not in known:
-            raise _fail(f"breaker.{key}", "unknown key", relative=True)
+    built: BreakerSettings = _dataclass_section(BreakerSettings, "breaker", value, relative=True)
+    return built
+
+
+def breaker_settings(backend: str, raw: Mapping[str, Any]) -> BreakerSettings:
+    """`backends.<backend>.breaker` from a mapping; a `ConfigError` names the full key."""
     try:
-        return BreakerSettings(**value)
-    except ConfigError as exc:
-        raise _from_config_error(exc, relative=True) from None
+        return _breaker_section(raw) or BreakerSettings()
+    except PydanticCustomError as exc:
+        context = exc.context or {}
+        raise ConfigError(f"backends.{backend}.{context['key']}", str(context["rule"])) from None
 
 
 class BackendSettings(_Strict):
@@ -379,16 +404,7 @@ def _cache_section(value: Any) -> CacheSettings | None:
     enabled = data.pop("enabled", True)
     if not isinstance(enabled, bool):
         raise _fail("cache.enabled", "must be true or false")
-    known = {f.name for f in dataclasses.fields(CacheSettings)}
-    for key in data:
-        if key not in known:
-            raise _fail(f"cache.{key}", "unknown key")
-    try:
-        built = CacheSettings(**data)
-    except ConfigError as exc:
-        raise _from_config_error(exc) from None
-    except (TypeError, AttributeError):
-        raise _fail("cache", "has a value of the wrong type") from None
+    built: CacheSettings = _dataclass_section(CacheSettings, "cache", data)
     return built if enabled else None
 
 
@@ -396,17 +412,10 @@ def _rate_limit_section(value: Any) -> RateLimiterSettings:
     """`rate_limit` without its limits, which come from the backends (`Settings._backend_limits`)."""
     if isinstance(value, RateLimiterSettings):
         return value
-    data = dict(_mapping("rate_limit", value))
-    known = {f.name for f in dataclasses.fields(RateLimiterSettings)} - {"limits"}
-    for key in data:
-        if key not in known:
-            raise _fail(f"rate_limit.{key}", "unknown key")
-    try:
-        return RateLimiterSettings(**data)
-    except ConfigError as exc:
-        raise _from_config_error(exc) from None
-    except TypeError:
-        raise _fail("rate_limit", "has a value of the wrong type") from None
+    built: RateLimiterSettings = _dataclass_section(
+        RateLimiterSettings, "rate_limit", _mapping("rate_limit", value), exclude=("limits",)
+    )
+    return built
 
 
 class Settings(_Strict):
