@@ -261,3 +261,13 @@ def test_the_postgres_audit_sink_holds_its_dsn_as_a_secret(loaded):
     sink = build_sink(loaded.audit)
     assert_shows_no_secret(sink, needles())
     assert_shows_no_secret(vars(sink), needles())
+
+
+async def test_the_access_token_the_verifier_hands_the_sdk_holds_no_credential(loaded):
+    from mcp_fhir.agent_auth.verifier import AgentTokenVerifier
+
+    verifier = AgentTokenVerifier(None, ApiKeyStore(loaded.auth.api_keys))
+    access = await verifier.verify_token(API_KEY)
+    assert access is not None and access.client_id == "ward-bot"
+    assert_shows_no_secret(access, [API_KEY])
+    assert_shows_no_secret(access.model_dump(), [API_KEY])
