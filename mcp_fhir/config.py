@@ -29,11 +29,13 @@ import dataclasses
 import importlib.util
 import os
 import ssl
+import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import (
@@ -324,6 +326,16 @@ class BackendSettings(_Strict):
     )
 
     _v_url = field_validator("base_url")(lambda v: _http_url(v))
+
+    @field_validator("timezone")
+    @classmethod
+    def _iana_zone(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                ZoneInfo(v)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError("must be an IANA time zone name, such as Australia/Brisbane") from None
+        return v
 
     @model_validator(mode="after")
     def _tls_for_remote(self) -> BackendSettings:
@@ -730,6 +742,26 @@ def _attempt(key: str, check: Callable[[], object]) -> ConfigError | None:
     return None
 
 
+OPA_CHECK_TIMEOUT = 60.0  # seconds; `opa check` of this project's policies takes well under one
+
+
+def _compiles(binary: list[str], key: str, policies: Path) -> ConfigError | None:
+    """The policies compile, as the managed OPA will load them (`opa check`, tests and fixtures ignored)."""
+    if not binary:
+        return None  # no OPA binary: reported once, under opa.binary
+    command = [binary[0], "check", "--ignore", "*_test.rego", "--ignore", "fixtures", str(policies)]
+    try:
+        done = subprocess.run(command, capture_output=True, timeout=OPA_CHECK_TIMEOUT, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return ConfigError(key, f"opa check could not run ({type(exc).__name__})")
+    if done.returncode != 0:
+        output = (done.stdout + done.stderr).decode(errors="replace")
+        first = next((ln for ln in output.splitlines() if "error" in ln), "")
+        detail = first.strip()[:200] or "see `opa check`"
+        return ConfigError(key, f"the policies do not compile: {detail}")
+    return None
+
+
 def _smart_errors(smart: SmartSettings, env: Mapping[str, str]) -> list[ConfigError | None]:
     from mcp_fhir._secret import secret_from_file
     from mcp_fhir.ehr.keys import load_signing_key
@@ -793,12 +825,19 @@ def check_runtime(settings: Settings, environ: Mapping[str, str] | None = None) 
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             errors.append(_attempt("server.tls_cert_file", lambda: context.load_cert_chain(cert, key)))
     opa = settings.opa
+    binary: list[str] = []
+    if opa.url is None or opa.shadow_policies is not None:  # a managed OPA is started
+        errors.append(_attempt("opa.binary", lambda: binary.append(find_opa(opa.binary))))
     if opa.url is None:
-        errors.append(_attempt("opa.binary", lambda: find_opa(opa.binary)))
-        errors.append(_folder("opa.policies", opa.policies))
+        errors.append(
+            _folder("opa.policies", opa.policies) or _compiles(binary, "opa.policies", opa.policies)
+        )
         errors.append(_creatable("opa.decision_log", opa.decision_log))
     if opa.shadow_policies is not None:
-        errors.append(_folder("opa.shadow_policies", opa.shadow_policies))
+        shadow = opa.shadow_policies
+        errors.append(
+            _folder("opa.shadow_policies", shadow) or _compiles(binary, "opa.shadow_policies", shadow)
+        )
     for name, backend in settings.backends.items():
         prefix = f"backends.{name}"
         for field_name in ("ca_bundle", "client_cert", "client_key"):

@@ -526,3 +526,33 @@ def test_config_check_passes_a_complete_local_config_and_skip_files_skips_the_fi
     (tmp_path / "deploy" / "rego").rmdir()
     assert main(["config", "check", "--skip-files", str(path)]) == 0
     assert main(["config", "check", str(path)]) == 2
+
+
+def test_config_check_fails_when_the_managed_opa_policies_do_not_compile(tmp_path, capsys):
+    path = _write_local_config(tmp_path / "deploy")
+    (tmp_path / "deploy" / "rego" / "broken.rego").write_text(
+        "package broken\n\nallow if {\n", encoding="utf-8"
+    )
+    (tmp_path / "deploy" / "rego" / "ignored_test.rego").write_text("not rego at all\n", encoding="utf-8")
+    assert main(["config", "check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "] opa.policies: the policies do not compile: " in err
+    (tmp_path / "deploy" / "rego" / "broken.rego").write_text(
+        "package broken\n\nallow := true\n", encoding="utf-8"
+    )
+    assert main(["config", "check", str(path)]) == 0, capsys.readouterr().err
+
+
+def test_a_backend_time_zone_must_be_an_iana_name():
+    base = {"auth": {"local": {"id": "dev"}}}
+    config.from_mapping(
+        {
+            **base,
+            "backends": {"gp": {"base_url": "http://127.0.0.1:1/fhir", "timezone": "Australia/Brisbane"}},
+        }
+    )
+    with pytest.raises(ConfigError) as caught:
+        config.from_mapping(
+            {**base, "backends": {"gp": {"base_url": "http://127.0.0.1:1/fhir", "timezone": "Mars/Olympus"}}}
+        )
+    assert caught.value.key == "backends.gp.timezone"
