@@ -6,18 +6,16 @@ need, and tools whose scopes the EHR did not grant are reported unavailable.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from typing import Any
 
 from mcp_fhir._exceptions import (
-    ConfigError,
     MCPFhirError,
 )
 from mcp_fhir.catalog import CATALOGUE, LOCAL_TYPES
-from mcp_fhir.config import IdMapConfig, Settings
+from mcp_fhir.config import IdMapSettings, Settings, breaker_settings
 from mcp_fhir.ehr.client import FhirEHRClient
 from mcp_fhir.ehr.hl7_results import Hl7ResultsSource
 from mcp_fhir.ehr.idmap import PostgresIdMap, SqliteIdMap, load_idmap_yaml
@@ -52,20 +50,11 @@ def _normaliser(profile_name: str) -> Callable[[dict[str, Any]], dict[str, Any]]
     return normalise
 
 
-BREAKER_KEYS = frozenset(f.name for f in dataclasses.fields(BreakerSettings))
-
-
-def breaker_for(backend: str, raw: Mapping[str, Any] | None) -> CircuitBreaker:
+def breaker_for(backend: str, raw: BreakerSettings | Mapping[str, Any] | None) -> CircuitBreaker:
     """The backend's circuit breaker, from its `breaker` settings (defaults when absent)."""
-    data = dict(raw or {})
-    for key in data:
-        if key not in BREAKER_KEYS:
-            raise ConfigError(f"backends.{backend}.breaker.{key}", "unknown key")
-    try:
-        settings = BreakerSettings(**data)
-    except ConfigError as exc:
-        raise ConfigError(f"backends.{backend}.{exc.key}", exc.rule) from exc
-    return CircuitBreaker(backend, settings)
+    if raw is None or isinstance(raw, BreakerSettings):
+        return CircuitBreaker(backend, raw or BreakerSettings())
+    return CircuitBreaker(backend, breaker_settings(backend, raw))
 
 
 async def _smart(
@@ -159,7 +148,7 @@ async def open_backends(
     return clients, unavailable
 
 
-async def open_idmap(cfg: IdMapConfig) -> Any:
+async def open_idmap(cfg: IdMapSettings) -> Any:
     """The patient-id map the config names, seeded from `seed_file` when given."""
     import os
 

@@ -69,6 +69,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from joserfc.jwk import ECKey, RSAKey
 
 from mcp_fhir._exceptions import ConfigError, UpstreamAuthError, UpstreamTimeout
+from mcp_fhir._secret import Secret
 from mcp_fhir.ehr.keys import ALLOWED_ALGORITHMS, SigningKey, load_signing_key, public_jwks
 from mcp_fhir.ehr.tls import build_ssl_context
 from mcp_fhir.metrics import TOKEN_REFRESHES
@@ -348,10 +349,10 @@ class SmartBackendAuth:
         self._clock = clock
         self._new_jti = jti_factory or (lambda: secrets.token_urlsafe(32))
         env = os.environ if environ is None else environ
-        self._secret: str | None = None
+        self._secret: Secret | None = None
         self._keys: tuple[SigningKey, ...] = ()
         if settings.auth_method == "client_secret_basic":
-            self._secret = self._load_secret(settings, env)
+            self._secret = Secret(self._load_secret(settings, env))
         else:
             self._keys = self._load_keys(settings, env)
         # Authlib signs with joserfc keys; only the active key (the first) ever signs.
@@ -534,7 +535,7 @@ class SmartBackendAuth:
         """
         if self._secret is not None:
             user = urllib.parse.quote_plus(self._settings.client_id, safe="")
-            password = urllib.parse.quote_plus(self._secret, safe="")
+            password = urllib.parse.quote_plus(self._secret.reveal(), safe="")
             basic = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
             return None, {"Authorization": f"Basic {basic}"}
         key = self._keys[0]
