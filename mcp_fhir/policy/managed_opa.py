@@ -3,7 +3,8 @@
 When no OPA URL is configured, `serve` starts OPA itself, loading `policies/`, waits until
 `/health` answers, and stops it on exit. Decision logging goes to a file beside the audit
 trail, masked by `policies/system/log`, so the sidecar's audit records and OPA's events
-share a decision id.
+share a decision id. OPA's status plugin is on (`status.prometheus=true`) so that its
+status API answers: the sidecar reads the bundle revision there, not on every decision.
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ class ManagedOpa:
             "*_test.rego",
             "--ignore",
             "fixtures",
+            # The status plugin, so that /v1/status answers and the sidecar learns the bundle
+            # revision there instead of asking ?provenance=true on every decision (`policy/opa.py`).
+            "--set",
+            "status.prometheus=true",
         ]
         if self.decision_log is not None:
             cmd += ["--set", "decision_logs.console=true"]
