@@ -13,10 +13,11 @@ The rarely-called rest (`/health`, `/v1/status`, policy documents) stays on opa-
 The bundle revision recorded with each decision comes from OPA's status API
 (`revision_from: status`, the default): read at start, then again in the background at most
 every `revision_poll_s` seconds while decisions flow, so a bundle activation shows within that
-interval. The status API needs OPA's status plugin (`status.prometheus: true`, or a status
-service; the managed OPA turns it on): while it does not answer, each decision asks
-`?provenance=true`, as `revision_from: provenance` always does (exact per decision, at a cost
-on both sides). OPA's own decision log names the exact revision of
+interval. Bundles OPA loaded from disk (`--bundle`), which the status API does not list, are
+read once at start from one provenance probe. The status API needs OPA's status plugin
+(`status.prometheus: true`, or a status service; the managed OPA turns it on): while it does
+not answer, each decision asks `?provenance=true`, as `revision_from: provenance` always does
+(exact per decision, at a cost on both sides). OPA's own decision log names the exact revision of
 every decision either way, joined to the audit record by its decision id.
 """
 
@@ -113,6 +114,8 @@ class OpaPolicyEngine:
         self._decision_url = f"{base}/{DECISION_RULE}"
         self._provenance_url = f"{self._decision_url}?provenance=true"
         self._visible_url = f"{base}/{VISIBLE_TOOLS_RULE}"
+        self._probe_url = f"{base}/_revision_probe?provenance=true"
+        self._local_revision: str | None = None
         # True while each decision asks for its provenance: `revision_from: provenance`, or `status`
         # while OPA's status API does not answer (no status plugin): then the revision still comes back.
         self._by_provenance = settings.revision_from == "provenance"
@@ -139,6 +142,8 @@ class OpaPolicyEngine:
             skip_auto_headers=("Accept-Encoding", "User-Agent"),
             timeout=aiohttp.ClientTimeout(total=self.settings.decision_timeout),
         )
+        if self.settings.revision_from == "status":
+            await self._probe_local_revision()
         if self.settings.revision_from == "status" and not await self._refresh_revision():
             self._by_provenance = True
             log.warning(
@@ -203,11 +208,24 @@ class OpaPolicyEngine:
         self._status_checked = now
         self._refresh = asyncio.create_task(self._refresh_revision())
 
+    async def _probe_local_revision(self) -> None:
+        """Once, at start: the revision of bundles OPA loaded from disk (`--bundle`), which its status API omits.
+
+        One query of an undefined rule with `?provenance=true` (one event in OPA's decision log, path
+        `<package>/_revision_probe`). A bundle on disk changes only when OPA restarts (or under `--watch`,
+        which this cannot see: restart the sidecar with OPA, or use `revision_from: provenance`).
+        """
+        try:
+            body = await self._post(self._probe_url, {})
+        except PolicyError:
+            return
+        self._local_revision = _revision(body)
+
     async def _refresh_revision(self) -> bool:
         """The revision from /v1/status. Unanswered, the last one known is kept (and False returned)."""
         self._status_checked = time.monotonic()
         try:
-            self.last_revision = await self._status_revision()
+            self.last_revision = await self._status_revision() or self._local_revision
         except PolicyError as exc:
             if not self._by_provenance:
                 log.warning(
