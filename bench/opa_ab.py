@@ -45,9 +45,8 @@ async def measure(decisions: int, rounds: int, workdir: Path) -> dict[str, Any]:
     from mcp_fhir.policy.opa import OpaPolicyEngine, OpaSettings
     from tests.testbed.sidecar import NURSE, POLICIES
 
-    subject = Subject(
-        id="bench-agent", authn="api_key", claims=NURSE["claims"], scopes=tuple(NURSE["scopes"])
-    )
+    claims: dict[str, Any] = dict(NURSE["claims"])  # type: ignore[arg-type]
+    subject = Subject(id="bench-agent", authn="api_key", claims=claims, scopes=tuple(NURSE["scopes"]))
 
     def bench_input() -> dict[str, Any]:
         return decision_input(
