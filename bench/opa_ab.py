@@ -5,10 +5,11 @@ printed, and every round): the CPU that OPA's process spends per decision (`/pro
 ticks, so a round of N decisions resolves 10/N ms) and the CPU of this Python process per decision,
 for the benchmark's `read_patient` allow (the nurse, with decision logging on as shipped):
 
-    shipped        the sidecar's engine (`OpaPolicyEngine`): direct aiohttp POST, revision from status,
-                   OPA at GOGC=400
+    shipped        the sidecar's engine (`OpaPolicyEngine`): revision from OPA's status API, OPA at GOGC=400
     provenance     the same, `revision_from: provenance` (?provenance=true on every decision)
-    old client     opa-python-client's `query_rule` with ?provenance=true: the decide step before issue #20
+    old client     the decide step before issue #20, as it was written (opa-python-client's `query_rule`,
+                   ?provenance=true); the engine's own POST is on the same client again, after a plain
+                   aiohttp POST measured no cheaper
     GOGC default   the shipped engine against a second OPA at Go's default GC target (GOGC=100)
     no decision log  the shipped engine against a third OPA without decision logging (not shippable: shows
                    what logging and its mask cost)

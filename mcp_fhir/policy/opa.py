@@ -4,11 +4,10 @@ An explicit timeout on every decision, and no retries on the decision path: a re
 hide an outage and stretch the caller's latency. Every lower-level failure is translated
 here, in `_translate`, into a `PolicyError` leaf with a distinct code.
 
-The hot path (`decision` and `visible_tools`) is a plain aiohttp POST of the pre-encoded
-input to a URL built once, its body parsed with `json.loads`: opa-python-client's
-`query_rule` added its retry wrapper, aiohttp's JSON payload and `response.json()` for
-about a third more CPU per decision (`bench/run.py`'s b and b-old cells; `docs/performance.md`).
-The rarely-called rest (`/health`, `/v1/status`, policy documents) stays on opa-python-client.
+Decisions go through opa-python-client's `query_rule` on its one aiohttp session. A plain
+aiohttp POST of a pre-encoded body was measured beside it (`bench/opa_ab.py`, docs/performance.md)
+and saved no CPU: the cost is aiohttp's request machinery and the loopback round trip, not the
+wrapper, so the library stays.
 
 The bundle revision recorded with each decision comes from OPA's status API
 (`revision_from: status`, the default): read at start, then again in the background at most
@@ -42,6 +41,7 @@ from mcp_fhir.policy.engine import Decision
 
 DEFAULT_DECISION_TIMEOUT = 0.5  # seconds; a decision that takes longer is a deny
 DEFAULT_HEALTH_TIMEOUT = 2.0
+_PROVENANCE = {"provenance": "true"}
 DEFAULT_REVISION_POLL = 5.0  # seconds between status checks of the bundle revision, while decisions flow
 DECISION_PACKAGE = "mcp_fhir.authz"
 DECISION_RULE = "decision"
@@ -96,7 +96,7 @@ log = logging.getLogger("mcp_fhir.policy.opa")
 
 
 class OpaPolicyEngine:
-    """Decisions from a real OPA server. Use as an async context manager; it owns its sessions."""
+    """Decisions from a real OPA server. Use as an async context manager; it owns one session."""
 
     def __init__(self, settings: OpaSettings) -> None:
         self.settings = settings
@@ -110,19 +110,10 @@ class OpaPolicyEngine:
             retries=0,  # never retry silently
             timeout=settings.decision_timeout,
         )
-        base = f"{settings.url.rstrip('/')}/v1/data/{settings.package.replace('.', '/')}"
-        self._decision_url = f"{base}/{DECISION_RULE}"
-        self._provenance_url = f"{self._decision_url}?provenance=true"
-        self._visible_url = f"{base}/{VISIBLE_TOOLS_RULE}"
-        self._probe_url = f"{base}/_revision_probe?provenance=true"
-        self._local_revision: str | None = None
         # True while each decision asks for its provenance: `revision_from: provenance`, or `status`
         # while OPA's status API does not answer (no status plugin): then the revision still comes back.
         self._by_provenance = settings.revision_from == "provenance"
-        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if token:
-            self._headers["Authorization"] = f"Bearer {token}"
-        self._session: aiohttp.ClientSession | None = None
+        self._local_revision: str | None = None
         self.last_revision: str | None = None
         self._status_checked = 0.0
         self._refresh: asyncio.Task[bool] | None = None
@@ -137,11 +128,6 @@ class OpaPolicyEngine:
 
     async def __aenter__(self) -> OpaPolicyEngine:
         await self._client.__aenter__()
-        self._session = aiohttp.ClientSession(
-            # No compression on loopback (OPA gzips bodies over 1 KiB when asked), no User-Agent.
-            skip_auto_headers=("Accept-Encoding", "User-Agent"),
-            timeout=aiohttp.ClientTimeout(total=self.settings.decision_timeout),
-        )
         if self.settings.revision_from == "status":
             await self._probe_local_revision()
         if self.settings.revision_from == "status" and not await self._refresh_revision():
@@ -156,29 +142,22 @@ class OpaPolicyEngine:
         if self._refresh is not None:
             self._refresh.cancel()
             await asyncio.gather(self._refresh, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
         await self._client.close_connection()
 
-    async def _post(self, url: str, input_data: Mapping[str, Any]) -> Any:
-        if self._session is None:
-            raise PolicyUnavailable("the policy engine is not open")
-        body = json.dumps({"input": input_data}, separators=(",", ":"), ensure_ascii=False).encode()
+    async def _query(self, rule: str, input_data: Mapping[str, Any], *, provenance: bool = False) -> Any:
         with _translate():
             async with asyncio.timeout(self.settings.decision_timeout):
-                async with self._session.post(url, data=body, headers=self._headers) as response:
-                    raw = await response.read()
-                    if response.status >= 400:
-                        raise PolicyUnavailable(f"OPA answered HTTP {response.status}")
-                    if not _is_json(response.content_type):
-                        raise PolicyMalformed("OPA answered with a body that is not JSON")
-            return json.loads(raw)
+                return await self._client.query_rule(
+                    dict(input_data),
+                    package_path=self.settings.package,
+                    rule_name=rule,
+                    query_params=_PROVENANCE if provenance else None,
+                )
 
     async def evaluate(self, decision_input: Mapping[str, Any]) -> Decision:
         """Ask OPA for `data.mcp_fhir.authz.decision`. Raises a `PolicyError` leaf on any failure."""
         by_provenance = self._by_provenance
-        body = await self._post(self._provenance_url if by_provenance else self._decision_url, decision_input)
+        body = await self._query(DECISION_RULE, decision_input, provenance=by_provenance)
         decision_id = body.get("decision_id") if isinstance(body, Mapping) else None
         if by_provenance:
             revision = _revision(body)
@@ -192,7 +171,7 @@ class OpaPolicyEngine:
 
     async def visible_tools(self, subject_input: Mapping[str, Any]) -> frozenset[str]:
         """Ask OPA for `visible_tools`. Anything off-contract hides every tool (fail closed)."""
-        body = await self._post(self._visible_url, subject_input)
+        body = await self._query(VISIBLE_TOOLS_RULE, subject_input)
         result = body.get("result") if isinstance(body, Mapping) else None
         if not isinstance(result, list) or not all(isinstance(t, str) for t in result):
             raise PolicyMalformed("visible_tools is not a list of tool names")
@@ -216,7 +195,7 @@ class OpaPolicyEngine:
         which this cannot see: restart the sidecar with OPA, or use `revision_from: provenance`).
         """
         try:
-            body = await self._post(self._probe_url, {})
+            body = await self._query("_revision_probe", {}, provenance=True)
         except PolicyError:
             return
         self._local_revision = _revision(body)
@@ -267,10 +246,6 @@ class OpaPolicyEngine:
                     return bool(await self._client.check_health())
         except PolicyError:
             return False
-
-
-def _is_json(content_type: str) -> bool:
-    return content_type == "application/json" or content_type.endswith("+json")
 
 
 def _revision(body: Any) -> str | None:
