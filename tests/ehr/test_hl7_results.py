@@ -11,8 +11,9 @@ import pytest
 
 from mcp_fhir.ehr import hl7_results
 from mcp_fhir.ehr.hl7_results import MAX_MESSAGE_BYTES, Hl7ResultsSource
+from tests.data import VENDOR_SAMPLES
 
-VENDOR = Path("/work/shared/fixtures/vendor-samples")
+VENDOR = VENDOR_SAMPLES
 # Sources (vendor-samples/SOURCES.md): the HL7 normative glucose example via python-hl7 (patient 555-44-4444),
 # and the NIST ELR 2.5.1 lead test case via node-hl7-complete (patient 9817566735).
 GLUCOSE = VENDOR / "oru_r01_hl7_spec_glucose_python-hl7.hl7"

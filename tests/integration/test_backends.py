@@ -11,6 +11,7 @@ from mcp import Client
 from mcp_fhir import config
 from mcp_fhir.backends import open_backends
 from mcp_fhir.server import build_server
+from tests.data import VENDOR_SAMPLES
 from tests.testbed import data
 from tests.testbed.fhir import start_fhir_server
 from tests.testbed.sidecar import CLINICIAN, sidecar_config
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 # Source: PeterPiper TestSetOfMsg.dat (angusmillar/PeterPiper), a Queensland SuperLIS pathology ORU^R01.
 QLD_ORU = Path("oru_r01_au_pathology_qld_superlis_egfr_trop_fbc.hl7")
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "vendor-samples"
+SHARED = VENDOR_SAMPLES
 
 
 def qld_message() -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -17,6 +16,7 @@ from mcp_fhir.ehr.client import FetchResult
 from mcp_fhir.policy.engine import Decision, Obligations
 from mcp_fhir.tools.clinical import enforce_page, references_patient, search_tool, summary, upstream_query
 from mcp_fhir.tools.results import make_continuation
+from tests.data import VENDOR_SAMPLES
 from tests.tools.conftest import (
     KEY,
     OTHER_PATIENT,
@@ -27,7 +27,7 @@ from tests.tools.conftest import (
     observation,
 )
 
-VENDOR = Path("/work/shared/fixtures/vendor-samples")
+VENDOR = VENDOR_SAMPLES
 OWN = f"Patient/{PATIENT}"
 FOREIGN = f"Patient/{OTHER_PATIENT}"
 
