@@ -339,11 +339,12 @@ class FhirEHRClient:
         else:  # the EHR's last page: the HL7 v2 results follow, from this page on
             return self._hl7_page(resource_type, replace(cursor, hl7=0, total=total), size, window, page)
         if merge:
+            local = len(self._hl7.search(resource_type, cursor.query)) if self._hl7 is not None else 0
             return replace(
                 page,
                 resources=_tagged(window, FHIR_SOURCE_TAG),
                 next_url=nxt,
-                total=total,
+                total=total + local if total is not None else None,
                 sources=_sources(window, "fhir"),
             )
         return replace(page, resources=window, next_url=nxt, total=total)
