@@ -281,3 +281,9 @@ def test_the_grafana_dashboard_charts_every_exported_metric_and_nothing_else():
     missing = exported - used
     assert not missing, sorted(missing)
     assert all(p["datasource"]["uid"] == "prometheus" for p in dashboard["panels"])
+
+
+def test_the_compose_opa_uses_no_deprecated_flag_and_makes_no_version_call():
+    command = COMPOSE["services"]["opa"]["command"]
+    assert "--disable-telemetry" not in command
+    assert "--skip-version-check" in command
