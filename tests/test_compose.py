@@ -188,6 +188,8 @@ class Stack:
         argv[argv.index("8282")] = str(self.bundle_port)
         argv[argv.index("0.0.0.0")] = "127.0.0.1"
         self.start("bundle-server", argv)
+        url = f"http://127.0.0.1:{self.bundle_port}/mcp-fhir.tar.gz"
+        self.wait_for(lambda: httpx2.get(url, timeout=2).status_code == 200, "the bundle server")
 
     def run_opa(self) -> str:
         run = [
@@ -263,7 +265,8 @@ def test_the_compose_opa_refuses_a_bundle_signed_with_another_key(stack):
     stack.serve_bundles()
     base = stack.run_opa()
     authz = stack.wait_for(
-        lambda: _status(base).get("authz", {}).get("code") and _status(base)["authz"], "refusal"
+        lambda: "verif" in _status(base).get("authz", {}).get("message", "") and _status(base)["authz"],
+        "refusal",
     )
     assert authz["code"] == "bundle_error" and "verif" in authz["message"].lower()
     assert not authz.get("active_revision")
