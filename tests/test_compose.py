@@ -112,6 +112,92 @@ def test_the_dockerfile_is_pinned_and_runs_as_a_non_root_user():
     assert ignored[ignored.index("*") :] and "!mcp_fhir/" in ignored
 
 
+def _dockerfile() -> str:
+    return (REPO / "Dockerfile").read_text(encoding="utf-8")
+
+
+def test_the_image_installs_the_pinned_constraints_of_every_runtime_dependency():
+    text = _dockerfile()
+    assert re.search(r"pip wheel .*--constraint constraints\.txt", text)
+    assert re.search(r"pip install --no-index .*--constraint /wheels/constraints\.txt", text)
+    pins = {
+        re.split(r"==", line)[0].lower().replace("_", "-")
+        for line in (REPO / "constraints.txt").read_text(encoding="utf-8").splitlines()
+        if line and not line.startswith("#")
+    }
+    assert all(
+        "==" in line for line in (REPO / "constraints.txt").read_text().splitlines() if line[:1].isalnum()
+    )
+    project = __import__("tomllib").loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["postgres"]]
+    wanted += project["optional-dependencies"]["redis"]
+    names = {re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0].lower().replace("_", "-") for req in wanted}
+    assert names <= pins, sorted(names - pins)
+
+
+def test_no_layer_of_the_image_keeps_the_wheels():
+    text = _dockerfile()
+    assert not re.search(r"^COPY --from=build /wheels", text, re.MULTILINE)
+    assert "--mount=type=bind,from=build,source=/wheels,target=/wheels" in text
+
+
+def test_every_file_the_dockerfile_copies_is_in_the_build_context():
+    ignore = (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines()
+    copied = re.findall(r"^COPY (?!--from)(.+) \S+$", _dockerfile(), re.MULTILINE)
+    for source in " ".join(copied).split():
+        allowed = f"!{source}" in ignore or f"!{source.rstrip('/')}/" in ignore
+        assert allowed and (REPO / source).exists(), source
+
+
+def test_the_image_docs_say_how_opa_gets_the_policy():
+    assert "policies" not in re.findall(r"^COPY (.+)$", _dockerfile(), re.MULTILINE)
+    guide = (REPO / "docs" / "operator-guide.md").read_text(encoding="utf-8")
+    section = guide[guide.index("### Running the image") :]
+    assert (
+        "-v ./policies:/etc/mcp-fhir/policies:ro" in section and "policies: /etc/mcp-fhir/policies" in section
+    )
+
+
+def _healthcheck(env_config: Path) -> int:
+    return subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "healthcheck.py")],
+        env={"MCP_FHIR_CONFIG": str(env_config), "PATH": "", "PYTHONPATH": str(REPO)},
+        timeout=30,
+    ).returncode
+
+
+def test_the_healthcheck_probes_the_port_the_config_says(tmp_path):
+    import http.server
+
+    class Healthz(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/healthz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthz)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg = yaml.safe_load((REPO / "deploy" / "mcp-fhir.compose.yaml").read_text(encoding="utf-8"))
+        cfg["server"]["port"] = server.server_address[1]
+        listening = tmp_path / "listening.yaml"
+        listening.write_text(yaml.safe_dump(cfg))
+        cfg["server"]["port"] = free_port()
+        elsewhere = tmp_path / "elsewhere.yaml"
+        elsewhere.write_text(yaml.safe_dump(cfg))
+        assert _healthcheck(listening) == 0
+        assert _healthcheck(elsewhere) == 1
+        assert _healthcheck(tmp_path / "missing.yaml") == 1
+    finally:
+        server.shutdown()
+    text = _dockerfile()
+    assert 'CMD ["python", "/usr/local/lib/mcp-fhir/healthcheck.py"]' in text
+    assert "ENV " in text and "MCP_FHIR_CONFIG=/etc/mcp-fhir/config.yaml" in text
+    assert '"--config", "/etc/mcp-fhir/config.yaml"' in text
+
+
 def test_the_hapi_loader_script_is_valid_shell():
     subprocess.run(["sh", "-n", str(REPO / "deploy" / "load_hapi.sh")], check=True)
 
