@@ -20,10 +20,11 @@ echo "== policy: fmt, check --strict, test --coverage (threshold ${COVERAGE_THRE
 "$OPA" test policies/ --fail-on-empty | tail -1
 .venv/bin/python -c "import json, sys; print('policy coverage: %.1f%%' % json.load(open(sys.argv[1]))['coverage'])" "$COVERAGE_JSON"
 
-echo "== ruff, mypy, import-linter (the layers in pyproject.toml)"
+echo "== ruff, mypy, import-linter (the layers in pyproject.toml), deptry (the declared dependencies)"
 .venv/bin/ruff check mcp_fhir tests bench examples scripts
 .venv/bin/mypy mcp_fhir
 .venv/bin/lint-imports --no-cache | tail -3
+.venv/bin/deptry mcp_fhir   # every import declared in pyproject.toml, every runtime dependency used
 
 echo "== pytest"
 .venv/bin/pytest -q -p no:cacheprovider "$@"
