@@ -24,7 +24,8 @@ def probe_url(server: config.ServerSettings) -> str | None:
     """The /healthz URL of `server`, or None over stdio."""
     if server.transport != "http":
         return None
-    host = "127.0.0.1" if server.host in ("0.0.0.0", "") else "::1" if server.host == "::" else server.host
+    wildcard = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}  # noqa: S104 - probed on loopback
+    host = wildcard.get(server.host, server.host)
     if ":" in host:
         host = f"[{host}]"
     scheme = "https" if server.tls_cert_file is not None else "http"
