@@ -10,6 +10,7 @@ parent with OBR-26 as HL7 v2 chapter 7 does; those additions are marked where th
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -178,3 +179,22 @@ def test_one_sub_id_on_every_obx_of_a_chemistry_panel_links_nothing(sub_id: str)
     )
     result = _parse(text)
     assert not any("hasMember" in o or "derivedFrom" in o for o in result.observations)
+
+
+GOLDEN = VENDOR_SAMPLES.parent / "golden" / "oru_r01_au_microbiology_qld_auslab_urine_mcs.json"
+
+
+def test_the_public_au_urine_mcs_maps_exactly_to_its_reviewed_golden_output() -> None:
+    """The whole mapping, compared with tests/data/golden/ (reviewed by hand when it was written).
+
+    After an intended change to the mapping, rewrite the golden file from `parse_oru_r01_message` (same
+    sample, timezone Australia/Brisbane), review the diff, and commit both.
+    """
+    result = _parse(_message())
+    actual = {
+        "reports": result.reports,
+        "observations": result.observations,
+        "patient_identifiers": result.patient_identifiers,
+        "control_id": result.control_id,
+    }
+    assert actual == json.loads(GOLDEN.read_text(encoding="utf-8"))
