@@ -8,7 +8,11 @@ parallel chunks), so thousands of inputs take seconds. A change is a *widening* 
 grants more than the base did (deny→allow, fewer excluded labels, more categories, a removed
 redaction, a longer lookback, a higher max_results), a *narrowing* when it grants less, and
 *changed* otherwise (different deny reasons, different audit alerts). Widenings must be approved
-in `policies/approvals.yaml` (see `Approvals`), or the diff fails.
+in the BASE side's `policies/approvals.yaml` (see `Approvals`), or the diff fails: a pull request
+cannot approve its own widening, and a change to `approvals.yaml` itself (an approval added or
+edited, or a file that no longer parses) is reported by `approvals_changes` as a widening that
+needs review. Changes whose access is the same (*changed*) are grouped by what changed, not by
+role, tool and purpose, so that a new reason code on many denies is one row, not hundreds.
 
 Python never decides here either: it compares two decisions OPA made. Role, tool and purpose
 are read from the input only to group the report.
@@ -37,12 +41,14 @@ __all__ = [
     "DEFAULT_EVAL_TIMEOUT",
     "DEFAULT_EXAMPLES_PER_GROUP",
     "Approval",
+    "ApprovalChange",
     "Approvals",
     "BatchEvaluator",
     "Case",
     "Change",
     "DiffReport",
     "Group",
+    "approvals_changes",
     "classify",
     "diff_cases",
 ]
@@ -367,12 +373,79 @@ class Approvals:
         return next((a for a in self.entries if a.covers(change, today)), None)
 
 
+@dataclass(frozen=True, slots=True)
+class ApprovalChange:
+    """How the head's `approvals.yaml` differs from the base's, one approval (or the file) at a time.
+
+    `added`, `modified` and `invalid` widen what is approved: they need review (they fail the diff).
+    `removed` narrows it and is only reported.
+    """
+
+    kind: str  # added | modified | removed | invalid
+    id: str
+    detail: str = ""
+
+    @property
+    def needs_review(self) -> bool:
+        return self.kind != "removed"
+
+
+def _approvals_text(path: Path | None) -> str | None:
+    if path is None or not path.is_file():
+        return None
+    return path.read_text(encoding="utf-8")
+
+
+def _parse_approvals(text: str | None) -> Approvals:
+    if text is None:
+        return Approvals()
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError("approvals", "not valid YAML") from exc
+    return Approvals.from_mapping(raw)
+
+
+def approvals_changes(base_file: Path | None, head_file: Path | None) -> list[ApprovalChange]:
+    """Every approval the head adds, edits or removes relative to the base (comments are ignored)."""
+    base = _parse_approvals(_approvals_text(base_file))
+    try:
+        head = _parse_approvals(_approvals_text(head_file))
+    except ConfigError as exc:
+        return [ApprovalChange("invalid", "approvals.yaml", f"{exc.key}: {exc.rule}")]
+    before = {a.id: a for a in base.entries}
+    after = {a.id: a for a in head.entries}
+    out = []
+    for key in sorted(set(before) | set(after)):
+        if key not in before:
+            a = after[key]
+            out.append(
+                ApprovalChange("added", key, f"{a.role}/{a.tool}/{a.purpose}/{a.kind} by {a.reviewer}")
+            )
+        elif key not in after:
+            out.append(ApprovalChange("removed", key))
+        elif before[key] != after[key]:
+            fields = [n for n in Approval.__slots__ if getattr(before[key], n) != getattr(after[key], n)]
+            out.append(ApprovalChange("modified", key, "changed " + ", ".join(fields)))
+    return out
+
+
 # -- the report -------------------------------------------------------------------------------
+
+
+VARIOUS = "*"  # a `changed` group spans several roles, tools or purposes: see `roles`, `tools`, `purposes`
 
 
 @dataclass
 class Group:
-    """Changes that share a class, role, tool, purpose and reason code."""
+    """Changes that share a class, role, tool, purpose and reason code.
+
+    `reason` is the deny reason code(s) behind the change: for a widening, the codes the base denied
+    with (which the head no longer gives); for a narrowing, the codes the head now denies with; for a
+    `changed` group, `base codes → head codes`; `-` when both sides allow (only obligations or audit
+    differ). `changed` groups (same access, other reasons or audit) are keyed by their kinds and
+    reason only: role, tool and purpose are `*` there, and `roles`, `tools`, `purposes` list them.
+    """
 
     classification: str
     role: str
@@ -384,6 +457,9 @@ class Group:
     examples: list[Change] = field(default_factory=list)
     approved_by: set[str] = field(default_factory=set)
     unapproved: int = 0
+    roles: set[str] = field(default_factory=set)
+    tools: set[str] = field(default_factory=set)
+    purposes: set[str] = field(default_factory=set)
 
     @property
     def key(self) -> tuple[str, str, str, str, str]:
@@ -402,14 +478,20 @@ class DiffReport:
     groups: list[Group] = field(default_factory=list)
     unapproved_widenings: int = 0
     expired_approvals: list[str] = field(default_factory=list)
+    approvals_changes: list[ApprovalChange] = field(default_factory=list)
+    approvals_source: str = ""
     seconds: float = 0.0
 
     def count(self, classification: str) -> int:
         return sum(1 for c in self.changes if c.classification == classification)
 
     @property
+    def approvals_needing_review(self) -> list[ApprovalChange]:
+        return [c for c in self.approvals_changes if c.needs_review]
+
+    @property
     def ok(self) -> bool:
-        return self.unapproved_widenings == 0
+        return self.unapproved_widenings == 0 and not self.approvals_needing_review
 
 
 def _role_of(inp: Mapping[str, Any], role_claim: str) -> str:
@@ -423,6 +505,9 @@ def _role_of(inp: Mapping[str, Any], role_claim: str) -> str:
 def _group_reason(classification: str, base: Mapping[str, Any], head: Mapping[str, Any]) -> str:
     if not base.get("allow") and head.get("allow"):
         return ",".join(_codes(base)) or "-"
+    if classification == "changed" and not base.get("allow") and not head.get("allow"):
+        before, after = ",".join(_codes(base)) or "-", ",".join(_codes(head)) or "-"
+        return before if before == after else f"{before} → {after}"
     if not head.get("allow"):
         return ",".join(_codes(head)) or "-"
     return "-"
@@ -436,12 +521,18 @@ def diff_cases(
     base_label: str,
     head_label: str,
     approvals: Approvals | None = None,
+    approvals_changes: Sequence[ApprovalChange] = (),
+    approvals_source: str = "",
     role_claim: str = "roles",
     today: date | None = None,
     examples_per_group: int = DEFAULT_EXAMPLES_PER_GROUP,
     progress: Progress | None = None,
 ) -> DiffReport:
-    """Evaluate every case on both sides and report each decision that changed."""
+    """Evaluate every case on both sides and report each decision that changed.
+
+    `approvals` must come from the base (the protected branch), never from the change under review;
+    `approvals_changes` (from `approvals_changes(base_file, head_file)`) are carried into the report.
+    """
     started = datetime.now(UTC)
     today = today or started.date()
     inputs = [c.input for c in cases]
@@ -454,7 +545,10 @@ def diff_cases(
             head.evaluate, inputs, (lambda n: progress("head", n, total)) if progress else None
         )
         b_results, h_results = b_future.result(), h_future.result()
-    report = DiffReport(base_label=base_label, head_label=head_label, evaluated=total)
+    report = DiffReport(
+        base_label=base_label, head_label=head_label, evaluated=total,
+        approvals_changes=list(approvals_changes), approvals_source=approvals_source,
+    )  # fmt: skip
     for c in cases:
         report.by_source[c.source] = report.by_source.get(c.source, 0) + 1
     groups: dict[tuple[str, ...], Group] = {}
@@ -472,10 +566,18 @@ def diff_cases(
             purpose=str(context.get("purpose") or "(none)"), reason=_group_reason(classification, b, h),
         )  # fmt: skip
         report.changes.append(change)
-        key = (classification, change.role, change.tool, change.purpose, change.reason)
-        group = groups.setdefault(key, Group(*key))
+        if classification == "changed":
+            names = (classification, VARIOUS, VARIOUS, VARIOUS, change.reason)
+            key: tuple[str, ...] = (*names, *sorted(set(change.kinds)))
+        else:
+            names = (classification, change.role, change.tool, change.purpose, change.reason)
+            key = names
+        group = groups.setdefault(key, Group(*names))
         group.count += 1
         group.kinds.update(change.kinds)
+        group.roles.add(change.role)
+        group.tools.add(change.tool)
+        group.purposes.add(change.purpose)
         if len(group.examples) < examples_per_group:
             group.examples.append(change)
         if classification == "widening":

@@ -13,7 +13,7 @@ import pytest
 
 from mcp_fhir._exceptions import ConfigError
 from mcp_fhir.governance.diff import Approvals, BatchEvaluator, Case, classify, diff_cases, unique_cases
-from mcp_fhir.governance.grid import fixture_cases, grid_cases
+from mcp_fhir.governance.grid import GRID_PATIENT, fixture_cases, grid_cases
 from tests.testbed.sidecar import policies_with_nurse_reading_medications
 
 REPO = Path(__file__).resolve().parents[2]
@@ -168,12 +168,15 @@ def test_a_role_gaining_a_resource_type_is_reported_as_exactly_those_widenings(w
         assert change.reason == "ROLE_NOT_PERMITTED"
     # exactly: every nurse grid input for MedicationStatement under treatment with covering scopes and no
     # break-glass (which the nurse may not invoke) changes, and nothing else widens
+    # (and, among the claim variants, only those bound to the requested patient or to treatment)
     expected = {
         c.label for c in cases
         if c.source == "grid" and c.input["subject"]["claims"]["roles"] == ["nurse"]
         and c.input["action"]["resource_type"] == "MedicationStatement"
         and c.input["context"]["purpose"] == "treatment" and c.input["subject"]["scopes"]
         and c.input["context"]["break_glass"] is None
+        and c.input["subject"]["claims"].get("patient") in (None, GRID_PATIENT)
+        and c.input["subject"]["claims"].get("purpose_of_use") in (None, "treatment")
     }  # fmt: skip
     assert {c.case.label for c in widenings if c.case.source == "grid"} == expected
     assert any(c.case.source == "fixture" for c in widenings)
