@@ -140,7 +140,8 @@ def run_test(args: argparse.Namespace) -> int:
     result = run_tests(args.policies, threshold=args.threshold)
     if args.json:
         print(json.dumps({"ok": result.ok, "passed": result.passed, "failed": result.failed,
-                          "errors": result.errors, "coverage": result.coverage,
+                          "errors": result.errors, "fixtures_failed": result.fixtures_failed,
+                          "coverage": result.coverage,
                           "threshold": result.threshold, "uncovered": result.uncovered}, indent=2))  # fmt: skip
     else:
         print(result.summary())

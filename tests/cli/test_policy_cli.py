@@ -61,6 +61,24 @@ def test_policy_test_fails_on_a_failing_rego_test(tmp_path, capsys, opa_binary):
     assert "test_always_fails" in capsys.readouterr().out
 
 
+def test_policy_test_names_the_failing_fixture_and_what_differs(tmp_path, capsys, opa_binary):
+    policies = copy_policies(tmp_path)
+    corpus = policies / "fixtures" / "decisions.json"
+    cases = json.loads(corpus.read_text(encoding="utf-8"))
+    index = next(i for i, c in enumerate(cases) if c["expect"]["allow"] is True)
+    cases[index]["expect"]["allow"] = False
+    corpus.write_text(json.dumps(cases), encoding="utf-8")
+    assert main(["policy", "test", "--policies", str(policies), "--json"]) == 1
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["fixtures_failed"] == [
+        f'fixtures/decisions.json[{index}] "{cases[index]["note"]}": allow expected false, got true'
+    ]
+    assert main(["policy", "test", "--policies", str(policies)]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL fixture fixtures/decisions.json[{index}]" in out
+    assert "coverage: not measured" in out
+
+
 def test_policy_test_fails_below_the_coverage_threshold(tmp_path, opa_binary):
     assert main(["policy", "test", "--policies", str(POLICIES), "--threshold", "100"]) == 1
 
