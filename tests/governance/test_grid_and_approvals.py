@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from mcp_fhir.governance.diff import Approvals, BatchEvaluator, approvals_changes, diff_cases
+from mcp_fhir.governance.diff import Approvals, BatchEvaluator, Case, approvals_changes, diff_cases
 from mcp_fhir.governance.grid import GRID_OTHER_PATIENT, GRID_PATIENT, grid_cases
 from mcp_fhir.governance.report import to_markdown
 from tests.governance.minipolicy import APPROVAL, CONFIG, research_reads_observations, write_policies
@@ -131,3 +131,45 @@ def test_an_approvals_change_fails_the_report_even_when_the_widening_is_covered(
     assert not report.ok
     text = to_markdown(report, max_chars=60_000)
     assert "approvals.yaml changed" in text and "`APR-9` added" in text
+
+
+class Stub:
+    """A stand-in for BatchEvaluator that decides by a function (unit tests of grouping only)."""
+
+    def __init__(self, decide):
+        self.decide, self.workers, self.chunk_size = decide, 1, 7
+
+    def chunks(self, inputs):
+        return [inputs[i : i + self.chunk_size] for i in range(0, len(inputs), self.chunk_size)]
+
+    def decide_chunk(self, inputs):
+        return [self.decide(x) for x in inputs]
+
+
+def deny(*codes):
+    return {"allow": False, "reasons": [{"code": c} for c in codes], "obligations": {}, "audit": {}}
+
+
+def test_a_new_reason_code_on_many_denies_is_one_changed_row_that_lists_its_spread():
+    cases = [
+        Case("grid", f"{role} {tool} {purpose}", {
+            "subject": {"claims": {"roles": [role]}}, "action": {"tool": tool}, "context": {"purpose": purpose},
+        })
+        for role in ("nurse", "clinician", "admin", "auditor")
+        for tool in ("read_patient", "search_observations", "refresh")
+        for purpose in ("treatment", "audit", None)
+    ]  # fmt: skip
+    base, head = (
+        Stub(lambda _: deny("ROLE_NOT_PERMITTED")),
+        Stub(lambda _: deny("NEW_RULE", "ROLE_NOT_PERMITTED")),
+    )
+    report = diff_cases(cases, base, head, base_label="b", head_label="h")
+    assert report.count("changed") == len(cases) == 36
+    [group] = report.groups
+    assert (group.role, group.tool, group.purpose) == ("*", "*", "*")
+    assert group.reason == "ROLE_NOT_PERMITTED → NEW_RULE,ROLE_NOT_PERMITTED"
+    assert group.roles == {"nurse", "clinician", "admin", "auditor"} and len(group.tools) == 3
+    assert report.ok
+    text = to_markdown(report, max_chars=60_000)
+    rows = [line for line in text.splitlines() if line.startswith("| ✳️ changed |") and "→" in line]
+    assert len(rows) == 1 and "**reason**:" in text
