@@ -215,7 +215,8 @@ def test_the_summary_fits_a_pull_request_comment_and_the_full_report_keeps_every
 
 
 def test_diff_accepts_git_refs(tmp_path, capsys, opa_binary):
-    assert main(["policy", "diff", "HEAD", "HEAD", "--repo", str(REPO), "--no-grid", "--quiet"]) == 0
+    repo = new_repo(tmp_path / "repo")  # not this checkout: its policies/ may hold uncommitted edits
+    assert main(["policy", "diff", "main", "HEAD", "--repo", str(repo), "--quiet"]) == 0
     assert "No decision changed." in capsys.readouterr().out
 
 
