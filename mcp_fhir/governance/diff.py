@@ -113,8 +113,8 @@ class BatchEvaluator:
         self.workers = workers or max(1, (os.cpu_count() or 2) // 2)
         self.timeout = timeout
 
-    def _command(self, input_file: Path, query: str) -> list[str]:
-        cmd = [self.binary, "eval", "--format", "json", "-d", str(self.policies), "-i", str(input_file)]
+    def _command(self, input_file: Path, query: str, fmt: str = "json") -> list[str]:
+        cmd = [self.binary, "eval", "--format", fmt, "-d", str(self.policies), "-i", str(input_file)]
         for name in NON_POLICY_FILES:
             cmd += ["--ignore", name]
         return [*cmd, query]
@@ -146,9 +146,8 @@ class BatchEvaluator:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "cases.json"
             path.write_text(json.dumps({"cases": list(inputs)}), encoding="utf-8")
-            cmd = self._command(path, query)
-            cmd[cmd.index("json")] = "raw"  # compact JSON of the value only
-            value = self._run(cmd) if inputs else {}
+            # raw: the compact JSON of the value only
+            value = self._run(self._command(path, query, fmt="raw")) if inputs else {}
         if not isinstance(value, Mapping):
             raise PolicyUnavailable("opa eval answered with something that is not a decision map")
         # Keys come back as strings; a missing key is an undefined decision (a deny, fail closed).
