@@ -164,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"CPU per input: OPA {figures['opa_cpu_ms_per_input']} ms (both sides) + Python "
               f"{figures['python_cpu_ms_per_input']} ms; on {cores} idle core(s) that is "
               f"{figures['inputs_per_s_on_idle_cores']:,} inputs/s (load average {figures['loadavg_1m']})")  # fmt: skip
-        print(f"changes: {figures['counts']} (exit {code}; 1 when a widened input is unapproved, as intended)")
+        print(
+            f"changes: {figures['counts']} (exit {code}; 1 when a widened input is unapproved, as intended)"
+        )
     return 0
 
 
