@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mcp_fhir.cli.main import main
 from tests.integration._ops_harness import REPO, ApiKeyIdentity, ServedSidecar, http_config, wait_for
 from tests.testbed import data
-from tests.testbed.sidecar import NURSE
+from tests.testbed.sidecar import NURSE, POLICIES
 
 pytestmark = pytest.mark.integration
 
@@ -225,19 +226,48 @@ async def test_sigterm_under_load_drains_audits_every_answered_call_seals_the_tr
 # --- #17 §3: SIGHUP, per-backend readiness, a metrics port in use --------------------------------------
 
 
-def test_sighup_reloads_api_keys_a_new_key_works_and_a_removed_one_stops(sidecar: ServedSidecar, nurse):
-    assert sidecar.process is not None
-    newcomer = ApiKeyIdentity({**NURSE, "id": "agent-nurse-rotated"})
-    assert (initialize_status(sidecar, nurse.key), initialize_status(sidecar, newcomer.key)) == (200, 401)
-    cfg = {**sidecar.cfg, "auth": {"api_keys": [newcomer.entry]}}
-    sidecar.config_path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    sidecar.process.send_signal(signal.SIGHUP)
-    wait_for(
-        lambda: initialize_status(sidecar, newcomer.key) == 200, timeout=RECOVERY_TIMEOUT_S, what="reload"
-    )
-    assert initialize_status(sidecar, nurse.key) == 401
-    wait_for(lambda: sidecar.readyz()[0] == 200, timeout=RECOVERY_TIMEOUT_S, what="readiness after reload")
-    assert sidecar.process.poll() is None
+def test_sighup_reloads_api_keys_and_policy_data_a_new_key_works_and_a_removed_one_stops(
+    tmp_path: Path, fhir_server, nurse
+):
+    policies = tmp_path / "policies"
+    shutil.copytree(POLICIES, policies, ignore=shutil.ignore_patterns("fixtures"))
+    cfg = http_config(tmp_path, fhir_server.base_url, [nurse], opa={"policies": str(policies)})
+    with ServedSidecar(tmp_path, cfg) as sidecar:
+        assert sidecar.process is not None
+        newcomer = ApiKeyIdentity({**NURSE, "id": "agent-nurse-rotated"})
+        assert (initialize_status(sidecar, nurse.key), initialize_status(sidecar, newcomer.key)) == (200, 401)
+        revision_before = build_info(sidecar)["policy_revision"]
+        [(_, opa_port)] = opa_children(sidecar.process.pid)
+        probe = f"http://127.0.0.1:{opa_port}/v1/data/reload_probe/marker"
+        assert "result" not in httpx2.get(probe, timeout=5.0).json()
+
+        (policies / "reload_probe").mkdir()
+        (policies / "reload_probe" / "data.json").write_text('{"marker": 7}', encoding="utf-8")
+        cfg = {**sidecar.cfg, "auth": {"api_keys": [newcomer.entry]}}
+        sidecar.config_path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+        sidecar.process.send_signal(signal.SIGHUP)
+
+        wait_for(
+            lambda: initialize_status(sidecar, newcomer.key) == 200, timeout=RECOVERY_TIMEOUT_S, what="reload"
+        )
+        assert initialize_status(sidecar, nurse.key) == 401
+        wait_for(lambda: reload_restarts(sidecar) == 1.0, timeout=RECOVERY_TIMEOUT_S, what="the OPA reload")
+        assert httpx2.get(probe, timeout=5.0).json()["result"] == 7  # the policy data was read again
+        assert build_info(sidecar)["policy_revision"] != revision_before
+        wait_for(
+            lambda: sidecar.readyz()[0] == 200, timeout=RECOVERY_TIMEOUT_S, what="readiness after reload"
+        )
+        assert sidecar.process.poll() is None
+
+
+def build_info(sidecar: ServedSidecar) -> dict[str, str]:
+    [labels] = [dict(lbl) for name, lbl in samples(sidecar.scrape()) if name == "mcp_fhir_build_info"]
+    return labels
+
+
+def reload_restarts(sidecar: ServedSidecar) -> float:
+    key = ("mcp_fhir_opa_restarts_total", frozenset({("reason", "reload")}))
+    return samples(sidecar.scrape()).get(key, 0.0)
 
 
 def test_sighup_with_a_config_that_does_not_validate_keeps_the_running_keys(sidecar: ServedSidecar, nurse):
