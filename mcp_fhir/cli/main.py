@@ -83,7 +83,11 @@ def _serve_http(settings: Settings, server: Any, config_path: str | None) -> int
     state = ServeState(settings, config_path=config_path)
     app = build_http_app(settings, server, state)
     userver = _Server(uvicorn.Config(app, **uvicorn_options(settings)), reload_on_signal(server, state))
-    userver.run()
+    try:
+        userver.run()
+    except SystemExit as exc:  # uvicorn's own exit when it cannot bind or the app does not start
+        print("error: the server did not start (its reason is in the log above)", file=sys.stderr)
+        return exc.code if isinstance(exc.code, int) and exc.code else EXIT_STARTUP_FAILED
     if not userver.started:
         print("error: the server did not start (see the log above)", file=sys.stderr)
         return EXIT_STARTUP_FAILED

@@ -341,3 +341,31 @@ def test_metrics_carry_the_process_collectors_and_the_build_info(sidecar: Served
     assert labels["version"] == __version__
     assert labels["opa_version"] == opa_version(find_opa())
     assert labels["policy_revision"].startswith("sha256:")
+
+
+def test_serve_with_its_http_port_in_use_exits_non_zero_and_names_the_address_without_a_traceback(
+    tmp_path: Path, fhir_server, nurse
+):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cfg = http_config(tmp_path, fhir_server.base_url, [nurse])
+        cfg["server"]["port"] = taken.getsockname()[1]
+        path = tmp_path / "mcp-fhir.yaml"
+        path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("MCP_FHIR_")},
+            "PYTHONPATH": str(REPO),
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "mcp_fhir.cli.main", "serve", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=EXIT_TIMEOUT_S,
+            env=env,
+            cwd=tmp_path,
+            check=False,
+        )
+    assert done.returncode == 3
+    assert "Traceback" not in done.stderr + done.stdout
+    assert "address already in use" in done.stderr and done.stderr.rstrip().endswith("in the log above)")
