@@ -13,6 +13,7 @@ policy's `visible_tools` allows the caller, and every error leaves in one of thr
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -268,7 +269,7 @@ def make_lifespan(settings: Settings, holder: dict[str, AppContext], ops: dict[s
 async def publish_build_info(engine: Any, settings: Settings, managed: ManagedOpa | None) -> None:
     """`mcp_fhir_build_info`: our version, OPA's (the managed binary's, or the server's provenance), the policy's."""
     if managed is not None:
-        version = opa_version(managed.binary)
+        version = await asyncio.to_thread(opa_version, managed.binary)
         revision = await engine.active_revision() or policy_digest(managed.policy_paths)
     else:
         version, revision = await opa_provenance(

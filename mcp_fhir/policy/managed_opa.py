@@ -13,7 +13,7 @@ recover by themselves once the new child answers `/health`. Each restart is coun
 `mcp_fhir_opa_restarts_total{reason}`. `reload()` restarts the child at once, so that it reads its
 policy and data files again (what `serve` does on SIGHUP).
 
-The supervisor is hand-written: it is one asyncio task around `Popen.wait`, and no supervision
+The supervisor is hand-written: it is one asyncio task waiting on the child's pidfd, and no supervision
 library fits a child that must share the sidecar's event loop, port and parent-death signal.
 """
 
@@ -48,6 +48,7 @@ RESTART_BACKOFF_INITIAL = 0.2  # seconds before the first restart of a dead chil
 RESTART_BACKOFF_MAX = 10.0  # the backoff doubles per failed restart, up to this
 RESTART_STABLE_AFTER = 30.0  # a child up this long resets the backoff to its initial value
 _HEALTH_POLL_INTERVAL = 0.05
+_EXIT_POLL_INTERVAL = 0.1
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _PROJECT_OPA = Path(__file__).resolve().parents[2] / ".tools" / "bin" / "opa"
 
@@ -246,7 +247,7 @@ class ManagedOpa:
             if proc is None:
                 return
             started = loop.time()
-            status = await asyncio.to_thread(proc.wait)
+            status = await _exited(proc)
             if self._stopping.is_set():
                 return
             reason = "reload" if self._reload else "exited"
@@ -326,6 +327,30 @@ class ManagedOpa:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+
+async def _exited(proc: subprocess.Popen[bytes]) -> int:
+    """Wait for the child to exit without holding a thread: a pidfd on Linux, else a bounded-cost poll.
+
+    (A thread blocked in `Popen.wait` would hold the interpreter's exit until the child died.)
+    """
+    fd = None
+    if hasattr(os, "pidfd_open"):
+        with contextlib.suppress(OSError):
+            fd = os.pidfd_open(proc.pid)
+    if fd is not None:
+        loop = asyncio.get_running_loop()
+        readable = asyncio.Event()
+        loop.add_reader(fd, readable.set)
+        try:
+            if proc.poll() is None:
+                await readable.wait()
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+    while proc.poll() is None:  # noqa: ASYNC110 - no pidfd here (or already reaped): a process has no event to await
+        await asyncio.sleep(_EXIT_POLL_INTERVAL)
+    return int(proc.returncode)
 
 
 async def _terminate(proc: subprocess.Popen[bytes]) -> None:
