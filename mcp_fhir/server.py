@@ -44,6 +44,7 @@ from mcp_fhir._exceptions import (
     UpstreamBadResponse,
     UpstreamUnavailable,
 )
+from mcp_fhir._secret import Secret
 from mcp_fhir._version import __version__
 from mcp_fhir.agent_auth.local import local_subject
 from mcp_fhir.agent_auth.verifier import auth_settings_for, build_token_verifier, subject_from_access_token
@@ -194,7 +195,9 @@ class SidecarServer(MCPServer[AppContext]):
 
 def _engine_settings(settings: Settings, url: str) -> OpaSettings:
     token = os.environ.get(settings.opa.token_env) if settings.opa.token_env else None
-    return OpaSettings(url=url, decision_timeout=settings.opa.decision_timeout, token=token)
+    return OpaSettings(
+        url=url, decision_timeout=settings.opa.decision_timeout, token=Secret(token) if token else None
+    )
 
 
 async def _open_engine(

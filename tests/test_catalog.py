@@ -7,7 +7,7 @@ import yaml
 from mcp_fhir.catalog import CATALOGUE
 
 POLICY_TOOLS = (
-    Path(__file__).resolve().parents[2] / "policies" / "mcp_fhir" / "config" / "tools" / "data.yaml"
+    Path(__file__).resolve().parents[1] / "policies" / "mcp_fhir" / "config" / "tools" / "data.yaml"
 )
 
 

@@ -47,6 +47,7 @@ from mcp_fhir.tools.results import (
     respond,
     summarise,
 )
+from mcp_fhir.tools.untrusted import UNTRUSTED_NOTICE, fence
 
 READ_ONLY = ToolAnnotations(
     read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
@@ -442,11 +443,14 @@ async def summary(
         err.audited = True  # every section's denial was audited on its own
         raise err
     result = SummaryResult(patient=patient_id, sections=sections, untrusted_text_flags=flagged)
-    lines = [f"### Summary of patient {patient_id}"]
+    body: list[str] = []
     for s in sections:
         if not s.allowed:
-            lines.append(f"**{s.resource_type}**: withheld by policy ({', '.join(s.reasons)})")
+            body.append(f"**{s.resource_type}**: withheld by policy ({', '.join(s.reasons)})")
             continue
-        lines.append(f"**{s.resource_type}** ({s.count})")
-        lines += [f"- {item}" for item in s.items]
+        body.append(f"**{s.resource_type}** ({s.count})")
+        body += [f"- {item}" for item in s.items]
+    lines = [f"### Summary of patient {patient_id}", fence(body)]
+    if flagged:
+        lines.append(UNTRUSTED_NOTICE)
     return respond(result, "\n".join(lines))

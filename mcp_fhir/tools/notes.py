@@ -21,7 +21,8 @@ from mcp_fhir.tools.params import (
     audit_params,
 )
 from mcp_fhir.tools.pipeline import CallPath
-from mcp_fhir.tools.results import Provenance, fence, injection_flags, provenance, respond
+from mcp_fhir.tools.results import Provenance, injection_flags, provenance, respond
+from mcp_fhir.tools.untrusted import fence_block
 
 IDEMPOTENCY_SYSTEM = "urn:mcp-fhir:idempotency-key"
 NOTE_TYPE = {"system": "http://loinc.org", "code": "11506-3", "display": "Progress note"}
@@ -125,7 +126,7 @@ def register(server: MCPServer) -> None:
                 if result.looks_like_instructions
                 else ""
             )
-            md = f"### Document {document_id}\n{fence(text)}{warn}"
+            md = f"### Document {document_id}\n{fence_block(text)}{warn}"
         return respond(result, md)  # type: ignore[return-value]
 
     @server.tool(

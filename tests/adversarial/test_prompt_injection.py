@@ -19,7 +19,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mcp_fhir.tools.results import UNTRUSTED_CLOSE, UNTRUSTED_OPEN, fence, flag_resources
+from mcp_fhir.tools.results import flag_resources
+from mcp_fhir.tools.untrusted import UNTRUSTED_CLOSE, UNTRUSTED_OPEN
+from mcp_fhir.tools.untrusted import fence_block as fence
 from tests.adversarial.conftest import identity, sidecar
 from tests.testbed import data
 

@@ -12,7 +12,7 @@ import pytest
 from mcp_fhir._exceptions import PolicyDenied
 from mcp_fhir.ehr.client import FakeEHRClient, FetchResult
 from mcp_fhir.tools.notes import IDEMPOTENCY_SYSTEM, _note_text, create_note, register
-from mcp_fhir.tools.results import UNTRUSTED_CLOSE, UNTRUSTED_OPEN
+from mcp_fhir.tools.untrusted import UNTRUSTED_CLOSE, UNTRUSTED_OPEN
 from tests.tools.conftest import OTHER_PATIENT, PATIENT, Harness, deny_with, make_harness, registered_tools
 
 NOTE = "Patient reports chest pain radiating to the left arm; Wetherall family history of MI."

@@ -17,11 +17,8 @@ from mcp_fhir.ehr.client import FetchResult
 from mcp_fhir.policy.engine import Decision
 from mcp_fhir.tools.results import (
     STALE_WARNING,
-    UNTRUSTED_CLOSE,
-    UNTRUSTED_OPEN,
     SearchResult,
     Withheld,
-    fence,
     flag_resources,
     injection_flags,
     make_continuation,
@@ -29,6 +26,8 @@ from mcp_fhir.tools.results import (
     read_continuation,
     render_search,
 )
+from mcp_fhir.tools.untrusted import UNTRUSTED_CLOSE, UNTRUSTED_OPEN
+from mcp_fhir.tools.untrusted import fence_block as fence
 
 KEY = b"k" * 32
 URL = "http://ehr.example/fhir/Observation?page=2"
