@@ -15,6 +15,7 @@ Also what `serve` needs around it as an operator sees it:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -107,7 +108,19 @@ def build_http_app(settings: Settings, server: SidecarServer, state: ServeState 
 
 # --- SIGHUP ---------------------------------------------------------------------------------------
 
-RESTART_ONLY = ("server", "backends", "audit", "idmap", "cache", "rate_limit", "smart", "tools")
+# Sections a reload does not apply (logged by name when they changed); `auth` is compared without its API keys.
+RESTART_ONLY = (
+    "server",
+    "backends",
+    "default_backend",
+    "tools",
+    "idmap",
+    "audit",
+    "cache",
+    "rate_limit",
+    "limits",
+    "flag_prompt_injection",
+)
 
 
 async def reload(server: SidecarServer, state: ServeState) -> bool:
@@ -134,16 +147,25 @@ async def reload(server: SidecarServer, state: ServeState) -> bool:
     app = server.app_holder.get("app")
     if app is not None:
         await publish_build_info(app.engine, new, managed)
-    old = state.settings
-    changed = [s for s in RESTART_ONLY if _section(old, s) != _section(new, s)]
-    if changed or old.opa.model_dump(exclude={"expected_revision"}) != new.opa.model_dump(
-        exclude={"expected_revision"}
-    ):
-        log.warning("reload: changes to %s take effect at the next restart", ", ".join(changed or ["opa"]))
+    changed = restart_only_changes(state.settings, new)
+    if changed:
+        log.warning("reload: changes to %s take effect at the next restart", ", ".join(changed))
     state.settings = new
     state.reloads += 1
     log.warning("reload: API keys (%d) and policy data reloaded", len(auth.api_keys))
     return True
+
+
+def restart_only_changes(old: Settings, new: Settings) -> list[str]:
+    """The sections that differ between `old` and `new` and that only a restart applies."""
+    changed = [name for name in RESTART_ONLY if _section(old, name) != _section(new, name)]
+    if dataclasses.replace(old.agent_auth(), api_keys=()) != dataclasses.replace(
+        new.agent_auth(), api_keys=()
+    ):
+        changed.append("auth (other than api_keys)")
+    if old.opa.model_dump(exclude={"expected_revision"}) != new.opa.model_dump(exclude={"expected_revision"}):
+        changed.append("opa (other than expected_revision)")
+    return changed
 
 
 def _section(settings: Settings, name: str) -> Any:
