@@ -83,7 +83,7 @@ def build_http_app(settings: Settings, server: SidecarServer, state: ServeState 
         app = holder.get("app")
         keys: dict[str, Any] = {"keys": []}
         for client in app.backends.values() if app else ():
-            tokens = getattr(client, "_tokens", None)
+            tokens = getattr(client, "token_provider", None)
             if isinstance(tokens, SmartBackendAuth):
                 keys["keys"] += tokens.public_jwks()["keys"]
         return JSONResponse(keys)

@@ -186,6 +186,11 @@ class FhirEHRClient:
         self.fhir_version: str | None = None
         self.fhir = PooledFHIRClient(self.base_url, self._send)
 
+    @property
+    def token_provider(self) -> TokenProvider | None:
+        """Where this client gets its EHR tokens (the SMART client publishes its keys from it)."""
+        return self._tokens
+
     async def _request(self, method: str, url: str, body: Any, headers: Mapping[str, str]) -> Response:
         if self._tokens is None:
             return await send(self._http, method, url, json_body=body, headers=headers)
@@ -269,7 +274,9 @@ class FhirEHRClient:
             query = self.fhir.resources(resource_type).search(**dict(params)).limit(count).params
 
         async def fetch() -> FetchResult:
-            body = await self._guarded(lambda: self.fhir._fetch_resource(path, query), idempotent=True)
+            body = await self._guarded(
+                lambda: self.fhir.execute(path, method="get", params=query), idempotent=True
+            )
             resources, total, nxt = _bundle_resources(body, resource_type)
             return FetchResult(self._norm(resources), self.name, datetime.now(UTC), total=total, next_url=nxt)
 
@@ -296,7 +303,7 @@ class FhirEHRClient:
     ) -> FetchResult:
         async def fetch() -> FetchResult:
             body = await self._guarded(
-                lambda: self.fhir._fetch_resource(f"{resource_type}/{resource_id}"), idempotent=True
+                lambda: self.fhir.execute(f"{resource_type}/{resource_id}", method="get"), idempotent=True
             )
             if not isinstance(body, Mapping) or body.get("resourceType") != resource_type:
                 raise UpstreamBadResponse("the EHR answered a read with the wrong resource type")
@@ -312,9 +319,7 @@ class FhirEHRClient:
         headers = {"If-None-Exist": if_none_exist} if if_none_exist else None
 
         async def call() -> Any:
-            return await self.fhir._do_request(
-                "post", rtype, data=resource, extra_headers=headers, returning_status=True
-            )
+            return await self.fhir.request("post", rtype, data=resource, headers=headers)
 
         # Writes are never retried blindly; the conditional create makes a client's own retry safe instead.
         body, status = await self._guarded(call, idempotent=False)
@@ -325,7 +330,7 @@ class FhirEHRClient:
         return FetchResult([dict(body)], self.name, datetime.now(UTC), created=status == 201)
 
     async def capability_statement(self) -> dict[str, Any]:
-        body = await self._guarded(lambda: self.fhir._fetch_resource("metadata"), idempotent=True)
+        body = await self._guarded(lambda: self.fhir.execute("metadata", method="get"), idempotent=True)
         if not isinstance(body, Mapping) or body.get("resourceType") != "CapabilityStatement":
             raise UpstreamBadResponse("the EHR's /metadata is not a CapabilityStatement")
         return dict(body)
