@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from mcp_fhir import metrics
-from mcp_fhir.policy.engine import evaluate_failing_closed
+from mcp_fhir.policy.decide import evaluate_failing_closed
 from mcp_fhir.policy.managed_opa import ManagedOpa, opa_version, policy_digest
 from mcp_fhir.policy.opa import OpaPolicyEngine, OpaSettings
 
