@@ -59,33 +59,41 @@ def add_parser(subparsers: Any) -> None:
     sub = policy.add_subparsers(dest="policy_command", required=True)
 
     test = sub.add_parser("test", help="run the Rego tests with coverage against the real OPA")
-    test.add_argument("--policies", type=Path, default=DEFAULT_POLICIES)
+    test.add_argument(
+        "--policies", type=Path, default=DEFAULT_POLICIES, help="policy folder (default policies/)"
+    )
     test.add_argument("--threshold", type=float, default=95.0, help="minimum coverage %% (default 95)")
-    test.add_argument("--json", action="store_true")
+    test.add_argument("--json", action="store_true", help="machine-readable output")
     test.set_defaults(func=run_test)
 
     lint = sub.add_parser("lint", help="opa fmt, opa check --strict, and Regal when installed")
-    lint.add_argument("--policies", type=Path, default=DEFAULT_POLICIES)
+    lint.add_argument(
+        "--policies", type=Path, default=DEFAULT_POLICIES, help="policy folder (default policies/)"
+    )
     lint.set_defaults(func=run_lint)
 
     ev = sub.add_parser(
         "eval", help="decide one input and show reasons, obligations and the rules that fired"
     )
-    ev.add_argument("--policies", type=Path, default=DEFAULT_POLICIES)
+    ev.add_argument(
+        "--policies", type=Path, default=DEFAULT_POLICIES, help="policy folder (default policies/)"
+    )
     ev.add_argument("--input", type=Path, help="a decision input JSON file")
     ev.add_argument("--input-json", help="a decision input as inline JSON")
     ev.add_argument("--tool", help="tool name (fills operation and resource type from the catalogue)")
     ev.add_argument("--resource-type", help="override the catalogue's (first) resource type")
     ev.add_argument("--role", action="append", default=[], help="a role claim value (repeatable)")
-    ev.add_argument("--purpose")
-    ev.add_argument("--patient")
+    ev.add_argument("--purpose", help="purpose of use code")
+    ev.add_argument("--patient", help="canonical patient id the call is about")
     ev.add_argument("--scope", action="append", default=[], help="a granted scope (repeatable)")
-    ev.add_argument("--break-glass", metavar="REASON")
+    ev.add_argument("--break-glass", metavar="REASON", help="claim break-glass with this reason")
     ev.add_argument("--time", help="RFC 3339 instant (default now)")
     ev.add_argument("--claim", action="append", default=[], metavar="K=V", help="an extra raw claim")
-    ev.add_argument("--authn", default="oauth", choices=["oauth", "api_key", "local"])
+    ev.add_argument(
+        "--authn", default="oauth", choices=["oauth", "api_key", "local"], help="how the caller authenticated"
+    )
     ev.add_argument("--all-rules", action="store_true", help="list private helper rules too")
-    ev.add_argument("--json", action="store_true")
+    ev.add_argument("--json", action="store_true", help="machine-readable output")
     ev.set_defaults(func=run_eval)
 
     diff = sub.add_parser("diff", help="replay decision inputs against two policy versions")
@@ -100,7 +108,7 @@ def add_parser(subparsers: Any) -> None:
     diff.add_argument("--no-grid", action="store_true", help="skip the generated grid")
     diff.add_argument("--full-grid", action="store_true", help="cross every claim and label dimension")
     diff.add_argument("--approvals", type=Path, help="approvals file (default: BASE's approvals.yaml)")
-    diff.add_argument("--format", choices=["md", "json"], default="md")
+    diff.add_argument("--format", choices=["md", "json"], default="md", help="report format (default md)")
     diff.add_argument("--out", type=Path, help="write the report here instead of stdout")
     diff.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS,
                       help=f"size cap of the markdown summary (default {DEFAULT_MAX_CHARS}; a PR comment "
@@ -113,21 +121,25 @@ def add_parser(subparsers: Any) -> None:
     diff.set_defaults(func=run_diff)
 
     bundle = sub.add_parser("bundle", help="build a signed OPA bundle of policies/")
-    bundle.add_argument("--policies", type=Path, default=DEFAULT_POLICIES)
-    bundle.add_argument("--signing-key", type=Path, required=True)
+    bundle.add_argument(
+        "--policies", type=Path, default=DEFAULT_POLICIES, help="policy folder (default policies/)"
+    )
+    bundle.add_argument(
+        "--signing-key", type=Path, required=True, help="PEM private key that signs the bundle"
+    )
     bundle.add_argument("--verification-key", type=Path, help="check the signature after building")
-    bundle.add_argument("--signing-alg", default="RS256")
-    bundle.add_argument("--key-id", default="mcp-fhir-policy")
+    bundle.add_argument("--signing-alg", default="RS256", help="JWS algorithm (default RS256)")
+    bundle.add_argument("--key-id", default="mcp-fhir-policy", help="key id OPA verifies with")
     bundle.add_argument("--revision", help="default: git short sha, -dirty when policies/ has changes")
-    bundle.add_argument("-o", "--output", type=Path, required=True)
+    bundle.add_argument("-o", "--output", type=Path, required=True, help="bundle file to write (.tar.gz)")
     bundle.set_defaults(func=run_bundle)
 
     cfg = sub.add_parser("opa-config", help="print an OPA config that downloads and verifies the bundle")
-    cfg.add_argument("--verification-key", type=Path, required=True)
-    cfg.add_argument("--service-url", required=True)
-    cfg.add_argument("--resource", default="bundle.tar.gz")
-    cfg.add_argument("--signing-alg", default="RS256")
-    cfg.add_argument("--key-id", default="mcp-fhir-policy")
+    cfg.add_argument("--verification-key", type=Path, required=True, help="PEM public key OPA verifies with")
+    cfg.add_argument("--service-url", required=True, help="base URL the bundle is served from")
+    cfg.add_argument("--resource", default="bundle.tar.gz", help="bundle path under the service URL")
+    cfg.add_argument("--signing-alg", default="RS256", help="JWS algorithm (default RS256)")
+    cfg.add_argument("--key-id", default="mcp-fhir-policy", help="key id OPA verifies with")
     cfg.set_defaults(func=run_opa_config)
 
 
