@@ -30,11 +30,15 @@ CREATE TABLE IF NOT EXISTS audit_log (
 """
 
 
-def iter_sqlite_entries(path: Path, after_seq: int = 0) -> Iterator[dict[str, Any]]:
+def iter_sqlite_entries(
+    path: Path, after_seq: int = 0, *, newest_first: bool = False
+) -> Iterator[dict[str, Any]]:
     """Every stored entry with ``seq > after_seq``, in seq order (read-only connection)."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_SECONDS)
+    order = "DESC" if newest_first else "ASC"
     try:
-        for (text,) in conn.execute("SELECT entry FROM audit_log WHERE seq > ? ORDER BY seq", (after_seq,)):
+        query = f"SELECT entry FROM audit_log WHERE seq > ? ORDER BY seq {order}"  # noqa: S608 (fixed text)
+        for (text,) in conn.execute(query, (after_seq,)):
             yield json.loads(text)
     finally:
         conn.close()
@@ -124,3 +128,6 @@ class SQLiteSink(AuditSink):
 
     def reader(self, after_seq: int = 0) -> Iterator[dict[str, Any]]:
         return iter_sqlite_entries(self.path, after_seq)
+
+    def reverse_reader(self) -> Iterator[dict[str, Any]]:
+        return iter_sqlite_entries(self.path, 0, newest_first=True)
