@@ -78,12 +78,18 @@ def _tls_context(config: Any, default_factory: Any) -> Any:
 
 def _config_check(args: argparse.Namespace) -> int:
     from mcp_fhir import config
+    from mcp_fhir.audit.settings import config_warnings
 
-    settings = config.load(args.file)
-    print(
-        f"ok: {args.file}: {len(settings.backends)} backend(s), transport {settings.server.transport}, "
-        f"{len(settings.tools)} tool(s)"
-    )
+    loaded = []
+    for file in args.file:
+        settings = config.load(file)
+        loaded.append(settings)
+        print(
+            f"ok: {file}: {len(settings.backends)} backend(s), transport {settings.server.transport}, "
+            f"{len(settings.tools)} tool(s)"
+        )
+    for warning in config_warnings([s.audit_settings() for s in loaded]):
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -129,8 +135,8 @@ def parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     cfg = sub.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)
-    check = cfg.add_parser("check", help="validate a configuration file without starting anything")
-    check.add_argument("file")
+    check = cfg.add_parser("check", help="validate configuration files without starting anything")
+    check.add_argument("file", nargs="+", help="one config, or every replica's config (to find collisions)")
     check.set_defaults(func=_config_check)
 
     status = sub.add_parser("status", help="print a running server's readiness")
