@@ -170,7 +170,7 @@ class AuditTrail:
         async with self._io:
             try:
                 await self._reopen()
-            except AuditUnavailable:
+            except (AuditUnavailable, ConfigError):
                 metrics.AUDIT_FAILURES.inc()
                 raise
         self._started = True
@@ -190,7 +190,7 @@ class AuditTrail:
                 await self._recover(head, tail, opened.recovery)
             elif head.seq and tail.signed_seq != head.seq:
                 signed = False
-        except AuditUnavailable:
+        except (AuditUnavailable, ConfigError):
             self._healthy = False
             raise
         except Exception as exc:
@@ -327,7 +327,7 @@ class AuditTrail:
                 return ok
             try:
                 await self._reopen()
-            except AuditUnavailable:
+            except (AuditUnavailable, ConfigError):
                 return False
             return await self.sink.check()
 

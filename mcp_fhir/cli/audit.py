@@ -5,6 +5,7 @@
                           [--witness-file W | --no-witness] [--accept-recovery SEQ ...]
                           [--expect-min-seq N] [--json]
     mcp-fhir audit init-postgres --dsn-env ADMIN_DSN [--schema S] [--table T]
+    mcp-fhir audit keygen --out KEY.pem          (a new signing key, 0600, and KEY.pem.pub: for rotation)
     mcp-fhir audit query  --path ... [--patient P] [--agent A] [--since T] [--until T] [--result R]
                           [--purpose P] [--alert A] [--tool T] [--limit N] [--cursor C] [--json]
     mcp-fhir audit export --path ... --format fhir|jsonl --output bundle|ndjson [--out FILE] [filters]
@@ -100,6 +101,10 @@ def add_parser(subparsers: Any) -> None:
     )  # fmt: skip
     verify.add_argument("--expect-min-seq", type=int, help="fail if the log ends before this seq")
     verify.set_defaults(func=run_verify)
+
+    keygen = sub.add_parser("keygen", help="make a new Ed25519 signing key (0600) and its .pub, for rotation")
+    keygen.add_argument("--out", required=True, help="the private key file to create (must not exist)")
+    keygen.set_defaults(func=run_keygen)
 
     init = sub.add_parser(
         "init-postgres", help="create the PostgreSQL audit schema, table, triggers and role"
@@ -301,6 +306,19 @@ def run_verify(args: argparse.Namespace) -> int:
     print(file=sys.stderr)
     _print_report(report, args.json, sys.stdout)
     return EXIT_OK if report.ok else EXIT_VERIFY_FAILED
+
+
+@_guarded
+def run_keygen(args: argparse.Namespace) -> int:
+    """``audit keygen``: a new signing key; prints its key id and where its public half is."""
+    from mcp_fhir.audit.crypto import key_id, load_or_create_signing_key
+
+    out = Path(args.out)
+    if out.exists():
+        raise ConfigError("cli.out", "the key file exists already (a rotation makes a NEW key)")
+    key, _ = load_or_create_signing_key(out)
+    print(f"key id {key_id(key.public_key())}: private {out} (0600), public {out}.pub")
+    return EXIT_OK
 
 
 @_guarded

@@ -57,7 +57,9 @@ async def test_verify_fails_and_prints_where(tmp_path: Path, capsys) -> None:
     assert out.startswith("FAILED: deleted at seq 4, line 4")
 
 
-async def test_verify_finds_a_cut_end_through_the_witness_without_operator_input(tmp_path: Path, capsys) -> None:
+async def test_verify_finds_a_cut_end_through_the_witness_without_operator_input(
+    tmp_path: Path, capsys
+) -> None:
     path = tmp_path / "a.jsonl"
     await _write_log(path)
     lines = path.read_text().splitlines(keepends=True)

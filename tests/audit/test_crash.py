@@ -109,9 +109,9 @@ async def test_records_forged_after_a_crash_are_declared_unvouched_on_restart_ne
         entries.append(body)
         forged.append(body["seq"])
     path.write_text("".join(json.dumps(e) + "\n" for e in entries))
-    alerts_before = metrics.REGISTRY.get_sample_value(
-        "mcp_fhir_alerts_total", {"alert": AUDIT_RECOVERY_ALERT}
-    ) or 0.0
+    alerts_before = (
+        metrics.REGISTRY.get_sample_value("mcp_fhir_alerts_total", {"alert": AUDIT_RECOVERY_ALERT}) or 0.0
+    )
 
     restarted = build_trail(settings)
     await restarted.start()

@@ -94,7 +94,9 @@ async def test_a_vanished_log_directory_makes_record_fail_and_check_recovers_aft
     assert await trail.check()
     await trail.record(make_record(4))
     await trail.close()
-    report = verify_file(folder / "audit.jsonl", public_key=public_key_of(settings), witness=witness_of(settings))
+    report = verify_file(
+        folder / "audit.jsonl", public_key=public_key_of(settings), witness=witness_of(settings)
+    )
     assert report.ok, report.problem
     assert [e["record"]["request_id"] for e in _entries(folder / "audit.jsonl") if "record" in e] == [
         "req-1",
@@ -137,7 +139,9 @@ async def test_a_restarted_trail_resumes_the_chain(file_settings: AuditSettings)
         await asyncio.gather(*(trail.record(make_record(batch * 10 + n)) for n in range(10)))
         await trail.close()
     report = verify_file(
-        Path(str(file_settings.path)), public_key=public_key_of(file_settings), witness=witness_of(file_settings)
+        Path(str(file_settings.path)),
+        public_key=public_key_of(file_settings),
+        witness=witness_of(file_settings),
     )
     assert report.ok, report.problem
     assert report.records == 30

@@ -179,7 +179,11 @@ def test_records_forged_after_the_last_signature_with_the_chain_recomputed_are_a
 ) -> None:
     entries = _lines(log)
     for n in range(3):
-        forged = {"seq": entries[-1]["seq"] + 1, "prev": entries[-1]["hash"], "record": make_record(900 + n).to_dict()}
+        forged = {
+            "seq": entries[-1]["seq"] + 1,
+            "prev": entries[-1]["hash"],
+            "record": make_record(900 + n).to_dict(),
+        }
         forged["hash"] = entry_hash(forged)
         entries.append(forged)
     _write(log, entries)
@@ -220,7 +224,11 @@ def test_a_trail_re_signed_whole_with_another_key_fails_against_the_pinned_key(l
     _rechain(entries, 0, attacker)
     _write(log, entries)
     report = verify_file(log, public_key=_pub(log))
-    assert (report.problem.kind, report.problem.seq, report.problem.line) == ("bad_checkpoint_signature", 2, 2)
+    assert (report.problem.kind, report.problem.seq, report.problem.line) == (
+        "bad_checkpoint_signature",
+        2,
+        2,
+    )
     assert verify_file(log, public_key=attacker.public_key()).ok  # only the pinned key tells them apart
 
 
