@@ -405,6 +405,14 @@ class _SkippedCounter:
             )
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Audit data leaves the trail only into files readable by their owner (0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
 def _after(entries: Iterable[dict[str, Any]], seq: int) -> Iterator[dict[str, Any]]:
     return (e for e in entries if int(e.get("seq", 0)) > seq)
 
@@ -429,7 +437,7 @@ def run_export(args: argparse.Namespace) -> int:
     else:
         text = "".join(json.dumps(r, sort_keys=True, separators=(",", ":")) + "\n" for r in rows)
     if args.out:
-        Path(args.out).write_text(text)
+        _write_private(Path(args.out), text)
         print(f"exported {len(rows)} records to {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(text)

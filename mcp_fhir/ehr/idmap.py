@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import os
 import sqlite3
 import threading
 from collections.abc import Sequence
@@ -231,6 +232,8 @@ class SqliteIdMap(_IdMapBase):
         self._lock = asyncio.Lock()
         self._db_lock = threading.Lock()
         try:
+            if str(path) != ":memory:":  # PHI: create it 0600 first; SQLite gives -wal/-shm the same mode
+                os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
             self._conn = sqlite3.connect(str(path), timeout=timeout, check_same_thread=False)
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute(_SCHEMA.format(table="idmap"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from mcp_fhir.audit.sinks.base import AuditSink, Opened, SinkError
 __all__ = ["SQLiteSink", "iter_sqlite_entries"]
 
 BUSY_TIMEOUT_SECONDS = 5.0
+FILE_MODE = 0o600
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit_log (
     seq   INTEGER PRIMARY KEY,
@@ -65,6 +67,8 @@ class SQLiteSink(AuditSink):
         with self._lock:
             self._close_conn()
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, FILE_MODE)  # audit data: 0600 before SQLite
+            os.close(fd)  # opens it; SQLite gives the -wal and -shm files the database file's mode
             conn = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
             )
