@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import os
+import re
 import sqlite3
 import threading
 from collections.abc import Sequence
@@ -238,7 +238,7 @@ class SqliteIdMap(_IdMapBase):
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute(_SCHEMA.format(table="idmap"))
             self._conn.commit()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise ConfigError("idmap.sqlite.path", "cannot open or initialise the database") from exc
 
     def _run(self, sql: str, params: Sequence[Any], *, write: bool = False) -> list[tuple[Any, ...]]:
