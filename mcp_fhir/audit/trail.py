@@ -59,6 +59,7 @@ from mcp_fhir.audit.crypto import (
     load_signer_factory,
     load_signing_key_pem,
 )
+from mcp_fhir.audit.disclosures import DisclosureReport, TrailNotVerified, build_disclosures
 from mcp_fhir.audit.query import AuditQuery, check_limit, decode_entries, page, parse_cursor
 from mcp_fhir.audit.record import AuditRecord, utc_now_ms
 from mcp_fhir.audit.settings import AuditSettings, host_name
@@ -66,6 +67,7 @@ from mcp_fhir.audit.sinks.base import AuditSink
 from mcp_fhir.audit.sinks.file import FileSink
 from mcp_fhir.audit.sinks.sqlite import SQLiteSink
 from mcp_fhir.audit.sinks.stdout import StdoutSink
+from mcp_fhir.audit.verify import file_items
 from mcp_fhir.audit.witness import FileWitness, PostgresWitness, RedisWitness, Witness, witness_seq_hash
 
 __all__ = [
@@ -343,6 +345,44 @@ class AuditTrail:
 
         try:
             return await asyncio.to_thread(run)
+        except Exception as exc:
+            raise AuditUnavailable(f"audit sink '{self.sink.name}' could not be read") from exc
+
+    async def disclosures(
+        self,
+        patient: str,
+        *,
+        since: str | None = None,
+        until: str | None = None,
+        accept_recoveries: tuple[int, ...] = (),
+    ) -> DisclosureReport:
+        """The patient's accounting of disclosures, from this trail once it verifies (see disclosures.py).
+
+        Verifies the stored chain up to the head as it stands now, against this writer's pinned keys
+        and its witness. Raises ``AuditUnavailable`` when the trail does not verify or cannot be read.
+        """
+        async with self._io:
+            upto = self._head.seq
+        witness = self._witness
+
+        def run() -> DisclosureReport:
+            seen = witness.read() if witness is not None else None  # before the trail: never ahead of it
+            if isinstance(self.sink, FileSink):
+                items: Any = file_items(self.sink.path)
+            else:
+                items = ((n, e, False) for n, e in enumerate(self.sink.reader(), start=1))
+            bounded = (i for i in items if i[1] is not None and int(i[1].get("seq", 0)) <= upto)
+            return build_disclosures(
+                bounded, patient=patient, since=since, until=until, public_key=self._keyring,
+                witness=seen, require_witness=witness is not None and upto > 0,
+                accept_recoveries=accept_recoveries, encryption_key=self._cipher,
+            )  # fmt: skip
+
+        try:
+            return await asyncio.to_thread(run)
+        except TrailNotVerified as exc:
+            log.error("disclosures refused: %s", exc)
+            raise AuditUnavailable("the audit trail does not verify: no disclosures report from it") from exc
         except Exception as exc:
             raise AuditUnavailable(f"audit sink '{self.sink.name}' could not be read") from exc
 

@@ -5,6 +5,8 @@
                           [--witness-file W | --no-witness] [--accept-recovery SEQ ...]
                           [--expect-min-seq N] [--json]
     mcp-fhir audit init-postgres --dsn-env ADMIN_DSN [--schema S] [--table T]
+    mcp-fhir audit disclosures --config config.yaml --patient ID [--from T] [--to T]
+                          --format md|html|json|fhir [--out FILE]   (refuses a trail that does not verify)
     mcp-fhir audit keygen --out KEY.pem          (a new signing key, 0600, and KEY.pem.pub: for rotation)
     mcp-fhir audit query  --path ... [--patient P] [--agent A] [--since T] [--until T] [--result R]
                           [--purpose P] [--alert A] [--tool T] [--limit N] [--cursor C] [--json]
@@ -68,6 +70,21 @@ def _source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def _pinning_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--public-key", action="append", default=[],
+        help="pinned Ed25519 public key PEM; repeat for the key history after rotations",
+    )  # fmt: skip
+    p.add_argument(
+        "--witness-file", help="the witness file (default: from --config, or beside the audit dir)"
+    )
+    p.add_argument("--no-witness", action="store_true", help="do not check a witness (a copied trail)")
+    p.add_argument(
+        "--accept-recovery", action="append", type=int, default=[], metavar="SEQ",
+        help="accept the unvouched range of the recovery entry at SEQ, after review",
+    )  # fmt: skip
+
+
 def _filter_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patient")
     p.add_argument("--agent", help="subject id of the calling agent")
@@ -87,20 +104,21 @@ def add_parser(subparsers: Any) -> None:
 
     verify = sub.add_parser("verify", help="check the hash chain and checkpoint signatures")
     _source_options(verify)
-    verify.add_argument(
-        "--public-key", action="append", default=[],
-        help="pinned Ed25519 public key PEM; repeat for the key history after rotations",
-    )  # fmt: skip
-    verify.add_argument(
-        "--witness-file", help="the witness file (default: from --config, or beside the audit dir)"
-    )
-    verify.add_argument("--no-witness", action="store_true", help="do not check a witness (a copied trail)")
-    verify.add_argument(
-        "--accept-recovery", action="append", type=int, default=[], metavar="SEQ",
-        help="accept the unvouched range of the recovery entry at SEQ, after review",
-    )  # fmt: skip
+    _pinning_options(verify)
     verify.add_argument("--expect-min-seq", type=int, help="fail if the log ends before this seq")
     verify.set_defaults(func=run_verify)
+
+    disclosures = sub.add_parser(
+        "disclosures", help="accounting of disclosures for one patient (from a trail that verifies)"
+    )
+    _source_options(disclosures)
+    _pinning_options(disclosures)
+    disclosures.add_argument("--patient", required=True, help="the canonical patient id")
+    disclosures.add_argument("--from", dest="since", help="RFC 3339, inclusive")
+    disclosures.add_argument("--to", dest="until", help="RFC 3339, exclusive")
+    disclosures.add_argument("--format", choices=["md", "html", "json", "fhir"], default="md")
+    disclosures.add_argument("--out", help="write here (mode 0600) instead of stdout")
+    disclosures.set_defaults(func=run_disclosures)
 
     keygen = sub.add_parser("keygen", help="make a new Ed25519 signing key (0600) and its .pub, for rotation")
     keygen.add_argument("--out", required=True, help="the private key file to create (must not exist)")
@@ -306,6 +324,39 @@ def run_verify(args: argparse.Namespace) -> int:
     print(file=sys.stderr)
     _print_report(report, args.json, sys.stdout)
     return EXIT_OK if report.ok else EXIT_VERIFY_FAILED
+
+
+@_guarded
+def run_disclosures(args: argparse.Namespace) -> int:
+    """``audit disclosures``: verify, then report; a trail that does not verify gets no report."""
+    from mcp_fhir.audit.disclosures import TrailNotVerified, build_disclosures, render
+    from mcp_fhir.audit.query import AuditQuery
+
+    AuditQuery(since=args.since, until=args.until)  # validates the timestamps (InvalidArgument)
+    keys = _public_keys(args)
+    witness, expected = _witness(args)
+    try:
+        report = build_disclosures(
+            _verify_items(args), patient=args.patient, since=args.since, until=args.until, public_key=keys,
+            witness=witness, require_witness=expected, accept_recoveries=args.accept_recovery,
+            encryption_key=_cipher(args), progress=_progress,
+        )  # fmt: skip
+    except TrailNotVerified as exc:
+        print(file=sys.stderr)
+        _print_report(exc.report, False, sys.stderr)
+        print("error: the trail does not verify; no disclosures report is made from it", file=sys.stderr)
+        return EXIT_VERIFY_FAILED
+    print(file=sys.stderr)
+    text = render(report, args.format)
+    if args.out:
+        _write_private(Path(args.out), text)
+        print(
+            f"wrote the {args.format} report for {len(report.accesses)} accesses to {args.out}",
+            file=sys.stderr,
+        )
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
 
 
 @_guarded
