@@ -209,17 +209,12 @@ class AuditTrail:
         unknown: set[str] = set()
         if head.seq == 0:
             return _Tail(0, head.hash, [])
-        for entry in self.sink.reverse_reader():
-            if "checkpoint" in entry and entry_hash(entry) == entry.get("hash"):
-                cp = entry.get("checkpoint") or {}
-                covers = isinstance(cp, dict) and cp.get("seq") == entry.get("seq", 0) - 1
-                covers = covers and cp.get("hash") == entry.get("prev")
-                if covers and self._keyring.verify_entry(entry):
-                    after.reverse()
-                    return _Tail(int(entry["seq"]), str(entry["hash"]), after)
-                if not self._keyring.knows(entry.get("pub")):
-                    unknown.add(str(entry.get("pub")))
-            after.append(entry)
+        reader = self.sink.reverse_reader()
+        with contextlib.closing(reader) if hasattr(reader, "close") else contextlib.nullcontext():
+            found = self._newest_verified(reader, after, unknown)
+        if found is not None:
+            after.reverse()
+            return _Tail(int(found["seq"]), str(found["hash"]), after)
         if unknown:
             raise ConfigError(
                 "audit.public_key_files",
@@ -228,6 +223,22 @@ class AuditTrail:
             )
         after.reverse()
         return _Tail(0, GENESIS, after)
+
+    def _newest_verified(
+        self, reader: Any, after: list[dict[str, Any]], unknown: set[str]
+    ) -> dict[str, Any] | None:
+        """Walk back to the newest checkpoint that verifies; collect what comes after it into ``after``."""
+        for entry in reader:
+            if "checkpoint" in entry and entry_hash(entry) == entry.get("hash"):
+                cp = entry.get("checkpoint") or {}
+                covers = isinstance(cp, dict) and cp.get("seq") == entry.get("seq", 0) - 1
+                covers = covers and cp.get("hash") == entry.get("prev")
+                if covers and self._keyring.verify_entry(entry):
+                    return entry
+                if not self._keyring.knows(entry.get("pub")):
+                    unknown.add(str(entry.get("pub")))
+            after.append(entry)
+        return None
 
     async def _check_witness(self, head: ChainHead, tail: _Tail) -> None:
         if self._witness is None:
