@@ -210,8 +210,12 @@ class AuditTrail:
         if head.seq == 0:
             return _Tail(0, head.hash, [])
         reader = self.sink.reverse_reader()
-        with contextlib.closing(reader) if hasattr(reader, "close") else contextlib.nullcontext():
+        try:
             found = self._newest_verified(reader, after, unknown)
+        finally:
+            close = getattr(reader, "close", None)  # a generator holding a file or a connection
+            if close is not None:
+                close()
         if found is not None:
             after.reverse()
             return _Tail(int(found["seq"]), str(found["hash"]), after)
