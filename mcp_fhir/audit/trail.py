@@ -83,6 +83,7 @@ log = logging.getLogger(__name__)
 
 AUDIT_RECOVERY_ALERT = "audit_recovery"
 MAX_WRITER_SLOTS = 64
+RECOVERY_SCAN_TIMEOUT_SECONDS = 300.0
 WRITER_ID_FILE_MODE = 0o600
 
 
@@ -185,7 +186,10 @@ class AuditTrail:
             if opened.head.seq < self._acked_seq:
                 raise AuditUnavailable("stored audit chain is shorter than what was acknowledged")
             head = ChainHead(opened.head.seq, opened.head.hash)
-            tail = await asyncio.wait_for(asyncio.to_thread(self._scan_tail, head), self._write_timeout)
+            # Normally one entry back; a long unsigned tail (or an upgrade) can mean reading far back.
+            tail = await asyncio.wait_for(
+                asyncio.to_thread(self._scan_tail, head), RECOVERY_SCAN_TIMEOUT_SECONDS
+            )
             await self._check_witness(head, tail)
             signed = True
             if tail.after or opened.recovery is not None:
