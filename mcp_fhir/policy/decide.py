@@ -205,6 +205,11 @@ class Decider:
             task.add_done_callback(self._in_flight.discard)
         return decision
 
+    def forget_decisions(self) -> None:
+        """Drop every cached decision (on a policy reload: files read again keep their revision)."""
+        if self.cache is not None:
+            self.cache.clear()
+
     async def _cached(self, cache: DecisionCache, opa_input: Mapping[str, Any]) -> Decision:
         """The decision from the cache when it holds one for this input and instant, else from the engine."""
         revision: str | None = getattr(self.engine, "current_revision", None)
