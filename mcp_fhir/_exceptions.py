@@ -11,6 +11,8 @@ secret, and no stack trace leaves the process.
     ├── InvalidArgument                  invalid_argument
     ├── UnknownPatient                   unknown_patient
     ├── IdMapUnavailable                 idmap_unavailable
+    ├── ConfirmationRequired             confirmation_required
+    │   └── ConfirmationDeclined         confirmation_declined
     ├── PolicyError
     │   ├── PolicyDenied                 policy_denied
     │   └── PolicyUnavailable            opa_unavailable
@@ -43,6 +45,8 @@ __all__ = [
     "AuthenticationError",
     "CircuitOpen",
     "ConfigError",
+    "ConfirmationDeclined",
+    "ConfirmationRequired",
     "IdMapUnavailable",
     "InvalidArgument",
     "MCPFhirError",
@@ -111,6 +115,19 @@ class InvalidArgument(MCPFhirError):
         self.rule = rule
 
 
+class ConfirmationRequired(MCPFhirError):
+    """The policy requires a person to confirm this write, and none did: the client cannot ask one
+    (no elicitation support), or the question expired. Nothing was written."""
+
+    code = "confirmation_required"
+
+
+class ConfirmationDeclined(ConfirmationRequired):
+    """The person asked to confirm this write declined or cancelled. Nothing was written."""
+
+    code = "confirmation_declined"
+
+
 class UnknownPatient(MCPFhirError):
     """A patient id has no mapping to a canonical id, or none on the backend. We never guess."""
 
@@ -172,6 +189,7 @@ class UpstreamError(MCPFhirError):
     """The EHR could not give a trustworthy answer."""
 
     code = "upstream_error"
+    retry_after: str | float | None = None  # the EHR's Retry-After (429, 503, ...), when it sent one
 
 
 class UpstreamUnavailable(UpstreamError):
@@ -196,7 +214,6 @@ class UpstreamRateLimited(UpstreamError):
     """The backend's rate limit would be exceeded beyond the bounded wait."""
 
     code = "upstream_rate_limited"
-    retry_after: str | float | None = None  # the EHR's Retry-After, when it sent one
 
 
 class UpstreamAuthError(UpstreamError):

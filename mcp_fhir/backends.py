@@ -6,18 +6,16 @@ need, and tools whose scopes the EHR did not grant are reported unavailable.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from typing import Any
 
 from mcp_fhir._exceptions import (
-    ConfigError,
     MCPFhirError,
 )
 from mcp_fhir.catalog import CATALOGUE, LOCAL_TYPES
-from mcp_fhir.config import IdMapConfig, Settings
+from mcp_fhir.config import IdMapSettings, Settings, breaker_settings
 from mcp_fhir.ehr.client import FhirEHRClient
 from mcp_fhir.ehr.hl7_results import Hl7ResultsSource
 from mcp_fhir.ehr.idmap import PostgresIdMap, SqliteIdMap, load_idmap_yaml
@@ -52,24 +50,19 @@ def _normaliser(profile_name: str) -> Callable[[dict[str, Any]], dict[str, Any]]
     return normalise
 
 
-BREAKER_KEYS = frozenset(f.name for f in dataclasses.fields(BreakerSettings))
-
-
-def breaker_for(backend: str, raw: Mapping[str, Any] | None) -> CircuitBreaker:
+def breaker_for(backend: str, raw: BreakerSettings | Mapping[str, Any] | None) -> CircuitBreaker:
     """The backend's circuit breaker, from its `breaker` settings (defaults when absent)."""
-    data = dict(raw or {})
-    for key in data:
-        if key not in BREAKER_KEYS:
-            raise ConfigError(f"backends.{backend}.breaker.{key}", "unknown key")
-    try:
-        settings = BreakerSettings(**data)
-    except ConfigError as exc:
-        raise ConfigError(f"backends.{backend}.{exc.key}", exc.rule) from exc
-    return CircuitBreaker(backend, settings)
+    if raw is None or isinstance(raw, BreakerSettings):
+        return CircuitBreaker(backend, raw or BreakerSettings())
+    return CircuitBreaker(backend, breaker_settings(backend, raw))
 
 
 async def _smart(
-    stack: AsyncExitStack, name: str, smart_settings: SmartSettings | None, tools: tuple[str, ...]
+    stack: AsyncExitStack,
+    name: str,
+    smart_settings: SmartSettings | None,
+    tools: tuple[str, ...],
+    max_retry_after: float,
 ) -> tuple[SmartBackendAuth | None, dict[str, tuple[str, ...]]]:
     if smart_settings is None:
         return None, {}
@@ -78,7 +71,9 @@ async def _smart(
     scopes = required_scopes(ehr_tools, syntax=syntax, catalogue=CATALOGUE)
     http = build_token_http_client(smart_settings)
     stack.push_async_callback(http.aclose)
-    auth = SmartBackendAuth(smart_settings, backend=name, scopes=scopes, http_client=http)
+    auth = SmartBackendAuth(
+        smart_settings, backend=name, scopes=scopes, http_client=http, max_retry_after=max_retry_after
+    )
     try:
         await auth.token()
     except MCPFhirError as exc:
@@ -109,17 +104,23 @@ async def open_backends(
     cache = Cache.from_settings(settings.cache_settings()) if settings.cache_enabled else None
     if cache is not None:
         stack.push_async_callback(cache.aclose)
-    rate_settings = settings.rate_limit_settings()  # memory, or Redis to hold one limit across replicas
-    limits = rate_settings.limits
-    limiter = RateLimiter.from_settings(rate_settings) if limits else None
+    # Memory, or Redis to hold one limit across replicas. Every backend has a schedule in it, limited or
+    # not, so that one backend's 429 (or 503 with Retry-After) holds every call to that backend.
+    limiter = RateLimiter.from_settings(settings.rate_limit_settings())
+    stack.push_async_callback(limiter.aclose)
     clients: dict[str, FhirEHRClient] = {}
     unavailable: dict[str, tuple[str, ...]] = {}
     for name, cfg in settings.backends.items():
         ssl_ctx = build_ssl_context(cfg.ca_bundle, cfg.client_cert, cfg.client_key, prefix=f"backends.{name}")
         http = build_http_client(
-            connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout, ssl_context=ssl_ctx
+            connect_timeout=cfg.connect_timeout,
+            read_timeout=cfg.read_timeout,
+            total_timeout=cfg.total_timeout,
+            ssl_context=ssl_ctx,
         )
-        tokens, missing = await _smart(stack, name, settings.smart_settings(name), settings.tools)
+        tokens, missing = await _smart(
+            stack, name, settings.smart_settings(name), settings.tools, cfg.max_retry_after
+        )
         profile = get_profile(cfg.profile)
         unavailable.update(missing)
         client = FhirEHRClient(
@@ -129,7 +130,10 @@ async def open_backends(
             token_provider=tokens,
             normalise=_normaliser(cfg.profile),
             guard=BackendGuard(
-                name, limiter=limiter if name in limits else None, breaker=breaker_for(name, cfg.breaker)
+                name,
+                limiter=limiter,
+                breaker=breaker_for(name, cfg.breaker),
+                max_retry_after=cfg.max_retry_after,
             ),
             cache=cache,
             allow_stale=cfg.allow_stale,
@@ -144,7 +148,7 @@ async def open_backends(
     return clients, unavailable
 
 
-async def open_idmap(cfg: IdMapConfig) -> Any:
+async def open_idmap(cfg: IdMapSettings) -> Any:
     """The patient-id map the config names, seeded from `seed_file` when given."""
     import os
 
@@ -166,6 +170,16 @@ async def open_idmap(cfg: IdMapConfig) -> Any:
                 if exc.code != "config_invalid":
                     raise
     return idmap
+
+
+async def held_for(clients: Mapping[str, FhirEHRClient]) -> dict[str, float]:
+    """Seconds until each backend may be sent its next request (a Retry-After hold or the rate limit)."""
+    out = {}
+    for name, client in clients.items():
+        guard = getattr(client, "_guard", None)
+        if isinstance(guard, BackendGuard) and guard.limiter is not None:
+            out[name] = await guard.limiter.held_for(name)
+    return out
 
 
 def breaker_snapshot(clients: Mapping[str, FhirEHRClient]) -> dict[str, str]:

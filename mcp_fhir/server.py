@@ -26,6 +26,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.prompts.base import UserMessage
 
 from mcp_fhir._exceptions import InvalidArgument, MCPFhirError, PolicyError
+from mcp_fhir._secret import Secret
 from mcp_fhir._version import __version__
 from mcp_fhir.agent_auth.local import local_subject
 from mcp_fhir.agent_auth.verifier import auth_settings_for, build_token_verifier, subject_from_access_token
@@ -62,7 +63,9 @@ PURPOSES_PATH = "mcp_fhir/config/purposes"
 
 def _engine_settings(settings: Settings, url: str) -> OpaSettings:
     token = os.environ.get(settings.opa.token_env) if settings.opa.token_env else None
-    return OpaSettings(url=url, decision_timeout=settings.opa.decision_timeout, token=token)
+    return OpaSettings(
+        url=url, decision_timeout=settings.opa.decision_timeout, token=Secret(token) if token else None
+    )
 
 
 async def _open_engine(

@@ -36,6 +36,12 @@ def postgres_dsn() -> str:
     return require_env("MCP_FHIR_TEST_POSTGRES_DSN")
 
 
+@pytest.fixture
+def redis_url() -> str:
+    """The test Redis (scripts/services.sh): skipped locally without it, a failure under CI."""
+    return require_env("MCP_FHIR_TEST_REDIS_URL")
+
+
 @pytest.fixture(scope="session")
 def opa_binary() -> str:
     from mcp_fhir.policy.managed_opa import find_opa

@@ -129,3 +129,66 @@ async def test_the_middleware_replaces_an_unsafe_request_id_and_hides_unknown_pa
     [line] = lines(captured)
     assert line["route"] == "(other)"
     assert "pat-au-001" not in json.dumps(line) and "token=x" not in json.dumps(line)
+
+
+def test_a_bad_format_string_keeps_the_line_and_does_not_leak_its_arguments(captured, monkeypatch):
+    logger = logging.getLogger("mcp_fhir.test_logs")
+    monkeypatch.setattr(logger, "propagate", False)  # pytest's own capture handler raises on bad formats
+    logger.warning("two slots %s %s", "pat-au-001")
+    [line] = lines(captured)
+    assert line["msg"] == "two slots %s %s"
+    assert "pat-au-001" not in json.dumps(line)
+
+
+@pytest.fixture
+def configured() -> Iterator[io.StringIO]:
+    import structlog
+
+    from mcp_fhir.logs import configure_logging
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    stream = io.StringIO()
+    configure_logging("INFO", stream)
+    try:
+        yield stream
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+        structlog.reset_defaults()
+
+
+def test_a_structlog_logger_writes_through_the_same_allow_list_and_redaction(configured):
+    import structlog
+
+    log = structlog.get_logger("mcp_fhir.test_logs.native")
+    with bind_request("req-abcdefgh", TRACE_ID):
+        log.warning("upstream said Bearer abcdefghijklmnop", tool="read_patient", patient="pat-au-001")
+    [line] = lines(configured)
+    assert (line["logger"], line["level"], line["tool"]) == (
+        "mcp_fhir.test_logs.native",
+        "warning",
+        "read_patient",
+    )
+    assert (line["request_id"], line["trace_id"]) == ("req-abcdefgh", TRACE_ID)
+    assert "[secure]" in line["msg"] and "abcdefghijklmnop" not in line["msg"]
+    assert "patient" not in line and "pat-au-001" not in json.dumps(line)
+
+
+def test_a_structlog_exception_is_logged_by_type_only(configured):
+    import structlog
+
+    try:
+        raise KeyError("Jane Citizen")
+    except KeyError:
+        structlog.get_logger("mcp_fhir.test_logs.native").exception("failed")
+    [line] = lines(configured)
+    assert line["error"] == "KeyError"
+    assert "Citizen" not in json.dumps(line) and "Traceback" not in json.dumps(line)
+
+
+def test_the_level_filter_applies_to_structlog_loggers(configured):
+    import structlog
+
+    structlog.get_logger("mcp_fhir.test_logs.native").debug("hidden")
+    assert lines(configured) == []

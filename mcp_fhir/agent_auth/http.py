@@ -15,6 +15,13 @@ builds them explicitly for any bind address. What the SDK lacks, and this module
   ``token_missing`` (no ``Authorization``), ``token_malformed`` (not ``Bearer <token>``) and
   ``insufficient_scope`` (the SDK's 403) on the protected path, then lets the SDK answer.
 
+- ``ReportAuthRejections`` also fixes the SDK's challenge for a request with no credentials.
+  The SDK answers every 401 with ``WWW-Authenticate: Bearer error="invalid_token", …``. RFC 6750
+  §3.1 says that when a request lacks any authentication information (no ``Authorization``
+  header, or a scheme other than Bearer), the challenge carries no error code or other error
+  information. For those requests the 401 keeps ``Bearer`` and ``resource_metadata`` (RFC 9728)
+  only, with a body that names no error; ``invalid_token`` stays for a bearer token that fails.
+
 ``protect_http_app(app, verifier.reject)`` wraps both in the right order.
 """
 
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from collections.abc import Iterable
 from typing import Final
 from urllib.parse import parse_qsl
@@ -45,6 +53,9 @@ QUERY_CREDENTIAL_PARAMS: Final = frozenset({"access_token", "token", "api_key"})
 DEFAULT_PROTECTED_PATHS: Final = ("/mcp",)
 _LOOPBACK_NAMES: Final = ("127.0.0.1", "localhost", "[::1]")
 _WILDCARD_BINDS: Final = frozenset({"0.0.0.0", "::", ""})  # noqa: S104 - names, not a bind
+_CHALLENGE_PARAM: Final = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)="((?:[^"\\]|\\.)*)"')
+_ERROR_PARAMS: Final = frozenset({"error", "error_description", "error_uri"})
+NO_CREDENTIALS_BODY: Final = json.dumps({"message": "authentication required"}).encode()
 
 
 class RejectTokenInQuery:
@@ -102,25 +113,48 @@ class ReportAuthRejections:
             await self.app(scope, receive, send)
             return
         authorization = next((v for k, v in scope.get("headers", []) if k.lower() == b"authorization"), None)
+        no_credentials = authorization is None or not authorization.lower().startswith(b"bearer ")
         if authorization is None:
             await self.on_reject("token_missing", None)
-        elif not authorization.lower().startswith(
-            b"bearer "
-        ):  # the SDK's own test; else the verifier reports
+        elif no_credentials:  # the SDK's own test for a bearer token; else the verifier reports
             await self.on_reject("token_malformed", None)
+        challenge_rewritten = False
 
         async def reporting_send(message: Message) -> None:
-            if (
-                message["type"] == "http.response.start"
-                and message["status"] == 403
-                and _is_scope_error(message)
-            ):
-                user = scope.get("user")
-                subject = user.access_token.subject if isinstance(user, AuthenticatedUser) else None
-                await self.on_reject("insufficient_scope", subject)
+            nonlocal challenge_rewritten
+            if message["type"] == "http.response.start":
+                if message["status"] == 403 and _is_scope_error(message):
+                    user = scope.get("user")
+                    subject = user.access_token.subject if isinstance(user, AuthenticatedUser) else None
+                    await self.on_reject("insufficient_scope", subject)
+                elif message["status"] == 401 and no_credentials:
+                    challenge_rewritten = True
+                    message = _without_error_information(message)
+            elif message["type"] == "http.response.body" and challenge_rewritten:
+                if message.get("more_body", False):
+                    return  # the SDK's error body is replaced as a whole
+                message = {"type": "http.response.body", "body": NO_CREDENTIALS_BODY}
             await send(message)
 
         await self.app(scope, receive, reporting_send)
+
+
+def _without_error_information(message: Message) -> Message:
+    """The SDK's 401 start message, its challenge reduced to ``Bearer`` and its non-error parameters."""
+    headers = []
+    for name, value in message.get("headers", []):
+        lowered = name.lower()
+        if lowered == b"www-authenticate" and value[:6].lower() == b"bearer":
+            kept = [
+                f'{key}="{val}"'
+                for key, val in _CHALLENGE_PARAM.findall(value.decode("latin-1"))
+                if key.lower() not in _ERROR_PARAMS
+            ]
+            value = ("Bearer " + ", ".join(kept) if kept else "Bearer").encode("latin-1")
+        elif lowered == b"content-length":
+            value = str(len(NO_CREDENTIALS_BODY)).encode()
+        headers.append((name, value))
+    return {**message, "headers": headers}
 
 
 def _is_scope_error(message: Message) -> bool:

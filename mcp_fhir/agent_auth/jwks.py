@@ -14,7 +14,27 @@ Rules:
   (``/.well-known/oauth-authorization-server``), falling back to OpenID discovery
   (``/.well-known/openid-configuration``); the metadata ``issuer`` must equal ours.
 
+- One refresh (discovery and fetch together) has a total deadline of ``timeout`` seconds,
+  under ``asyncio.timeout``: a server that answers one byte at a time cannot hold it longer.
+- A cached key is served with no network call and no lock: the lookup comes first.
+
 Every transport or format failure becomes ``AgentAuthError("jwks_unavailable")`` here, at one seam.
+
+Why not PyJWT's ``PyJWKClient`` (2.15) or joserfc: joserfc has no fetcher at all (only key-set
+parsing), and ``PyJWKClient`` does not fit an async, fail-closed verifier:
+
+- it fetches with blocking ``urllib`` under a ``threading.Lock`` held across the request, so
+  each refresh would need a thread, and every other lookup waits on that lock;
+- its refresh floor (``cooldown_duration``) starts only on a *successful* fetch: while the
+  issuer is down, every token with an unknown ``kid`` fetches again (we remember a failure
+  for ``min_refresh_interval`` and fail fast);
+- its ``timeout`` bounds each socket operation, not the whole fetch, and the body is read
+  with no size bound;
+- its clock is ``time.monotonic`` with no injection, and it does no RFC 8414 discovery;
+- ``PyJWKSet`` keeps ``oct`` keys when HMAC is available; we drop them before any lookup.
+
+So the cache stays here (about 120 lines), and PyJWT does the key parsing and the signature
+check (``jwt.py``). Speed was not the reason.
 """
 
 from __future__ import annotations
@@ -143,8 +163,13 @@ class JwksCache:
         self._last_attempt = now
         self._last_failed = True
         self.fetches += 1
-        url = self._jwks_url or await self._discover()
-        document = await self._get_json(url)
+        try:
+            async with asyncio.timeout(self._timeout):  # one deadline for discovery and fetch together
+                url = self._jwks_url or await self._discover()
+                document = await self._get_json(url)
+        except TimeoutError:
+            logger.warning("jwks fetch failed: deadline passed")
+            raise AgentAuthError("jwks_unavailable") from None
         keys = _parse_jwks(document, self._max_keys)
         self._keys = MappingProxyType(keys)
         self._fetched_at = now

@@ -8,11 +8,21 @@ Decoding is not validating. ``JwtVerifier.verify`` runs four explicit steps:
                          ``kid`` must be present; the key comes from the issuer's JWKS.
 3. ``verify_signature`` - PyJWT verifies with exactly that key and that one algorithm;
                          the JWK's ``kty``/``alg`` must agree with the header ``alg``.
-4. ``ClaimsValidator`` - ``iss`` exactly equal to the configured issuer; ``aud`` (string
-                         or list) contains this server's canonical URI by exact string
-                         equality (no trailing-slash folding: ``…/mcp`` ≠ ``…/mcp/``);
-                         ``exp`` required and in the future; ``nbf`` honoured; ``iat``
-                         not in the future; all with a named leeway and an injectable clock.
+4. ``ClaimsValidator`` - joserfc's ``JWTClaimsRegistry``: ``iss`` exactly equal to the
+                         configured issuer; ``aud`` (string or list) contains this server's
+                         canonical URI by exact string equality (no trailing-slash folding:
+                         ``…/mcp`` ≠ ``…/mcp/``); ``exp`` required and in the future; ``nbf``
+                         honoured; ``iat`` not in the future; ``sub`` required, not blank;
+                         all with a named leeway and an injectable clock.
+
+Libraries, and what is still ours: PyJWT verifies the signature (step 3) and joserfc checks the
+claims (step 4). PyJWT's ``jwt.decode(..., audience=, issuer=, leeway=, options={"require": …})``
+was the first choice for step 4, but it reads the time from ``datetime.now()`` inside
+``_validate_claims`` with no way to inject a clock, and the leeway tests and the replay of
+recorded tokens need one; joserfc's registry takes ``now=`` and the same leeway. What stays
+hand-written is small and ours by nature: the allow-list and key/algorithm agreement checks
+(steps 1-2, which run before any key is trusted), strict JSON (no ``NaN``/``Infinity``), the
+mapping of library errors to our reason codes in a fixed order, and the ``Subject`` mapping.
 
 The ``Subject`` (``authn="oauth"``) carries every raw claim untouched. Python never turns
 claims into roles: OPA reads them. Mapping rules:
@@ -33,13 +43,15 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import jwt as pyjwt
+from joserfc.errors import ExpiredTokenError, InvalidClaimError, MissingClaimError
+from joserfc.jwt import JWTClaimsRegistry
 from jwt.api_jws import PyJWS
 
 from mcp_fhir._exceptions import ConfigError
-from mcp_fhir.agent_auth.errors import AgentAuthError
+from mcp_fhir.agent_auth.errors import AgentAuthError, AuthFailureReason
 from mcp_fhir.agent_auth.jwks import KeySource
 from mcp_fhir.agent_auth.settings import AgentAuthSettings
 from mcp_fhir.agent_auth.subject import Subject
@@ -123,48 +135,61 @@ def verify_signature(token: str, jwk: Mapping[str, Any], alg: str) -> dict[str, 
     return claims
 
 
-def _numeric_date(claims: Mapping[str, Any], name: str, *, required: bool) -> float | None:
-    value = claims.get(name)
-    if value is None:
-        if required:
-            raise AgentAuthError("token_malformed")
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise AgentAuthError("token_malformed")
-    return float(value)
+_CLAIM_ORDER: Final = ("iss", "aud", "exp", "nbf", "iat", "sub")
+_REASON_FOR_CLAIM: Final[dict[str, AuthFailureReason]] = {
+    "iss": "wrong_issuer",
+    "aud": "wrong_audience",
+    "exp": "token_expired",
+    "nbf": "token_not_yet_valid",
+    "iat": "token_not_yet_valid",
+}
+
+
+def _is_numeric_date(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
 
 class ClaimsValidator:
-    """Step 4: registered-claim checks on a verified payload, against an injectable clock."""
+    """Step 4: registered-claim checks on a verified payload, by joserfc's ``JWTClaimsRegistry``.
+
+    The registry checks ``iss`` and ``aud`` by exact value (``aud`` may be a list holding ours),
+    requires ``iss``, ``aud``, ``exp`` and a non-blank ``sub``, and checks ``exp``/``nbf``/``iat``
+    against an injectable clock with one leeway. What stays ours is only the mapping of its
+    errors to our reason codes, in a fixed order (issuer, audience, expiry, not-before, subject).
+    """
 
     def __init__(
         self, *, issuer: str, audience: str, leeway: float, clock: Callable[[], float] = time.time
     ) -> None:
-        self._issuer = issuer
-        self._audience = audience
-        self._leeway = leeway
-        self._clock = clock
+        self._registry = JWTClaimsRegistry(
+            now=cast("Callable[[], int]", clock),  # a float clock: joserfc compares, never truncates
+            leeway=cast("int", leeway),
+            iss={"essential": True, "value": issuer},
+            aud={"essential": True, "value": audience},
+            exp={"essential": True},
+            sub={"essential": True, "allow_blank": False},
+        )
 
     def validate(self, claims: Mapping[str, Any]) -> None:
         """Raise ``AgentAuthError`` with the first failing reason; return quietly if all pass."""
         sub = claims.get("sub")
         subject_id = sub if isinstance(sub, str) and sub else None
-        if claims.get("iss") != self._issuer:
-            raise AgentAuthError("wrong_issuer", subject_id=subject_id)
-        aud = claims.get("aud")
-        audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
-        if self._audience not in [a for a in audiences if isinstance(a, str)]:
-            raise AgentAuthError("wrong_audience", subject_id=subject_id)
-        now = self._clock()
-        exp = _numeric_date(claims, "exp", required=True)
-        if exp is not None and now >= exp + self._leeway:
-            raise AgentAuthError("token_expired", subject_id=subject_id)
-        nbf = _numeric_date(claims, "nbf", required=False)
-        if nbf is not None and now + self._leeway < nbf:
-            raise AgentAuthError("token_not_yet_valid", subject_id=subject_id)
-        iat = _numeric_date(claims, "iat", required=False)
-        if iat is not None and now + self._leeway < iat:
-            raise AgentAuthError("token_not_yet_valid", subject_id=subject_id)
+        ordered = {name: claims[name] for name in _CLAIM_ORDER if name in claims}
+        try:
+            self._registry.validate(ordered)
+        except MissingClaimError as exc:
+            missing = set(exc.claim.split(","))
+            reason: AuthFailureReason = "token_malformed"
+            if "iss" in missing or "aud" in missing:
+                reason = "wrong_issuer" if "iss" in missing else "wrong_audience"
+            raise AgentAuthError(reason, subject_id=subject_id) from None
+        except ExpiredTokenError:
+            raise AgentAuthError("token_expired", subject_id=subject_id) from None
+        except InvalidClaimError as exc:
+            if exc.claim in ("exp", "nbf", "iat") and not _is_numeric_date(claims.get(exc.claim)):
+                raise AgentAuthError("token_malformed") from None
+            reason = _REASON_FOR_CLAIM.get(exc.claim, "token_malformed")
+            raise AgentAuthError(reason, subject_id=subject_id) from None
         if subject_id is None:
             raise AgentAuthError("token_malformed")
 

@@ -8,7 +8,10 @@ SDK turns into a 401 with ``WWW-Authenticate: Bearer … resource_metadata=…``
 The ``AccessToken`` it returns carries the whole ``Subject`` under ``claims[SUBJECT_CLAIM]``
 so ``subject_from_access_token`` can rebuild it exactly inside a tool, and ``claims["iss"]``
 so the SDK binds sessions to (client_id, issuer, subject). Tokens are never logged: only
-the reason and a short sha256 fingerprint.
+the reason and a short sha256 fingerprint. The ``AccessToken``'s own ``token`` field holds that
+fingerprint too (``sha256:<hex>``), not the credential: the object lives in the request scope for
+the whole request and its pydantic repr prints every field, and neither the SDK's resource-server
+side nor our code reads the raw value back.
 
 If ``on_reject`` raises (say, the audit sink is down), the exception propagates and the
 request fails with a 500 instead of a 401; either way nothing is served.
@@ -106,7 +109,7 @@ class AgentTokenVerifier:
             exp = subject.claims.get("exp")
             expires_at = int(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
         return AccessToken(
-            token=token,
+            token="sha256:" + token_fingerprint(token),  # never the credential itself (module docstring)
             client_id=client_id,
             scopes=list(subject.scopes),
             expires_at=expires_at,

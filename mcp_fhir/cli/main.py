@@ -79,7 +79,12 @@ def _tls_context(config: Any, default_factory: Any) -> Any:
 def _config_check(args: argparse.Namespace) -> int:
     from mcp_fhir import config
 
-    settings = config.load(args.file)
+    try:
+        settings = config.load(args.file, files=not args.skip_files)
+    except config.ConfigErrors as exc:
+        for line in exc.lines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2
     print(
         f"ok: {args.file}: {len(settings.backends)} backend(s), transport {settings.server.transport}, "
         f"{len(settings.tools)} tool(s)"
@@ -130,7 +135,13 @@ def parser() -> argparse.ArgumentParser:
 
     cfg = sub.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)
     check = cfg.add_parser("check", help="validate a configuration file without starting anything")
-    check.add_argument("file")
+    check.add_argument("file", help="the YAML file (relative paths in it are read from its own folder)")
+    check.add_argument(
+        "--skip-files",
+        action="store_true",
+        help="check the schema and environment variables only, not the files and folders serve opens "
+        "(for a file written for another machine)",
+    )
     check.set_defaults(func=_config_check)
 
     status = sub.add_parser("status", help="print a running server's readiness")
@@ -157,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MCPFhirError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        lines = exc.lines() if hasattr(exc, "lines") else [str(exc)]  # ConfigErrors: one line per error
+        for line in lines:
+            print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -12,21 +12,34 @@ How a token is obtained:
 1. the token endpoint is ``token_url`` or, when absent, ``token_endpoint`` from
    ``{fhir_base_url}/.well-known/smart-configuration`` (fetched once; must be a JSON object, and must
    list our auth method and signing algorithm when it lists any);
-2. the client authenticates with ``client_secret_basic`` (RFC 6749 §2.3.1: form-urlencoded id and
-   secret in HTTP Basic) or ``private_key_jwt`` (RFC 7523 client assertion, RS384 or ES384, header
-   ``alg``/``kid``/``typ``; claims ``iss`` = ``sub`` = client_id, ``aud`` = token endpoint, ``iat``,
-   ``exp`` = now + ``ASSERTION_LIFETIME_SECONDS`` (240 s, inside SMART's and Epic's 5-minute limit, with
-   room for clock skew), a fresh random ``jti`` of 43 characters (Epic allows at most 151));
-3. the token is cached until ``refresh_skew_seconds`` before it expires (capped at half its lifetime, so
+2. the client_credentials grant (its form built by Authlib's ``prepare_token_request``) authenticates
+   with ``private_key_jwt``, signed by **Authlib** (``PrivateKeyJWT`` through ``OAuth2ClientAuth``: an
+   RFC 7523 client assertion, RS384 or ES384, header ``alg``/``kid``/``typ``; claims ``iss`` = ``sub`` =
+   client_id, ``aud`` = token endpoint, ``iat``, ``exp`` = now + ``ASSERTION_LIFETIME_SECONDS`` (240 s,
+   inside SMART's and Epic's 5-minute limit, with room for clock skew), a fresh random ``jti`` of 43
+   characters (Epic allows at most 151)), or with ``client_secret_basic`` (RFC 6749 §2.3.1:
+   form-urlencoded id and secret in HTTP Basic; hand-written, because Authlib's encoder skips the
+   form-urlencoding, see ``_client_auth``);
+3. a 429, or a 5xx carrying Retry-After, from the token endpoint holds it: no discovery or token request
+   is sent before it expires (capped by the backend's ``max_retry_after``); meanwhile a still-valid
+   cached token is used, and without one the call fails at once (``reason`` ``held``);
+4. hand-written, because Authlib has no counterpart: SMART discovery, the checks on the token
+   response (bearer, positive ``expires_in``, granted scopes), the error seam that never echoes a
+   secret, and the cache below, which Authlib's clients do not share between concurrent callers;
+5. the token is cached until ``refresh_skew_seconds`` before it expires (capped at half its lifetime, so
    a short-lived token does not cause a request per call). Refresh is single-flight: concurrent callers
    share ONE in-flight request, and share its failure too.
 
-Errors: every failure, including timeouts and unreachable endpoints, is an ``UpstreamAuthError``
-(code ``upstream_auth_failed``), with ``details["reason"]`` one of ``timeout``, ``transport``,
-``rejected``, ``bad_response``, ``bad_discovery``, ``unsupported``, ``retry_failed``. We chose one code
-(rather than ``UpstreamTimeout`` for timeouts) so that every caller handles "no token" in one place; the
-``reason`` lets a breaker tell transient from permanent. Messages carry the HTTP status and the OAuth
-``error`` code only, never a token, secret, assertion or ``error_description``.
+Deadline: ``token_timeout`` bounds each phase of a discovery or token request (connect, write, each
+read) AND the whole request, body included, so that an endpoint trickling its answer cannot hold a
+call for longer (issue #19). Passing it is an ``UpstreamTimeout`` (code ``upstream_timeout``,
+``details["reason"]`` ``timeout``), as for every other upstream request.
+
+Errors: every other failure, including unreachable endpoints, is an ``UpstreamAuthError`` (code
+``upstream_auth_failed``), with ``details["reason"]`` one of ``transport``, ``rejected``,
+``bad_response``, ``bad_discovery``, ``unsupported``, ``retry_failed``, ``held``; the ``reason`` lets a
+breaker tell transient from permanent. Messages carry the HTTP status and the OAuth ``error`` code only,
+never a token, secret, assertion or ``error_description``.
 """
 
 from __future__ import annotations
@@ -37,23 +50,30 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import secrets
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import httpx2
-import jwt
+from authlib.integrations.httpx_client import OAuth2ClientAuth
+from authlib.oauth2.rfc6749.parameters import prepare_token_request
+from authlib.oauth2.rfc7523 import PrivateKeyJWT
+from cryptography.hazmat.primitives.asymmetric import rsa
+from joserfc.jwk import ECKey, RSAKey
 
-from mcp_fhir._exceptions import ConfigError, UpstreamAuthError
+from mcp_fhir._exceptions import ConfigError, UpstreamAuthError, UpstreamTimeout
+from mcp_fhir._secret import Secret
 from mcp_fhir.ehr.keys import ALLOWED_ALGORITHMS, SigningKey, load_signing_key, public_jwks
 from mcp_fhir.ehr.tls import build_ssl_context
 from mcp_fhir.metrics import TOKEN_REFRESHES
+from mcp_fhir.resilience.ratelimit import MAX_RETRY_AFTER_SECONDS, parse_retry_after
 
 __all__ = [
     "ASSERTION_LIFETIME_SECONDS",
@@ -82,6 +102,7 @@ MAX_RESPONSE_BYTES = 256 * 1024
 MAX_CLIENT_SECRET_BYTES = 4096
 DEFAULT_MAX_CONNECTIONS = 10
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+FORM = "application/x-www-form-urlencoded"
 SMART_CONFIGURATION_PATH = "/.well-known/smart-configuration"
 AUTH_METHODS: frozenset[str] = frozenset({"client_secret_basic", "private_key_jwt"})
 SCOPE_SYNTAXES: frozenset[str] = frozenset({"v1", "v2"})
@@ -269,13 +290,17 @@ class TokenSource(Protocol):
     async def invalidate(self, token: str) -> None: ...
 
 
-@contextlib.contextmanager
-def _translate_http_errors(step: str) -> Iterator[None]:
-    """The one seam where httpx2 failures become ``UpstreamAuthError`` (no URL, no body in the message)."""
+@contextlib.asynccontextmanager
+async def _translate_http_errors(step: str, deadline: float) -> AsyncIterator[None]:
+    """The one seam where httpx2 failures become upstream errors (no URL, no body in the message).
+
+    ``deadline`` bounds the whole exchange: a timeout of any kind is ``UpstreamTimeout``.
+    """
     try:
-        yield
-    except httpx2.TimeoutException as exc:
-        raise UpstreamAuthError(f"{step}: timed out", reason="timeout") from exc
+        async with asyncio.timeout(deadline):
+            yield
+    except (httpx2.TimeoutException, TimeoutError) as exc:
+        raise UpstreamTimeout(f"{step}: timed out", reason="timeout") from exc
     except httpx2.HTTPError as exc:
         raise UpstreamAuthError(f"{step}: {type(exc).__name__}", reason="transport") from exc
 
@@ -292,6 +317,14 @@ def _json_object(response: httpx2.Response, step: str, reason: str) -> dict[str,
     return body
 
 
+def _jose_key(key: SigningKey) -> RSAKey | ECKey:
+    """The joserfc form of one of our signing keys (Authlib takes a key object, not PEM text)."""
+    private = key.private_key
+    if isinstance(private, rsa.RSAPrivateKey):
+        return RSAKey.import_key(private)
+    return ECKey.import_key(private)
+
+
 class SmartBackendAuth:
     """Cached, single-flight SMART Backend Services access tokens for one backend."""
 
@@ -305,20 +338,25 @@ class SmartBackendAuth:
         clock: Callable[[], float] = time.time,
         environ: Mapping[str, str] | None = None,
         jti_factory: Callable[[], str] | None = None,
+        max_retry_after: float = MAX_RETRY_AFTER_SECONDS,
     ) -> None:
         self._settings = settings
+        self._max_retry_after = max_retry_after
+        self._not_before = -math.inf  # the token endpoint's Retry-After: no request before this time
         self._backend = backend
         self._requested = tuple(scopes)
         self._http = http_client
         self._clock = clock
         self._new_jti = jti_factory or (lambda: secrets.token_urlsafe(32))
         env = os.environ if environ is None else environ
-        self._secret: str | None = None
+        self._secret: Secret | None = None
         self._keys: tuple[SigningKey, ...] = ()
         if settings.auth_method == "client_secret_basic":
-            self._secret = self._load_secret(settings, env)
+            self._secret = Secret(self._load_secret(settings, env))
         else:
             self._keys = self._load_keys(settings, env)
+        # Authlib signs with joserfc keys; only the active key (the first) ever signs.
+        self._jose_keys: tuple[RSAKey | ECKey, ...] = tuple(_jose_key(k) for k in self._keys[:1])
         self._token_endpoint: str | None = settings.token_url
         self._current: _Token | None = None
         self._inflight: asyncio.Task[_Token] | None = None
@@ -392,8 +430,17 @@ class SmartBackendAuth:
     async def token(self) -> str:
         """A valid access token: cached, or fetched by exactly one request shared by all waiting callers."""
         current = self._current
-        if current is not None and self._clock() < current.refresh_at:
+        now = self._clock()
+        if current is not None and now < current.refresh_at:
             return current.value
+        if now < self._not_before:  # the endpoint asked us to come back later: do not ask it sooner
+            if current is not None and now < current.expires_at:
+                return current.value
+            raise UpstreamAuthError(
+                "SMART token endpoint asked to wait (Retry-After)",
+                reason="held",
+                retry_in_seconds=round(self._not_before - now, 3),
+            )
         task = self._inflight
         if task is None:
             task = asyncio.get_running_loop().create_task(self._refresh())
@@ -418,7 +465,7 @@ class SmartBackendAuth:
         try:
             endpoint = await self._discover()
             fresh = await self._request_token(endpoint)
-        except UpstreamAuthError as exc:
+        except (UpstreamAuthError, UpstreamTimeout) as exc:
             TOKEN_REFRESHES.labels(backend=self._backend, outcome="error").inc()
             logger.warning(
                 "SMART token request failed backend=%s code=%s reason=%s",
@@ -439,7 +486,7 @@ class SmartBackendAuth:
             return self._token_endpoint
         base = (self._settings.fhir_base_url or "").rstrip("/")
         step = "SMART discovery"
-        with _translate_http_errors(step):
+        async with _translate_http_errors(step, self._settings.token_timeout):
             response = await self._http.get(
                 base + SMART_CONFIGURATION_PATH,
                 headers={"Accept": "application/json"},
@@ -473,8 +520,24 @@ class SmartBackendAuth:
         self._token_endpoint = endpoint
         return endpoint
 
-    def client_assertion(self, endpoint: str) -> str:
-        """A fresh RFC 7523 client assertion for ``endpoint``, signed with the active key."""
+    def _client_auth(self, endpoint: str) -> tuple[httpx2.Auth | None, dict[str, str]]:
+        """(an httpx2 ``auth`` that signs the request, extra headers) that authenticate this client.
+
+        ``private_key_jwt``: Authlib's :class:`PrivateKeyJWT` (RFC 7523) adds a fresh client assertion
+        to the form, signed with the active key, with ``iss`` = ``sub`` = client_id, ``aud`` = the
+        token endpoint, and our ``iat``, ``exp`` (240 s) and ``jti`` (checked against Epic's limit
+        before anything is sent). A new method object per request: Authlib fills missing claims into
+        the dict it is given, so a shared one would repeat a ``jti``.
+
+        ``client_secret_basic``: our own four lines. RFC 6749 §2.3.1 form-urlencodes the id and the
+        secret before Base64; Authlib's ``encode_client_secret_basic`` does not, so a secret holding
+        ``:``, ``%`` or ``+`` would reach the EHR as a different secret.
+        """
+        if self._secret is not None:
+            user = urllib.parse.quote_plus(self._settings.client_id, safe="")
+            password = urllib.parse.quote_plus(self._secret.reveal(), safe="")
+            basic = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+            return None, {"Authorization": f"Basic {basic}"}
         key = self._keys[0]
         now = int(self._clock())
         jti = self._new_jti()
@@ -482,54 +545,43 @@ class SmartBackendAuth:
             raise UpstreamAuthError(
                 f"client assertion jti must be 1 to {MAX_JTI_LENGTH} characters", reason="bad_jti"
             )
-        claims = {
-            "iss": self._settings.client_id,
-            "sub": self._settings.client_id,
-            "aud": endpoint,
-            "iat": now,
-            "exp": now + ASSERTION_LIFETIME_SECONDS,
-            "jti": jti,
-        }
-        return jwt.encode(
-            claims, key.private_key, algorithm=key.algorithm, headers={"kid": key.kid, "typ": "JWT"}
+        method = PrivateKeyJWT(
+            endpoint,
+            claims={"iat": now, "exp": now + ASSERTION_LIFETIME_SECONDS, "jti": jti},
+            headers={"kid": key.kid, "typ": "JWT"},
+            alg=key.algorithm,
         )
-
-    def _credentials(self, endpoint: str) -> tuple[dict[str, str], dict[str, str]]:
-        """(extra form fields, extra headers) that authenticate this client."""
-        if self._secret is not None:
-            user = urllib.parse.quote_plus(self._settings.client_id, safe="")
-            password = urllib.parse.quote_plus(self._secret, safe="")
-            basic = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-            return {}, {"Authorization": f"Basic {basic}"}
-        form = {
-            "client_assertion_type": CLIENT_ASSERTION_TYPE,
-            "client_assertion": self.client_assertion(endpoint),
-        }
-        return form, {}
+        return OAuth2ClientAuth(self._settings.client_id, self._jose_keys[0], method), {}
 
     async def _request_token(self, endpoint: str) -> _Token:
         step = "SMART token request"
-        extra_form, headers = self._credentials(endpoint)
-        form = {"grant_type": "client_credentials"}
-        if self._requested:
-            form["scope"] = " ".join(self._requested)
-        form.update(extra_form)
+        auth, headers = self._client_auth(endpoint)
+        body = prepare_token_request("client_credentials", scope=" ".join(self._requested) or None)
         started = self._clock()
-        with _translate_http_errors(step):
+        async with _translate_http_errors(step, self._settings.token_timeout):
             response = await self._http.post(
                 endpoint,
-                data=form,
-                headers={"Accept": "application/json", **headers},
+                content=body,
+                headers={"Accept": "application/json", "Content-Type": FORM, **headers},
+                auth=auth if auth is not None else httpx2.USE_CLIENT_DEFAULT,
                 timeout=self._settings.token_timeout,
             )
         if response.status_code != 200:
+            self._hold(response)
             raise UpstreamAuthError(
                 f"{step}: HTTP {response.status_code} {self._oauth_error(response)}",
                 reason="rejected",
                 status=response.status_code,
             )
-        body = _json_object(response, step, "bad_response")
-        return self._parse_token(body, started, step)
+        token = _json_object(response, step, "bad_response")
+        return self._parse_token(token, started, step)
+
+    def _hold(self, response: httpx2.Response) -> None:
+        """A 429, or a 5xx with Retry-After: send the endpoint nothing until it expires (capped)."""
+        status, header = response.status_code, response.headers.get("Retry-After")
+        if status == 429 or (status >= 500 and header is not None):
+            wait = parse_retry_after(header, self._clock(), cap=self._max_retry_after)
+            self._not_before = self._clock() + wait
 
     @staticmethod
     def _oauth_error(response: httpx2.Response) -> str:

@@ -17,6 +17,7 @@ into them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
@@ -38,6 +39,7 @@ from mcp_fhir._exceptions import (
 
 DEFAULT_CONNECT_TIMEOUT = 3.0
 DEFAULT_READ_TIMEOUT = 15.0
+DEFAULT_TOTAL_TIMEOUT = 30.0  # one request in all: connect, send, headers and the whole body
 DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024  # a response larger than this is refused, not parsed
 READ_CHUNK_BYTES = 64 * 1024
@@ -77,6 +79,10 @@ def _parse(status: int, raw: bytes) -> Any:
 class AiohttpEhrHttp:
     """The pooled session for one backend: keep-alive, finite timeouts, verified TLS, no redirects.
 
+    Three timeouts: ``connect_timeout``, ``read_timeout`` (the longest silence between two reads)
+    and ``total_timeout``, the deadline of the whole exchange, body included, so that a body
+    trickled a few bytes at a time cannot hold a call for longer. Each raises ``UpstreamTimeout``.
+
     The aiohttp session is opened on first use, inside the running event loop. Proxy variables in the
     environment are ignored, as for the SMART token client: credentials go only where configured.
     """
@@ -86,11 +92,13 @@ class AiohttpEhrHttp:
         *,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         read_timeout: float = DEFAULT_READ_TIMEOUT,
+        total_timeout: float = DEFAULT_TOTAL_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        if connect_timeout <= 0 or read_timeout <= 0 or max_connections < 1:
+        if connect_timeout <= 0 or read_timeout <= 0 or total_timeout <= 0 or max_connections < 1:
             raise ValueError("timeouts must be positive and max_connections at least 1")
+        self._total = total_timeout
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=connect_timeout, sock_connect=connect_timeout, sock_read=read_timeout
         )
@@ -113,9 +121,12 @@ class AiohttpEhrHttp:
     ) -> Response:
         data = None if json_body is None else json.dumps(json_body).encode()
         try:
-            async with self._client().request(
-                method, url, data=data, headers=headers, allow_redirects=False
-            ) as response:
+            async with (
+                asyncio.timeout(self._total),
+                self._client().request(
+                    method, url, data=data, headers=headers, allow_redirects=False
+                ) as response,
+            ):
                 if response.content_length is not None and response.content_length > max_body:
                     raise UpstreamBadResponse("the EHR response exceeded the size limit")
                 raw = bytearray()
@@ -170,6 +181,7 @@ def build_http_client(
     *,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     read_timeout: float = DEFAULT_READ_TIMEOUT,
+    total_timeout: float = DEFAULT_TOTAL_TIMEOUT,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ssl_context: ssl.SSLContext | None = None,
 ) -> AiohttpEhrHttp:
@@ -177,6 +189,7 @@ def build_http_client(
     return AiohttpEhrHttp(
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
+        total_timeout=total_timeout,
         max_connections=max_connections,
         ssl_context=ssl_context,
     )
@@ -205,7 +218,9 @@ async def send(
     if status in (404, 410):
         raise ResourceNotFound("the EHR has no such resource", status=status)
     if status >= 500:
-        raise UpstreamUnavailable(f"the EHR failed (HTTP {status})", status=status)
+        failed = UpstreamUnavailable(f"the EHR failed (HTTP {status})", status=status)
+        failed.retry_after = parsed.retry_after  # a 503 may say when to come back, as a 429 does
+        raise failed
     raise UpstreamRejected(f"the EHR refused the request (HTTP {status})", status=status)
 
 

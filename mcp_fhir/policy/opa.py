@@ -20,6 +20,7 @@ import aiohttp
 from opa_client.opa_async import AsyncOpaClient
 
 from mcp_fhir._exceptions import ConfigError, PolicyError, PolicyMalformed, PolicyTimeout, PolicyUnavailable
+from mcp_fhir._secret import Secret
 from mcp_fhir.policy.engine import Decision
 
 DEFAULT_DECISION_TIMEOUT = 0.5  # seconds; a decision that takes longer is a deny
@@ -31,15 +32,17 @@ VISIBLE_TOOLS_RULE = "visible_tools"
 
 @dataclass(frozen=True, slots=True)
 class OpaSettings:
-    """Where OPA is and how long we wait for it."""
+    """Where OPA is and how long we wait for it. The bearer token is a `Secret`: reprs show `[secret]`."""
 
     url: str
     decision_timeout: float = DEFAULT_DECISION_TIMEOUT
-    token: str | None = None
+    token: Secret | None = None
     package: str = DECISION_PACKAGE
     provenance: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.token, str):
+            object.__setattr__(self, "token", Secret(self.token) if self.token else None)
         parts = urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError("opa.url", "must be an http(s) URL with a host")
@@ -76,7 +79,7 @@ class OpaPolicyEngine:
             host=parts.hostname,
             port=parts.port or (443 if parts.scheme == "https" else 80),
             ssl=parts.scheme == "https",
-            token=settings.token,
+            token=settings.token.reveal() if settings.token else None,
             retries=0,  # never retry silently on the decision path
             timeout=settings.decision_timeout,
         )

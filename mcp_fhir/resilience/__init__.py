@@ -1,12 +1,13 @@
 """Resilience in front of the EHR, composed by the EHR client in this order:
 
-    cache → rate limit → circuit breaker → (retry, reads only) → HTTP
+    cache → (Retry-After hold + rate limit) → circuit breaker → (retry on tenacity, reads only) → HTTP
 
-Each piece is small, has an injectable clock, and a memory or Redis store.
+Each piece is small, has an injectable clock, and a memory or Redis store. ``guard.BackendGuard``
+composes the middle three for one backend; what is retried and waited for is in its docstring and in
+docs/operator-guide.md.
 """
 
 from mcp_fhir.resilience.breaker import (
-    Breakers,
     BreakerSettings,
     BreakerSnapshot,
     BreakerState,
@@ -31,13 +32,12 @@ from mcp_fhir.resilience.ratelimit import (
     RedisBucketStore,
     parse_retry_after,
 )
-from mcp_fhir.resilience.retry import RetrySettings, retry_idempotent, run_write_once
+from mcp_fhir.resilience.retry import retry_idempotent
 
 __all__ = [
     "BreakerSettings",
     "BreakerSnapshot",
     "BreakerState",
-    "Breakers",
     "Cache",
     "CacheEntry",
     "CacheKey",
@@ -51,10 +51,8 @@ __all__ = [
     "RateLimiterSettings",
     "RedisBucketStore",
     "RedisStore",
-    "RetrySettings",
     "canonical_query",
     "is_upstream_failure",
     "parse_retry_after",
     "retry_idempotent",
-    "run_write_once",
 ]

@@ -38,7 +38,6 @@ __all__ = [
     "BreakerSettings",
     "BreakerSnapshot",
     "BreakerState",
-    "Breakers",
     "CircuitBreaker",
     "is_upstream_failure",
 ]
@@ -241,23 +240,3 @@ class CircuitBreaker:
 
     def _export(self) -> None:
         metrics.BREAKER_STATE.labels(self.backend).set(int(self._state))
-
-
-class Breakers:
-    """One :class:`CircuitBreaker` per backend, created on first use."""
-
-    def __init__(
-        self, settings: BreakerSettings | None = None, *, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self._settings = settings or BreakerSettings()
-        self._clock = clock
-        self._breakers: dict[str, CircuitBreaker] = {}
-
-    def get(self, backend: str) -> CircuitBreaker:
-        breaker = self._breakers.get(backend)
-        if breaker is None:
-            breaker = self._breakers[backend] = CircuitBreaker(backend, self._settings, self._clock)
-        return breaker
-
-    def snapshot(self) -> dict[str, BreakerSnapshot]:
-        return {name: b.snapshot() for name, b in sorted(self._breakers.items())}

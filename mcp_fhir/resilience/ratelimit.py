@@ -11,13 +11,33 @@ The long-run rate is exactly the configured limit, but network jitter of up to o
 interval (0.6 s at 100/min) cannot make the upstream's own bucket, which sees our requests a
 little later and in a slightly different order, run dry.
 
-After a 429, :meth:`RateLimiter.penalise` (with :func:`parse_retry_after`) stops every release
-until the Retry-After time and restarts the bucket empty from there. Callers already sleeping
-on an older reservation notice the penalty when they wake and queue again.
+After a 429 (or a 503 with Retry-After), :meth:`RateLimiter.penalise` (with
+:func:`parse_retry_after`) stops every release until the Retry-After time and restarts the bucket
+empty from there. Callers already sleeping on an older reservation notice the penalty when they
+wake and queue again. A backend with no configured limit still has a schedule, with no rate: it
+is only ever held by such a penalty, so one backend's 429 holds every call to it, in this process
+or (with the Redis store) in every replica.
 
 Stores: :class:`MemoryBucketStore` (one process, injectable clock) and :class:`RedisBucketStore`
 (several replicas share one limit; a Lua script updates the bucket atomically using the Redis
 server's TIME). If Redis cannot be reached the call fails closed with ``upstream_unavailable``.
+
+Why this is hand-written rather than on the ``limits`` library (issue #15 §7 asked for it; checked
+with limits 5.8, memory and Redis storage alike):
+
+* ``limits`` windows are whole seconds (``RateLimitItem.multiples`` is an ``int``). An EHR publishes
+  a token bucket, burst B at rate r, whose equivalent window is ``(B - 1) / r`` seconds: 0.5 s for
+  600/min with burst 6. ``RateLimitItemPerSecond(5, 0.5)`` silently becomes a window of 0 s, i.e. no
+  limit; the nearest whole-second window either halves the rate or lets through a burst larger than
+  the EHR's own bucket, which then answers 429.
+* Where the window is whole (Oracle Health, 100/min, burst 16 → "15 per 9 seconds"), a moving window
+  lets 15 calls through and then nothing for 9 s: measured, the 16th ``hit`` is refused with
+  ``reset_time`` 9.0 s ahead, where this bucket releases it 0.6 s later. With the default 5 s bounded
+  wait, calls this limiter serves would fail with ``upstream_rate_limited``.
+* ``limits`` answers yes or no (``hit``) and a reset time; it cannot *reserve* a place. Waiting callers
+  would poll and race, so there would be neither FIFO order nor an exact bounded wait.
+* It has no penalty: the Retry-After hold that every replica must honour (issue #19) would be a
+  second store beside it anyway.
 """
 
 from __future__ import annotations
@@ -62,29 +82,29 @@ DEFAULT_REDIS_KEY_PREFIX = "mcpfhir:ratelimit:"
 _EPSILON_SECONDS = 1e-9  # float drift in the schedule; far below any clock resolution that matters
 
 
-def parse_retry_after(value: str | None, now: float) -> float:
+def parse_retry_after(value: str | None, now: float, *, cap: float = MAX_RETRY_AFTER_SECONDS) -> float:
     """Seconds to wait from a ``Retry-After`` header: delay-seconds or an HTTP-date.
 
     ``now`` is wall-clock epoch seconds (used for the HTTP-date form). A missing or unparseable
     value gives ``DEFAULT_RETRY_AFTER_SECONDS``; the result is clamped to
-    ``[0, MAX_RETRY_AFTER_SECONDS]``.
+    ``[0, min(cap, MAX_RETRY_AFTER_SECONDS)]``.
     """
     if value is None:
-        return DEFAULT_RETRY_AFTER_SECONDS
+        return min(DEFAULT_RETRY_AFTER_SECONDS, cap)
     text = value.strip()
     if not text:
-        return DEFAULT_RETRY_AFTER_SECONDS
+        return min(DEFAULT_RETRY_AFTER_SECONDS, cap)
     if text.isdigit():
         seconds = float(text)
     else:
         try:
             when = email.utils.parsedate_to_datetime(text)
         except (TypeError, ValueError, IndexError):
-            return DEFAULT_RETRY_AFTER_SECONDS
+            return min(DEFAULT_RETRY_AFTER_SECONDS, cap)
         if when.tzinfo is None:  # RFC 9110 dates are GMT
-            return DEFAULT_RETRY_AFTER_SECONDS
+            return min(DEFAULT_RETRY_AFTER_SECONDS, cap)
         seconds = when.timestamp() - now
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
+    return min(max(seconds, 0.0), cap, MAX_RETRY_AFTER_SECONDS)
 
 
 def _is_number(value: object) -> bool:
@@ -143,6 +163,15 @@ class RateLimit:
         return (self.capacity - 1) * self.interval
 
 
+def _interval(limit: RateLimit | None) -> float:
+    """Seconds per token; 0 for a backend with no limit (only a penalty ever holds it)."""
+    return 0.0 if limit is None else limit.interval
+
+
+def _tolerance(limit: RateLimit | None) -> float:
+    return 0.0 if limit is None else limit.tolerance
+
+
 @dataclass(frozen=True)
 class Reservation:
     """A reserved release ``wait`` seconds from now, valid while the backend's ``epoch`` is unchanged."""
@@ -152,11 +181,17 @@ class Reservation:
 
 
 class BucketStore(Protocol):
-    async def reserve(self, backend: str, limit: RateLimit, max_wait: float) -> Reservation | None:
+    """A backend's schedule; ``limit`` is ``None`` for a backend that only a penalty holds."""
+
+    async def reserve(self, backend: str, limit: RateLimit | None, max_wait: float) -> Reservation | None:
         """Reserve the next release, or ``None`` (and change nothing) if it is more than ``max_wait`` away."""
         ...
 
-    async def penalise(self, backend: str, limit: RateLimit, retry_after: float) -> None: ...
+    async def penalise(self, backend: str, limit: RateLimit | None, retry_after: float) -> None: ...
+
+    async def next_release(self, backend: str, limit: RateLimit | None) -> float:
+        """Seconds until the next release would be allowed (0 when one is free now); changes nothing."""
+        ...
 
     async def epoch(self, backend: str) -> int: ...
 
@@ -176,21 +211,27 @@ class MemoryBucketStore:
         self._clock = clock
         self._buckets: dict[str, _Bucket] = {}
 
-    async def reserve(self, backend: str, limit: RateLimit, max_wait: float) -> Reservation | None:
+    async def reserve(self, backend: str, limit: RateLimit | None, max_wait: float) -> Reservation | None:
         bucket = self._buckets.setdefault(backend, _Bucket())
         now = self._clock()
         tat = max(bucket.tat, now)
-        wait = tat - limit.tolerance - now
+        wait = tat - _tolerance(limit) - now
         wait = 0.0 if wait < _EPSILON_SECONDS else wait
         if wait > max_wait:
             return None
-        bucket.tat = tat + limit.interval
+        bucket.tat = tat + _interval(limit)
         return Reservation(wait, bucket.epoch)
 
-    async def penalise(self, backend: str, limit: RateLimit, retry_after: float) -> None:
+    async def penalise(self, backend: str, limit: RateLimit | None, retry_after: float) -> None:
         bucket = self._buckets.setdefault(backend, _Bucket())
-        bucket.tat = max(bucket.tat, self._clock() + retry_after + limit.tolerance)
+        bucket.tat = max(bucket.tat, self._clock() + retry_after + _tolerance(limit))
         bucket.epoch += 1
+
+    async def next_release(self, backend: str, limit: RateLimit | None) -> float:
+        bucket = self._buckets.get(backend)
+        if bucket is None:
+            return 0.0
+        return max(0.0, bucket.tat - _tolerance(limit) - self._clock())
 
     async def epoch(self, backend: str) -> int:
         return self._buckets.setdefault(backend, _Bucket()).epoch
@@ -221,6 +262,17 @@ return {1, string.format('%.6f', wait), epoch}
 """
 )
 
+# KEYS[1] bucket hash; ARGV tolerance. Returns the seconds until the next release, as a string.
+_NEXT_RELEASE_LUA = (
+    _NOW_LUA
+    + """
+local tat = tonumber(redis.call('HGET', KEYS[1], 'tat') or '0')
+local wait = tat - tonumber(ARGV[1]) - now
+if wait < 0 then wait = 0 end
+return string.format('%.6f', wait)
+"""
+)
+
 # KEYS[1] bucket hash; ARGV retry_after, tolerance.
 _PENALISE_LUA = (
     _NOW_LUA
@@ -244,17 +296,21 @@ class RedisBucketStore:
         self._prefix = prefix
         self._reserve = client.register_script(_RESERVE_LUA)
         self._penalise = client.register_script(_PENALISE_LUA)
+        self._next_release = client.register_script(_NEXT_RELEASE_LUA)
 
-    async def reserve(self, backend: str, limit: RateLimit, max_wait: float) -> Reservation | None:
-        args = [repr(limit.interval), repr(limit.tolerance), repr(max_wait)]
+    async def reserve(self, backend: str, limit: RateLimit | None, max_wait: float) -> Reservation | None:
+        args = [repr(_interval(limit)), repr(_tolerance(limit)), repr(max_wait)]
         reply = await self._call(self._reserve, backend, args)
         reserved, wait, epoch = reply
         if int(reserved) != 1:
             return None
         return Reservation(float(wait), int(epoch))
 
-    async def penalise(self, backend: str, limit: RateLimit, retry_after: float) -> None:
-        await self._call(self._penalise, backend, [repr(retry_after), repr(limit.tolerance)])
+    async def penalise(self, backend: str, limit: RateLimit | None, retry_after: float) -> None:
+        await self._call(self._penalise, backend, [repr(retry_after), repr(_tolerance(limit))])
+
+    async def next_release(self, backend: str, limit: RateLimit | None) -> float:
+        return float(await self._call(self._next_release, backend, [repr(_tolerance(limit))]))
 
     async def epoch(self, backend: str) -> int:
         from redis.exceptions import RedisError
@@ -339,11 +395,9 @@ class RateLimiter:
             store = RedisBucketStore(client, prefix=settings.redis_key_prefix)
         return cls(limits, store, max_wait=settings.max_wait_seconds)
 
-    def limit_for(self, backend: str) -> RateLimit:
-        limit = self._limits.get(backend)
-        if limit is None:
-            raise ConfigError(f"rate_limit.limits.{backend}", "no rate limit is configured for this backend")
-        return limit
+    def limit_for(self, backend: str) -> RateLimit | None:
+        """The backend's limit, or ``None``: then only a penalty (a 429's Retry-After) ever holds it."""
+        return self._limits.get(backend)
 
     async def acquire(self, backend: str, *, max_wait: float | None = None) -> float:
         """Wait for this backend's next slot; return the seconds waited.
@@ -373,6 +427,10 @@ class RateLimiter:
         """After a 429: release nothing for ``retry_after_seconds``, then restart with an empty bucket."""
         retry_after = min(max(float(retry_after_seconds), 0.0), MAX_RETRY_AFTER_SECONDS)
         await self._store.penalise(backend, self.limit_for(backend), retry_after)
+
+    async def held_for(self, backend: str) -> float:
+        """Seconds until this backend's next request may be sent (0: one may go now)."""
+        return await self._store.next_release(backend, self.limit_for(backend))
 
     async def aclose(self) -> None:
         await self._store.aclose()

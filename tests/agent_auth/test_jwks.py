@@ -222,3 +222,39 @@ async def test_rotation_against_a_real_issuer_is_picked_up_on_the_new_kid():
             assert (await cache.get_key(new_kid))["kid"] == new_kid
             assert issuer.jwks_requests == 2
             assert issuer.metadata_requests == 1
+
+
+async def test_a_fetch_that_never_finishes_is_cut_at_the_total_deadline_and_fails_closed():
+    fake, clock = FakeIssuer([_jwk("k1")]), Clock()
+    fake.gate = asyncio.Event()  # never set: the issuer accepts the request and never answers
+    cache = _cache(fake, clock, timeout=0.05)
+    async with asyncio.timeout(5):  # the bound on this test, far above the deadline under test
+        assert await _reason(cache, "k1") == "jwks_unavailable"
+    assert fake.jwks_hits == 1
+    assert await _reason(cache, "k1") == "jwks_unavailable"  # remembered: no second fetch in the floor
+    assert fake.jwks_hits == 1
+
+
+async def test_the_deadline_covers_discovery_and_fetch_together():
+    fake, clock = FakeIssuer([_jwk("k1")]), Clock()
+    fake.metadata["/.well-known/oauth-authorization-server"] = {"issuer": ISSUER, "jwks_uri": JWKS_URL}
+    fake.gate = asyncio.Event()
+    cache = _cache(fake, clock, jwks_url=None, issuer=ISSUER, timeout=0.05)
+    async with asyncio.timeout(5):
+        assert await _reason(cache, "k1") == "jwks_unavailable"
+
+
+async def test_a_cached_key_costs_no_network_call_however_many_tokens_use_it():
+    calls = {"n": 0}
+    fake = FakeIssuer([_jwk("k1")])
+
+    async def counting(request: httpx2.Request) -> httpx2.Response:
+        calls["n"] += 1
+        return await fake(request)
+
+    clock = Clock()
+    client = httpx2.AsyncClient(transport=httpx2.MockTransport(counting))
+    cache = JwksCache(client, jwks_url=JWKS_URL, clock=clock, ttl=300, min_refresh_interval=30)
+    for _ in range(1000):
+        await cache.get_key("k1")
+    assert calls["n"] == 1 and cache.fetches == 1

@@ -193,3 +193,32 @@ def test_error_repr_and_message_never_hold_the_token(issuer):
     error = AgentAuthError("token_expired", subject_id="agent-1")
     assert token not in repr(error) and token not in str(error)
     assert error.to_dict()["reason"] == "token_expired"
+
+
+@pytest.mark.parametrize(
+    ("claims", "reason"),
+    [
+        ({"aud": None}, "wrong_audience"),
+        ({"aud": [AUDIENCE + "/", "https://other.example.org"]}, "wrong_audience"),
+        ({"aud": 42}, "wrong_audience"),
+        ({"nbf": "soon"}, "token_malformed"),
+        ({"iat": True}, "token_malformed"),
+        ({"exp": "later"}, "token_malformed"),
+        ({"sub": None}, "token_malformed"),
+        ({"sub": 12}, "token_malformed"),
+    ],
+    ids=lambda v: str(v),
+)
+async def test_each_registered_claim_defect_maps_to_its_reason(issuer, static_keys, claims, reason):
+    token = issuer.mint(claims=claims)
+    assert await _reason(_verifier(issuer, static_keys), token) == reason
+
+
+async def test_with_zero_leeway_a_token_expires_at_exactly_its_exp(issuer, static_keys):
+    now = 1_800_000_000.0
+    token = issuer.mint(now=now, exp_in=60)
+    clock = {"t": now + 59.999}
+    verifier = _verifier(issuer, static_keys, clock=lambda: clock["t"], leeway_seconds=0)
+    assert (await verifier.verify(token)).id == "agent-1"
+    clock["t"] = now + 60
+    assert await _reason(verifier, token) == "token_expired"

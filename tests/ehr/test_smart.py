@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from mcp_fhir._exceptions import ConfigError, UpstreamAuthError
+from mcp_fhir._exceptions import ConfigError, UpstreamAuthError, UpstreamError
 from mcp_fhir.ehr.smart import (
     ASSERTION_LIFETIME_SECONDS,
     CLIENT_ASSERTION_TYPE,
@@ -418,22 +418,22 @@ async def test_an_error_code_that_is_not_a_plain_oauth_code_is_not_echoed(smart_
 
 
 @pytest.mark.parametrize(
-    ("exc", "reason"),
+    ("exc", "code", "reason"),
     [
-        (httpx2.ReadTimeout("slow"), "timeout"),
-        (httpx2.ConnectTimeout("slow"), "timeout"),
-        (httpx2.ConnectError("no"), "transport"),
+        (httpx2.ReadTimeout("slow"), "upstream_timeout", "timeout"),
+        (httpx2.ConnectTimeout("slow"), "upstream_timeout", "timeout"),
+        (httpx2.ConnectError("no"), "upstream_auth_failed", "transport"),
     ],
 )
-async def test_transport_failures_become_upstream_auth_errors(
-    smart_es384_pem: str, exc: Exception, reason: str
+async def test_transport_failures_become_upstream_errors_and_timeouts_are_upstream_timeouts(
+    smart_es384_pem: str, exc: Exception, code: str, reason: str
 ) -> None:
     def handler(request: httpx2.Request) -> httpx2.Response:
         raise exc
 
-    with pytest.raises(UpstreamAuthError) as info:
+    with pytest.raises(UpstreamError) as info:
         await _jwt_auth(handler, smart_es384_pem).token()
-    assert info.value.code == "upstream_auth_failed"
+    assert info.value.code == code
     assert info.value.details["reason"] == reason
     assert info.value.__cause__ is exc
 
@@ -643,3 +643,86 @@ async def test_a_cached_token_never_appears_in_error_messages_or_logs(
     assert "very-secret-token" not in str(info.value)
     assert "very-secret-token" not in caplog.text and SECRET not in caplog.text
     assert "cerner" in caplog.text
+
+
+# -- Retry-After from the token endpoint (issue #19) ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "hold"),
+    [(503, {"Retry-After": "30"}, 30.0), (429, {"Retry-After": "30"}, 30.0), (429, {}, 1.0)],
+)
+async def test_a_token_endpoint_retry_after_holds_every_token_request_until_it_expires(
+    smart_es384_pem: str, status: int, headers: dict[str, str], hold: float
+) -> None:
+    answers = [httpx2.Response(status, headers=headers, json={"error": "temporarily_unavailable"})]
+    seen: list[httpx2.Request] = []
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        seen.append(request)
+        return answers.pop(0) if answers else httpx2.Response(200, json=_token_body())
+
+    clock = SmartClock()
+    auth = _jwt_auth(handler, smart_es384_pem, clock=clock)
+    with pytest.raises(UpstreamAuthError) as first:
+        await auth.token()
+    clock.now += hold - 0.5
+    with pytest.raises(UpstreamAuthError) as held:
+        await auth.token()
+    assert len(seen) == 1  # nothing was sent while held
+    assert first.value.details["reason"] == "rejected"
+    assert held.value.details["reason"] == "held"
+    clock.now += 0.5
+    assert await auth.token() == "tok-1"
+    assert len(seen) == 2
+
+
+async def test_a_5xx_without_retry_after_does_not_hold_the_token_endpoint(smart_es384_pem: str) -> None:
+    answers = [httpx2.Response(503)]
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        return answers.pop(0) if answers else httpx2.Response(200, json=_token_body())
+
+    auth = _jwt_auth(handler, smart_es384_pem)
+    with pytest.raises(UpstreamAuthError):
+        await auth.token()
+    assert await auth.token() == "tok-1"
+
+
+async def test_a_still_valid_token_is_used_while_the_endpoint_is_held(smart_es384_pem: str) -> None:
+    answers = [httpx2.Response(200, json=_token_body("tok-1", expires_in=300)), httpx2.Response(429)]
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        return answers.pop(0) if answers else httpx2.Response(200, json=_token_body("tok-2"))
+
+    clock = SmartClock()
+    auth = _jwt_auth(handler, smart_es384_pem, clock=clock, settings={"refresh_skew_seconds": 60})
+    assert await auth.token() == "tok-1"
+    clock.now += 250  # past refresh_at (240 s), before expiry (300 s)
+    with pytest.raises(UpstreamAuthError):
+        await auth.token()  # the refresh gets a 429: held for 1 s
+    assert await auth.token() == "tok-1"  # still valid: used, nothing sent
+
+
+async def test_the_token_endpoint_hold_is_capped(smart_es384_pem: str) -> None:
+    answers = [httpx2.Response(503, headers={"Retry-After": "3000"})]
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        return answers.pop(0) if answers else httpx2.Response(200, json=_token_body())
+
+    clock = SmartClock()
+    auth = SmartBackendAuth(
+        SmartSettings(
+            client_id="a", token_url=TOKEN_URL, private_key_env="PK", key_id="k", algorithm="ES384"
+        ),
+        backend="epic",
+        scopes=(),
+        http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(handler)),
+        environ={"PK": smart_es384_pem},
+        clock=clock,
+        max_retry_after=5.0,
+    )
+    with pytest.raises(UpstreamAuthError):
+        await auth.token()
+    clock.now += 5.0
+    assert await auth.token() == "tok-1"

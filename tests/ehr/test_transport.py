@@ -78,6 +78,27 @@ async def test_an_answer_slower_than_the_read_timeout_is_upstream_timeout(fhir_s
     assert caught.value.code == "upstream_timeout"
 
 
+async def test_a_body_trickled_past_the_total_timeout_is_upstream_timeout_in_time(fhir_server):
+    trickle = Fault.trickle(every=0.1, bytes=1)  # each read well inside read_timeout; the body takes minutes
+    async with _through_proxy(fhir_server, trickle, read_timeout=1.0, total_timeout=0.5) as (proxy, http):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(UpstreamTimeout) as caught:
+            await send(http, "GET", f"{proxy.url}/fhir/R4/Patient/{data.AU_PATIENT_ID}")
+        elapsed = loop.time() - started
+    assert caught.value.code == "upstream_timeout"
+    assert elapsed < 0.5 + 1.0  # the deadline, plus scheduling slack on a shared machine
+
+
+async def test_a_503_keeps_its_retry_after_for_the_guard(fhir_server):
+    fault = Fault.status(503, headers={"Retry-After": "7"})
+    async with _through_proxy(fhir_server, fault) as (proxy, http):
+        with pytest.raises(UpstreamUnavailable) as caught:
+            await send(http, "GET", f"{proxy.url}/fhir/R4/metadata")
+    assert caught.value.details["status"] == 503
+    assert caught.value.retry_after == "7"
+
+
 async def test_a_body_over_the_size_limit_is_refused_not_parsed(fhir_server):
     big = {"resourceType": "Patient", "id": "x", "text": {"div": "x" * 5000}}
     async with _through_proxy(fhir_server, Fault.json(big)) as (proxy, http):

@@ -8,6 +8,10 @@ the SMART token endpoint's token-checking FHIR proxy).
   request), and closes again after the (short, configured) cool-down.
 * 429 with Retry-After: retried after the hint; a hint past the retry deadline fails at once, and the
   backend stays penalised (the limit holds: no request reaches the EHR until it has passed).
+* Retry-After (issue #19) on a 503 and a 429 alike, as seconds or an HTTP-date, capped by the
+  backend's ``max_retry_after``: no request reaches the EHR before it expires, neither from the call
+  that got it nor from any other call to that backend (with no rate limit configured), nor from a
+  second replica sharing the limiter's Redis.
 * An expired SMART token: exactly one refresh, then success.
 * A truncated body: a clear `upstream_*` error, never partial data.
 
@@ -17,7 +21,10 @@ Every timeout here is named and finite.
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,7 +36,7 @@ import pytest
 from mcp import Client
 
 from mcp_fhir import config
-from mcp_fhir.backends import breaker_snapshot
+from mcp_fhir.backends import breaker_snapshot, held_for
 from mcp_fhir.context import AppContext
 from mcp_fhir.policy.managed_opa import ManagedOpa
 from mcp_fhir.server import build_server
@@ -48,6 +55,7 @@ FHIR_SLOW = 2.0  # > FHIR_READ_TIMEOUT
 BREAKER = {"failure_threshold": 3, "cool_down_seconds": 1.0}
 RECOVERY_DEADLINE = 10.0
 POLL_INTERVAL = 0.05
+CLOCK_SLACK = 0.01  # wall and monotonic clocks read a moment apart
 RETRY_AFTER = 1
 RETRY_AFTER_TOO_LONG = 60  # beyond the retry deadline (resilience.retry.DEFAULT_DEADLINE_S)
 SMART_SECRET_ENV = "ADV_FAULTS_SMART_SECRET"
@@ -273,3 +281,258 @@ async def test_a_truncated_body_is_a_clear_error_never_partial_data(
     records = audit_records(tmp_path)
     assert [r["result"] for r in records] == ["error", "error"]
     assert all(r["returned_count"] is None for r in records)
+
+
+# --- Issue #19: Retry-After on every status that carries it, held for the whole backend ---------------
+
+HINT = 2  # seconds: a Retry-After long enough to tell apart from a backoff (0.1-0.2 s)
+MAX_RETRY_AFTER = 1.0
+CALLS_DURING_HOLD = 2
+REDIS_ENV = "MCP_FHIR_TEST_REDIS_URL"
+
+
+def _after(times: list[float], start: int) -> list[float]:
+    return times[start:]
+
+
+@pytest.mark.parametrize("status", [503, 429])
+async def test_retry_after_in_seconds_is_honoured_on_a_503_and_a_429_alike(
+    status: int, tmp_path: Path, fhir_server: Any, opa: ManagedOpa
+) -> None:
+    async with fhir_proxy(fhir_server) as (fhir, base):
+        async with running(tmp_path, base, opa.url, cache={"enabled": False}) as sc:
+            start = len(fhir.request_times)
+            fhir.set_fault(Fault.status(status, headers={"Retry-After": str(HINT)}), times=1)
+            result = await attempt(sc.client, "read_patient", ARGS)
+            times = _after(fhir.request_times, start)
+    assert not result.is_error, result.content[0].text
+    assert len(times) == 2
+    assert times[1] - times[0] >= HINT  # never a request before the hint expires
+
+
+async def test_retry_after_as_an_http_date_is_honoured_to_the_second(
+    tmp_path: Path, fhir_server: Any, opa: ManagedOpa
+) -> None:
+    async with fhir_proxy(fhir_server) as (fhir, base):
+        async with running(tmp_path, base, opa.url, cache={"enabled": False}) as sc:
+            start = len(fhir.request_times)
+            wall, mono = time.time(), time.monotonic()
+            expiry_wall = int(wall) + HINT + 1  # HTTP dates have whole seconds
+            expiry = mono + (expiry_wall - wall)
+            header = email.utils.formatdate(expiry_wall, usegmt=True)
+            fhir.set_fault(Fault.status(503, headers={"Retry-After": header}), times=1)
+            result = await attempt(sc.client, "read_patient", ARGS)
+            times = _after(fhir.request_times, start)
+    assert not result.is_error, result.content[0].text
+    assert len(times) == 2
+    assert times[1] >= expiry - CLOCK_SLACK
+
+
+async def test_a_retry_after_beyond_the_configured_maximum_is_capped(
+    tmp_path: Path, fhir_server: Any, opa: ManagedOpa
+) -> None:
+    async with fhir_proxy(fhir_server) as (fhir, base):
+        backend = {"base_url": base, "max_retry_after": MAX_RETRY_AFTER}
+        async with running(
+            tmp_path, base, opa.url, cache={"enabled": False}, backends={"testbed": backend}
+        ) as sc:
+            start = len(fhir.request_times)
+            fhir.set_fault(Fault.status(503, headers={"Retry-After": str(RETRY_AFTER_TOO_LONG)}), times=1)
+            result = await attempt(sc.client, "read_patient", ARGS)
+            times = _after(fhir.request_times, start)
+    assert not result.is_error, result.content[0].text
+    assert len(times) == 2
+    assert MAX_RETRY_AFTER <= times[1] - times[0] < RETRY_AFTER_TOO_LONG / 2
+
+
+async def _held(sc: Running) -> bool:
+    return (await held_for(sc.app.backends))["testbed"] > 0
+
+
+async def test_one_429_holds_every_call_to_a_backend_without_a_rate_limit(
+    tmp_path: Path, fhir_server: Any, opa: ManagedOpa
+) -> None:
+    async with fhir_proxy(fhir_server) as (fhir, base):
+        async with running(tmp_path, base, opa.url, cache={"enabled": False}) as sc:  # generic r4: no limit
+            start = len(fhir.request_times)
+            fhir.set_fault(Fault.status(429, headers={"Retry-After": str(HINT)}), times=1)
+            first = asyncio.create_task(attempt(sc.client, "read_patient", ARGS))
+            await wait_until(lambda: _held(sc), RECOVERY_DEADLINE)
+            others = await asyncio.gather(
+                *(attempt(sc.client, "read_patient", ARGS) for _ in range(CALLS_DURING_HOLD))
+            )
+            results = [await first, *others]
+            times = _after(fhir.request_times, start)
+    assert all(not r.is_error for r in results), [r.content[0].text for r in results if r.is_error]
+    assert len(times) == 1 + len(results)
+    assert all(t - times[0] >= HINT for t in times[1:])  # no call reached the EHR within the window
+
+
+@pytest.fixture
+def redis_env() -> dict[str, str]:
+    url = os.environ.get(REDIS_ENV)
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail(f"{REDIS_ENV} is not set but CI is: start the services with scripts/services.sh")
+        pytest.skip(f'{REDIS_ENV} is not set (eval "$(scripts/services.sh start)")')
+    return {REDIS_ENV: url}
+
+
+@pytest.mark.redis
+async def test_a_429_seen_by_one_replica_holds_the_backend_for_a_replica_sharing_its_redis(
+    tmp_path: Path, fhir_server: Any, opa: ManagedOpa, redis_env: dict[str, str]
+) -> None:
+    shared = {"store": "redis", "redis_url_env": REDIS_ENV, "redis_key_prefix": f"faults:{uuid.uuid4().hex}:"}
+    async with fhir_proxy(fhir_server) as (fhir, base):
+        async with (
+            running(tmp_path / "a", base, opa.url, cache={"enabled": False}, rate_limit=shared) as a,
+            running(tmp_path / "b", base, opa.url, cache={"enabled": False}, rate_limit=shared) as b,
+        ):
+            start = len(fhir.request_times)
+            fhir.set_fault(Fault.status(429, headers={"Retry-After": str(HINT)}), times=1)
+            first = asyncio.create_task(attempt(a.client, "read_patient", ARGS))
+            await wait_until(lambda: _held(b), RECOVERY_DEADLINE)
+            other = await attempt(b.client, "read_patient", ARGS)
+            results = [await first, other]
+            times = _after(fhir.request_times, start)
+    assert all(not r.is_error for r in results)
+    assert len(times) == 3
+    assert all(t - times[0] >= HINT for t in times[1:])
+
+
+# --- Issue #19 §3: a total deadline on every upstream request, proven with a trickling sender --------
+
+TRICKLE = Fault.trickle(every=0.5, bytes=1)  # every read answers within 0.5 s; the body takes minutes
+TRICKLE_READ_TIMEOUT = 1.0  # > the trickle's interval: an idle-socket timeout never fires
+TOTAL_DEADLINE = 2.0
+MAX_BACKOFF = 0.3  # the retry loop's jittered backoff before attempts 2 and 3 (0.1 + 0.2 at most)
+SLACK = 1.0  # scheduling on a shared 2-core machine
+
+
+async def test_an_ehr_body_trickled_past_the_total_deadline_fails_with_upstream_timeout(
+    tmp_path: Path, fhir_server: Any, opa: ManagedOpa
+) -> None:
+    backend = {"read_timeout": TRICKLE_READ_TIMEOUT, "total_timeout": TOTAL_DEADLINE}
+    async with fhir_proxy(fhir_server) as (fhir, base):
+        async with running(
+            tmp_path,
+            base,
+            opa.url,
+            cache={"enabled": False},
+            backends={"testbed": {**backend, "base_url": base, "breaker": {"failure_threshold": 20}}},
+        ) as sc:
+            start = len(fhir.request_times)
+            fhir.set_fault(TRICKLE)
+            began = time.monotonic()
+            result = await attempt(sc.client, "read_patient", ARGS)
+            elapsed = time.monotonic() - began
+            attempts = len(fhir.request_times) - start
+            fhir.clear()
+    assert tool_error(result)["code"] == "upstream_timeout"
+    assert 1 <= attempts <= 3  # reads are retried; each attempt is cut at the deadline
+    assert elapsed <= attempts * TOTAL_DEADLINE + MAX_BACKOFF + SLACK
+    records = audit_records(tmp_path)
+    assert [r["result"] for r in records] == ["error"]
+
+
+async def test_a_token_endpoint_trickling_its_answer_fails_with_upstream_timeout_within_the_deadline(
+    tmp_path: Path, fhir_server: Any, opa: ManagedOpa, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(SMART_SECRET_ENV, SMART_SECRET)
+    with start_token_server(
+        [RegisteredClient("sidecar", secret=SMART_SECRET)], upstream_fhir_url=fhir_server.base_url
+    ) as tokens:
+        async with FaultProxy(tokens.base_url) as token_proxy:
+            backend = {
+                "base_url": tokens.fhir_base_url,
+                "breaker": {"failure_threshold": 20},
+                "smart": {
+                    "client_id": "sidecar",
+                    "auth_method": "client_secret_basic",
+                    "token_url": token_proxy.url + urlsplit(tokens.token_url).path,
+                    "client_secret_env": SMART_SECRET_ENV,
+                    "token_timeout": TOTAL_DEADLINE,  # > the trickle's interval, so only the total fires
+                },
+            }
+            async with running(
+                tmp_path,
+                tokens.fhir_base_url,
+                opa.url,
+                cache={"enabled": False},
+                backends={"testbed": backend},
+            ) as sc:
+                for token in tokens.issued_tokens():
+                    tokens.expire(token)  # the next EHR call gets a 401 and needs a fresh token
+                start = token_proxy.requests_seen
+                token_proxy.set_fault(TRICKLE)
+                began = time.monotonic()
+                result = await attempt(sc.client, "read_patient", ARGS)
+                elapsed = time.monotonic() - began
+                attempts = token_proxy.requests_seen - start
+                token_proxy.clear()
+    assert tool_error(result)["code"] == "upstream_timeout"
+    assert 1 <= attempts <= 3
+    assert elapsed <= attempts * TOTAL_DEADLINE + MAX_BACKOFF + SLACK
+
+
+async def test_an_opa_answer_trickled_past_the_decision_timeout_denies_with_opa_timeout_in_time(
+    tmp_path: Path, fhir_server: Any, opa: ManagedOpa
+) -> None:
+    async with fhir_proxy(fhir_server) as (fhir, base), FaultProxy(opa.url) as opa_proxy:
+        async with running(tmp_path, base, opa_proxy.url, cache={"enabled": False}) as sc:
+            before = fhir.requests_seen
+            opa_proxy.set_fault(TRICKLE)
+            began = time.monotonic()
+            result = await attempt(sc.client, "read_patient", ARGS)
+            elapsed = time.monotonic() - began
+            seen = fhir.requests_seen - before
+            opa_proxy.clear()
+    err = tool_error(result)
+    assert err["code"] == "policy_denied" and err["reasons"] == ["opa_timeout"]
+    assert elapsed <= DECISION_TIMEOUT + SLACK  # OPA's deadline is the whole decision, body included
+    assert seen == 0
+
+
+async def test_a_token_endpoint_503_with_retry_after_is_not_asked_again_before_it_expires(
+    tmp_path: Path, fhir_server: Any, opa: ManagedOpa, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(SMART_SECRET_ENV, SMART_SECRET)
+    with start_token_server(
+        [RegisteredClient("sidecar", secret=SMART_SECRET)], upstream_fhir_url=fhir_server.base_url
+    ) as tokens:
+        async with FaultProxy(tokens.base_url) as token_proxy:
+            backend = {
+                "base_url": tokens.fhir_base_url,
+                "smart": {
+                    "client_id": "sidecar",
+                    "auth_method": "client_secret_basic",
+                    "token_url": token_proxy.url + urlsplit(tokens.token_url).path,
+                    "client_secret_env": SMART_SECRET_ENV,
+                },
+            }
+            async with running(
+                tmp_path,
+                tokens.fhir_base_url,
+                opa.url,
+                cache={"enabled": False},
+                backends={"testbed": backend},
+            ) as sc:
+                for token in tokens.issued_tokens():
+                    tokens.expire(token)
+                start = len(token_proxy.request_times)
+                token_proxy.set_fault(Fault.status(503, headers={"Retry-After": str(HINT)}), times=1)
+                refused = await attempt(sc.client, "read_patient", ARGS)
+                held = await attempt(sc.client, "read_patient", ARGS)
+                asked_while_held = len(token_proxy.request_times) - start
+
+                async def recovered() -> bool:
+                    result = await attempt(sc.client, "read_patient", ARGS)
+                    return not isinstance(result, Exception) and not result.is_error
+
+                await wait_until(recovered, RECOVERY_DEADLINE)
+                times = _after(token_proxy.request_times, start)
+    assert tool_error(refused)["code"] == "upstream_auth_failed"
+    assert tool_error(held)["code"] == "upstream_auth_failed" and tool_error(held)["reason"] == "held"
+    assert asked_while_held == 1  # the held call sent the token endpoint nothing
+    assert len(times) == 2
+    assert times[1] - times[0] >= HINT

@@ -188,3 +188,19 @@ def test_a_redis_store_without_its_url_variable_is_a_config_error():
     with pytest.raises(ConfigError) as info:
         RateLimiter.from_settings(settings, environ={})
     assert info.value.key == "rate_limit.redis_url_env"
+
+
+async def test_a_hold_on_a_backend_without_a_rate_limit_is_shared_by_two_limiter_replicas(redis_env, prefix):
+    a, b = (
+        RateLimiter({}, RedisBucketStore(redis_from_env(REDIS_ENV, "t", environ=redis_env), prefix=prefix))
+        for _ in range(2)
+    )
+    try:
+        assert await b.acquire("generic", max_wait=0.0) < 0.5  # no limit: free until held (one round trip)
+        await a.penalise("generic", 1.0)
+        assert 0.5 < await b.held_for("generic") <= 1.0
+        assert await b.acquire("generic", max_wait=5.0) >= 0.9
+        assert await a.acquire("generic", max_wait=0.0) < 0.5  # free again once it has passed
+    finally:
+        await a.aclose()
+        await b.aclose()

@@ -7,7 +7,7 @@ import pytest
 
 from mcp_fhir import metrics
 from mcp_fhir._exceptions import CircuitOpen, ConfigError, UpstreamRejected, UpstreamUnavailable
-from mcp_fhir.resilience.breaker import Breakers, BreakerSettings, BreakerState, CircuitBreaker
+from mcp_fhir.resilience.breaker import BreakerSettings, BreakerState, CircuitBreaker
 from tests.testbed.fault_proxy import EchoServer, Fault, FaultProxy
 
 
@@ -140,15 +140,11 @@ async def test_a_cancelled_probe_frees_the_probe_slot(clock):
 
 
 def test_snapshot_reports_state_for_health(clock):
-    breakers = Breakers(clock=clock)
-    _fail(breakers.get("b-snap"), 5)
-    breakers.get("b-other")
-    snap = breakers.snapshot()
-    assert list(snap) == ["b-other", "b-snap"]
-    assert snap["b-snap"].state == "open"
-    assert snap["b-snap"].retry_in_seconds == 30.0
-    assert snap["b-other"].state == "closed"
-    assert breakers.get("b-snap") is breakers.get("b-snap")
+    failing, healthy = CircuitBreaker("b-snap", clock=clock), CircuitBreaker("b-other", clock=clock)
+    _fail(failing, 5)
+    assert failing.snapshot().state == "open"
+    assert failing.snapshot().retry_in_seconds == 30.0
+    assert healthy.snapshot().state == "closed"
 
 
 @pytest.mark.parametrize(

@@ -124,11 +124,35 @@ async def test_a_retry_after_beyond_max_wait_rejects_immediately(clock):
     assert clock.sleeps == []
 
 
-async def test_a_backend_without_a_configured_limit_is_a_config_error(clock):
+async def test_a_backend_without_a_configured_limit_is_never_held_back_by_rate(clock):
     limiter = _limiter(clock)
-    with pytest.raises(ConfigError) as info:
-        await limiter.acquire("unknown")
-    assert info.value.key == "rate_limit.limits.unknown"
+    for _ in range(100):
+        assert await limiter.acquire("generic", max_wait=0.0) == 0.0
+    assert clock.sleeps == []
+
+
+async def test_a_backend_without_a_configured_limit_is_held_by_a_penalty_then_free(clock):
+    limiter = _limiter(clock)
+    await limiter.penalise("generic", 2.0)
+    assert await limiter.held_for("generic") == pytest.approx(2.0)
+    assert await limiter.acquire("generic") == pytest.approx(2.0)
+    assert await limiter.held_for("generic") == 0.0
+    for _ in range(10):
+        assert await limiter.acquire("generic", max_wait=0.0) == 0.0
+
+
+async def test_a_penalty_past_the_wait_bound_rejects_a_backend_without_a_limit_at_once(clock):
+    limiter = _limiter(clock)
+    await limiter.penalise("generic", 30.0)
+    with pytest.raises(UpstreamRateLimited):
+        await limiter.acquire("generic", max_wait=5.0)
+    assert clock.sleeps == []
+
+
+def test_retry_after_is_capped_by_the_configured_maximum():
+    assert parse_retry_after("30", 0.0, cap=2.0) == 2.0
+    assert parse_retry_after(None, 0.0, cap=0.5) == 0.5
+    assert parse_retry_after("1", 0.0, cap=2.0) == 1.0
 
 
 def test_retry_after_accepts_delay_seconds_and_http_dates():

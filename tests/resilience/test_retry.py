@@ -1,17 +1,16 @@
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from mcp_fhir._exceptions import ConfigError, UpstreamTimeout
+from mcp_fhir._exceptions import UpstreamTimeout
 from mcp_fhir.resilience.retry import (
     DEFAULT_BASE_DELAY_S,
     DEFAULT_DEADLINE_S,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_DELAY_S,
-    RetrySettings,
-    backoff_delay,
     retry_idempotent,
-    run_write_once,
 )
 
 
@@ -39,6 +38,11 @@ def _is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, UpstreamTimeout)
 
 
+def _jitter(monkeypatch: pytest.MonkeyPatch, r: float) -> None:
+    """Make the full jitter deterministic: the wait is fraction ``r`` of its window."""
+    monkeypatch.setattr(random, "uniform", lambda low, high: low + (high - low) * r)
+
+
 def test_named_defaults():
     assert (DEFAULT_MAX_ATTEMPTS, DEFAULT_BASE_DELAY_S, DEFAULT_MAX_DELAY_S, DEFAULT_DEADLINE_S) == (
         3,
@@ -48,11 +52,10 @@ def test_named_defaults():
     )
 
 
-async def test_a_retryable_error_is_retried_until_success(clock):
+async def test_a_retryable_error_is_retried_until_success(clock, monkeypatch):
+    _jitter(monkeypatch, 0.5)
     call = Flaky(UpstreamTimeout("slow"), UpstreamTimeout("slow"))
-    result = await retry_idempotent(
-        call, retryable=_is_timeout, sleep=clock.sleep, clock=clock, rand=lambda: 0.5
-    )
+    result = await retry_idempotent(call, retryable=_is_timeout, sleep=clock.sleep, clock=clock)
     assert result == "ok"
     assert call.calls == 3
     assert clock.sleeps == [pytest.approx(0.05), pytest.approx(0.1)]
@@ -75,7 +78,8 @@ async def test_the_last_error_is_reraised_when_attempts_run_out(clock):
     assert call.calls == 3
 
 
-async def test_retries_stop_at_the_deadline_and_never_sleep_past_it(clock):
+async def test_retries_stop_at_the_deadline_and_never_sleep_past_it(clock, monkeypatch):
+    _jitter(monkeypatch, 1.0)
     start = clock()
     call = Flaky(*(UpstreamTimeout(str(i)) for i in range(50)))
     with pytest.raises(UpstreamTimeout):
@@ -88,7 +92,6 @@ async def test_retries_stop_at_the_deadline_and_never_sleep_past_it(clock):
             retryable=_is_timeout,
             sleep=clock.sleep,
             clock=clock,
-            rand=lambda: 1.0,
         )
     assert clock() - start < 1.0
     assert call.calls == 4  # sleeps at 0.3, 0.6, 0.9; a fourth would end at 1.2
@@ -108,41 +111,47 @@ async def test_a_retry_after_hint_past_the_deadline_raises_at_once(clock):
     assert call.calls == 1
 
 
-@pytest.mark.parametrize("r", [0.0, 0.25, 0.999999, 1.0, 7.0, -3.0])
-def test_jitter_is_bounded_by_the_exponential_cap(r):
-    for attempt in range(1, 12):
-        cap = min(2.0, 0.1 * 2 ** (attempt - 1))
-        delay = backoff_delay(attempt, 0.1, 2.0, lambda: r)
-        assert 0.0 <= delay <= cap
+@pytest.mark.parametrize("r", [0.0, 0.25, 0.999999, 1.0])
+async def test_jitter_is_bounded_by_the_exponential_cap(clock, monkeypatch, r):
+    _jitter(monkeypatch, r)
+    call = Flaky(*(UpstreamTimeout(str(i)) for i in range(9)))
+    await retry_idempotent(
+        call, max_attempts=10, deadline_s=100, retryable=_is_timeout, sleep=clock.sleep, clock=clock
+    )
+    for attempt, delay in enumerate(clock.sleeps, start=1):
+        assert 0.0 <= delay <= min(2.0, 0.1 * 2 ** (attempt - 1)) + 1e-12
 
 
-def test_full_jitter_spreads_delays_across_the_range():
-    import random
-
-    rng = random.Random(7)
-    delays = [backoff_delay(3, 0.1, 2.0, rng.random) for _ in range(500)]
+async def test_full_jitter_spreads_delays_across_the_range(clock):
+    delays = []
+    for _ in range(300):
+        clock.sleeps.clear()
+        await retry_idempotent(
+            Flaky(UpstreamTimeout("1"), UpstreamTimeout("2"), UpstreamTimeout("3")),
+            max_attempts=4,
+            retryable=_is_timeout,
+            sleep=clock.sleep,
+            clock=clock,
+        )
+        delays.append(clock.sleeps[2])  # after the third failure: window 0.4 s
     assert max(delays) <= 0.4
     assert min(delays) < 0.05 and max(delays) > 0.35
 
 
-async def test_writes_run_exactly_once_even_when_they_fail():
+async def test_a_plain_function_returning_an_awaitable_is_awaited_and_retried(clock):
+    call = Flaky(UpstreamTimeout("slow"))
+    assert (
+        await retry_idempotent(lambda: call(), retryable=_is_timeout, sleep=clock.sleep, clock=clock) == "ok"
+    )
+    assert call.calls == 2
+
+
+async def test_a_write_through_the_guard_runs_exactly_once_even_when_it_fails():
+    from mcp_fhir.resilience.breaker import CircuitBreaker
+    from mcp_fhir.resilience.guard import BackendGuard
+
+    guard = BackendGuard("b-write-once", limiter=None, breaker=CircuitBreaker("b-write-once"))
     call = Flaky(UpstreamTimeout("lost answer"))
     with pytest.raises(UpstreamTimeout):
-        await run_write_once(call)
+        await guard.run(call, idempotent=False)
     assert call.calls == 1
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "key"),
-    [
-        ({"max_attempts": 0}, "retry.max_attempts"),
-        ({"max_attempts": 11}, "retry.max_attempts"),
-        ({"base_delay_s": -1}, "retry.base_delay_s"),
-        ({"deadline_s": 1e9}, "retry.deadline_s"),
-        ({"base_delay_s": 1.0, "max_delay_s": 0.5}, "retry.max_delay_s"),
-    ],
-)
-def test_invalid_retry_settings_name_the_key(kwargs, key):
-    with pytest.raises(ConfigError) as info:
-        RetrySettings(**kwargs)
-    assert info.value.key == key

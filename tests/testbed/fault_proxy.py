@@ -17,7 +17,12 @@ Faults: ``latency(s)`` (delay, then forward), ``reset()`` (TCP RST after reading
 then send the headers and only the first n body bytes and close), ``garbage()`` (a 200 whose
 body is not JSON; ``garbage(raw=True)``: bytes that are not HTTP at all), ``json(body, status=)``
 (a fixed JSON answer), ``down()`` (close the listening socket and every open connection: new
-connections are refused until ``clear()``; ``times`` does not apply to it).
+connections are refused until ``clear()``; ``times`` does not apply to it), ``trickle(every=s,
+bytes=n)`` (forward, then send the headers at once and the body n bytes every s seconds, so that
+no read ever waits long enough to time out while the whole body takes far longer).
+
+``request_times`` holds the monotonic time at which each request was read, in order, so a test can
+check when the code under test came back (after a Retry-After, for example).
 
 The server side is a small HTTP/1.1 implementation on asyncio streams: keep-alive, Content-Length
 and chunked request bodies. Requests are forwarded with one long-lived aiohttp session, method,
@@ -34,6 +39,7 @@ import json
 import socket
 import struct
 import threading
+import time
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -115,6 +121,10 @@ class Fault:
     @classmethod
     def garbage(cls, raw: bool = False) -> Fault:
         return cls("garbage", raw=raw)
+
+    @classmethod
+    def trickle(cls, every: float = 0.5, bytes: int = 1) -> Fault:
+        return cls("trickle", delay=every, nbytes=bytes)
 
     @classmethod
     def down(cls) -> Fault:
@@ -250,6 +260,7 @@ class FaultProxy:
         self._seen = 0
         self._forwarded = 0
         self._connections = 0
+        self.request_times: list[float] = []
         self._thread: _LoopThread | None = None
         self._server: asyncio.Server | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -375,6 +386,7 @@ class FaultProxy:
                 if request is None:
                     break
                 self._seen += 1
+                self.request_times.append(time.monotonic())
                 if not await self._respond(request, writer) or not request.keep_alive:
                     break
             await writer.drain()
@@ -412,6 +424,15 @@ class FaultProxy:
             return True
         status, headers, body = await self._forward(request)
         no_body = request.method == "HEAD" or status in (204, 304) or 100 <= status < 200
+        if fault is not None and kind == "trickle" and not no_body:
+            writer.write(_response_head(status, headers, len(body)))
+            step = max(1, fault.nbytes)
+            for start in range(0, len(body), step):
+                await writer.drain()
+                await asyncio.sleep(fault.delay)  # the fault itself: a slow sender, not synchronisation
+                writer.write(body[start : start + step])
+            await writer.drain()
+            return True
         if fault is not None and kind == "truncate":
             writer.write(_response_head(status, headers, len(body)) + body[: fault.nbytes])
             await writer.drain()

@@ -189,3 +189,23 @@ async def test_the_proxy_works_as_an_async_context_manager(upstream):
             proxy.set_fault(Fault.status(503), times=1)
             assert (await client.get("/a")).status_code == 503
             assert (await client.get("/a")).status_code == 200
+
+
+def test_trickle_fault_sends_the_whole_body_a_few_bytes_at_a_time(proxy):
+    proxy.set_fault(Fault.trickle(every=0.05, bytes=4), times=1)
+    with httpx2.Client(base_url=proxy.url, timeout=5) as client:
+        started = time.monotonic()
+        response = client.get("/bytes/20")
+        elapsed = time.monotonic() - started
+    assert response.status_code == 200
+    assert response.content == b"x" * 20
+    assert elapsed >= 5 * 0.05  # five pieces of four bytes, each after its interval
+
+
+def test_request_times_record_when_each_request_arrived(proxy):
+    before = time.monotonic()
+    with httpx2.Client(base_url=proxy.url, timeout=5) as client:
+        client.get("/a")
+        client.get("/b")
+    assert len(proxy.request_times) == 2
+    assert before <= proxy.request_times[0] <= proxy.request_times[1] <= time.monotonic()

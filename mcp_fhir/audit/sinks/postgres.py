@@ -23,6 +23,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from mcp_fhir._secret import Secret
 from mcp_fhir.audit.chain import ChainHead
 from mcp_fhir.audit.sinks.base import AuditSink, Opened, SinkError
 
@@ -116,7 +117,7 @@ class PostgresSink(AuditSink):
         role: str | None = None,
     ) -> None:
         super().__init__()
-        self._dsn = dsn
+        self._dsn = Secret(dsn)  # it may hold a password: every printed form is [secret]
         self.writer = writer
         self.schema = schema
         self.table = table
@@ -129,7 +130,7 @@ class PostgresSink(AuditSink):
     async def open(self) -> Opened:
         await self.close()
         conn = await psycopg.AsyncConnection.connect(
-            self._dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS
+            self._dsn.reveal(), autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS
         )
         try:
             if self.role:
@@ -184,5 +185,10 @@ class PostgresSink(AuditSink):
 
     def reader(self, after_seq: int = 0) -> Iterator[dict[str, Any]]:
         return iter_postgres_entries(
-            self._dsn, self.writer, schema=self.schema, table=self.table, role=self.role, after_seq=after_seq
+            self._dsn.reveal(),
+            self.writer,
+            schema=self.schema,
+            table=self.table,
+            role=self.role,
+            after_seq=after_seq,
         )
