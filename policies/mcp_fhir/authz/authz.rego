@@ -7,6 +7,7 @@
 package mcp_fhir.authz
 
 import data.mcp_fhir.authz.anomalies
+import data.mcp_fhir.authz.consent
 import data.mcp_fhir.authz.patient
 import data.mcp_fhir.authz.purpose
 import data.mcp_fhir.authz.rbac
@@ -55,11 +56,13 @@ allow if {
 	count(patient.deny) == 0
 	count(sensitivity.deny) == 0
 	count(deny) == 0
+	count(consent.deny) == 0
+	count(anomalies.deny) == 0
 }
 
 _deny := request.deny if not request.well_formed
 
-_deny := (((((tools.deny | rbac.deny) | purpose.deny) | patient.deny) | scopes.deny) | sensitivity.deny) | deny if {
+_deny := (((((((tools.deny | rbac.deny) | purpose.deny) | patient.deny) | scopes.deny) | sensitivity.deny) | consent.deny) | anomalies.deny) | deny if {
 	request.well_formed
 }
 
@@ -120,7 +123,7 @@ _closed_obligations := {
 }
 
 _granted_obligations := {
-	"exclude_security_labels": sort(sensitivity.excluded),
+	"exclude_security_labels": sort(sensitivity.excluded | consent.excluded_labels),
 	"allowed_categories": {rt: sort(cats) | some rt, cats in allowed_categories},
 	"redact": sort(rbac.role_redact | purpose.redact),
 	"max_lookback_days": purpose.max_lookback_days,
