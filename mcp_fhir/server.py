@@ -32,7 +32,7 @@ from mcp_fhir.agent_auth.local import local_subject
 from mcp_fhir.agent_auth.verifier import auth_settings_for, build_token_verifier, subject_from_access_token
 from mcp_fhir.audit.record import AuditRecord, utc_now_ms
 from mcp_fhir.audit.trail import build_trail
-from mcp_fhir.backends import open_backends, open_idmap
+from mcp_fhir.backends import open_activity, open_backends, open_consent, open_idmap
 from mcp_fhir.catalog import CATALOGUE
 from mcp_fhir.config import Settings
 from mcp_fhir.context import AppContext, IdentityIds, Limits, Purpose
@@ -107,6 +107,10 @@ def make_lifespan(settings: Settings, holder: dict[str, AppContext]):
             idmap = IdentityIds() if settings.idmap.kind == "identity" else await open_idmap(settings.idmap)
             stack.push_async_callback(idmap.close)
             auth = settings.agent_auth()
+            consent = await open_consent(stack, settings.consent, backends[settings.backend_name])
+            activity = await open_activity(stack, settings.activity)
+            if activity is not None:
+                stack.push_async_callback(activity.aclose)
             app = AppContext(
                 decider=decider,
                 backends=backends,
@@ -126,6 +130,9 @@ def make_lifespan(settings: Settings, holder: dict[str, AppContext]):
                 enabled_tools=frozenset(settings.tools),
                 unavailable_tools=unavailable,
                 purposes=await policy_purposes(engine),
+                consent=consent,
+                consent_by_backend_id=settings.consent.source == "ehr",
+                activity=activity,
             )
             holder["app"] = app
             try:

@@ -367,6 +367,7 @@ class CallPath:
             if refused is exc:
                 raise
             raise refused from exc
+        consent, activity = await self._context(subject, patient, backend_patient, local=local)
         call = Call(
             app=app,
             tool=tool,
@@ -391,6 +392,8 @@ class CallPath:
                     break_glass_reason=args.break_glass,
                     backend=backend,
                     request_id=request_id,
+                    consent=consent,
+                    activity=activity,
                 )
                 for rt in rtypes
             },
@@ -402,6 +405,7 @@ class CallPath:
         call.decisions = dict(zip(call.inputs, answers, strict=True))
         if not call.allowed:  # 5 deny: audited, then raised
             await self._write(call.record("denied"))
+            await self._denied(subject)
             metrics.TOOL_CALLS.labels(tool.name, "denied").inc()
             first = call.decisions[call.resource_type]
             raise PolicyDenied(first.reasons, decision_id=first.decision_id)
@@ -423,6 +427,38 @@ class CallPath:
             raise internal from exc
         metrics.TOOL_CALLS.labels(tool.name, "allowed").inc()
         return respond(result, markdown)  # 9 respond
+
+    async def _context(
+        self, subject: Subject, patient: str | None, backend_patient: str | None, *, local: bool
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """The decision's optional context: the patient's consent and the subject's activity.
+
+        Each is None when its feature is off (the decision input is then unchanged). Consent is
+        read for a call that reads a patient's EHR data; a reader never raises (an unreadable
+        consent is `status: unavailable`, which the policy denies). Activity counts this call
+        before its decision; counters that fail give `status: unavailable`, for the policy to judge.
+        """
+        app = self.app
+        consent = None
+        if app.consent is not None and patient is not None and not local:
+            consent = await app.consent.context(backend_patient if app.consent_by_backend_id else patient)
+        activity: dict[str, Any] | None = None
+        if app.activity is not None:
+            try:
+                activity = dict(await app.activity.observe(subject.id, patient))
+            except Exception as exc:
+                log.error("activity counters failed: %s", type(exc).__name__)
+                activity = {"status": "unavailable"}
+        return consent, activity
+
+    async def _denied(self, subject: Subject) -> None:
+        """Count a denial for the subject's later decisions (best effort: the deny stands either way)."""
+        if self.app.activity is None:
+            return
+        try:
+            await self.app.activity.denied(subject.id)
+        except Exception as exc:
+            log.error("activity counters failed: %s", type(exc).__name__)
 
     async def refuse(
         self,

@@ -71,3 +71,19 @@ deny contains {"code": "ACTIVITY_DENIED", "message": "The subject's recent activ
 	some name in activity_hits
 	_activity.rules[name].action == "deny"
 }
+
+# activity_unavailable: the sidecar's activity counters could not be read for this call.
+alerts contains "activity_unavailable" if {
+	request.well_formed
+	input.context.activity.status == "unavailable"
+}
+
+# METADATA
+# title: Activity unavailable
+# description: The subject's recent activity could not be counted; denied where the policy's data says so
+# custom:
+#   code: ACTIVITY_UNAVAILABLE
+deny contains {"code": "ACTIVITY_UNAVAILABLE", "message": "The subject's recent activity could not be counted; denied where the policy's data says so"} if {
+	"activity_unavailable" in alerts
+	_activity.on_unavailable == "deny"
+}

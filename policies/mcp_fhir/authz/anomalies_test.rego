@@ -80,3 +80,14 @@ test_activity_rule_with_action_deny_denies if {
 	{r.code | some r in d.reasons} == {"ACTIVITY_DENIED"}
 	"bulk_access" in d.audit.alerts
 }
+
+test_unavailable_activity_denies_by_default_and_alerts_either_way if {
+	i := testing.patched(testing.clinician_obs, {"/context/activity": {"status": "unavailable"}})
+	d := data.mcp_fhir.authz.decision with input as i
+	not d.allow
+	{r.code | some r in d.reasons} == {"ACTIVITY_UNAVAILABLE"}
+	"activity_unavailable" in d.audit.alerts
+	a := data.mcp_fhir.authz.decision with input as i with data.mcp_fhir.config.activity.on_unavailable as "alert"
+	a.allow
+	"activity_unavailable" in a.audit.alerts
+}
