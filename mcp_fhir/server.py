@@ -243,7 +243,8 @@ def register_resources_and_prompts(server: MCPServer, holder: dict[str, AppConte
             result = await CallPath(app_of(ctx)).run(PATIENT_SUMMARY, {"patient_id": patient_id})
         except MCPFhirError as exc:  # audited by the call path
             raise mcp_error(exc) from None
-        return str(getattr(result.content[0], "text", ""))
+        content = getattr(result, "content", None) or []  # a read tool never asks for input
+        return str(getattr(content[0], "text", "")) if content else ""
 
     for spec in yaml.safe_load(PROMPTS_FILE.read_text(encoding="utf-8")):
         _register_prompt(server, spec["name"], spec["purpose"], spec["task"])

@@ -36,12 +36,14 @@ from typing import TYPE_CHECKING, Any
 
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.types import CallToolResult
+from mcp_types import InputRequiredResult
 from pydantic import ValidationError
 
 from mcp_fhir import metrics
 from mcp_fhir._exceptions import (
     AuditUnavailable,
     AuthenticationError,
+    ConfirmationRequired,
     InvalidArgument,
     MCPFhirError,
     PolicyDenied,
@@ -54,6 +56,7 @@ from mcp_fhir.logs import current_ids
 from mcp_fhir.policy.engine import Decision, Obligations
 from mcp_fhir.policy.input import DecisionInput
 from mcp_fhir.policy.obligations import enforce
+from mcp_fhir.tools.confirm import InputNeeded, confirm
 from mcp_fhir.tools.declare import Enforced, Fetched, Tool, ToolArgs
 from mcp_fhir.tools.results import Withheld, respond
 
@@ -81,6 +84,27 @@ def request_ids() -> tuple[str, str | None]:
     """This request's id (the HTTP request's, as in its log lines; a fresh one on stdio) and trace id."""
     request_id, trace_id = current_ids()
     return request_id or uuid.uuid4().hex, trace_id
+
+
+def client_info(ctx: Any) -> dict[str, str]:
+    """What the client declared of itself at `initialize` (name, version; `model` only if it named one)."""
+    try:
+        info = ctx.session.client_params.client_info
+    except Exception:  # no session (stdio resource, tests): nothing declared
+        return {}
+    out = {
+        key: value
+        for key, value in (
+            ("name", getattr(info, "name", None)),
+            ("version", getattr(info, "version", None)),
+            (
+                "model",
+                getattr(info, "model", None) or (getattr(info, "model_extra", None) or {}).get("model"),
+            ),
+        )
+        if isinstance(value, str) and value
+    }
+    return {k: v[:200] for k, v in out.items()}
 
 
 def nameable(argument: str) -> str:
@@ -124,6 +148,10 @@ class Call:
     break_glass_reason: str | None
     inputs: dict[str, DecisionInput]
     decisions: dict[str, Decision] = field(default_factory=dict)
+    # What the agent declared of itself in MCP clientInfo (name, version, and a model if it named one).
+    client_info: dict[str, str] = field(default_factory=dict)
+    # The outcome of a person's confirmation, when the decision asked for one (for the audit record).
+    confirmation: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         allowed = [rt for rt, d in self.decisions.items() if d.allow]
@@ -160,6 +188,8 @@ class Call:
         decisions = list(self.decisions.values())
         d = self.decision
         extra: dict[str, Any] = dict(fetched.audit_extra) if fetched is not None else {}
+        if self.confirmation is not None:
+            extra["confirmation"] = dict(self.confirmation)
         if self.tool.sections:
             extra["sections"] = [
                 _section_record(
@@ -329,7 +359,11 @@ class CallPath:
     def __repr__(self) -> str:
         return "CallPath()"
 
-    async def run(self, tool: Tool, arguments: Mapping[str, Any]) -> CallToolResult:
+    async def run(
+        self, tool: Tool, arguments: Mapping[str, Any], *, ctx: Any = None
+    ) -> CallToolResult | InputRequiredResult:
+        """Steps 1 to 9 for one call. `ctx` is the SDK's request context: it reaches the person
+        (elicitation) when the decision asks for a confirmation, and names the client."""
         app = self.app
         request_id, trace_id = request_ids()
         subject: Subject | None = None
@@ -397,6 +431,7 @@ class CallPath:
                 )
                 for rt in rtypes
             },
+            client_info=client_info(ctx),
         )
         # 4 decide (a multi-part tool: every section at once)
         answers = await asyncio.gather(
@@ -410,6 +445,17 @@ class CallPath:
             first = call.decisions[call.resource_type]
             raise PolicyDenied(first.reasons, decision_id=first.decision_id)
         try:
+            if call.obligations.confirm is not None:  # 5b a person confirms, or nothing is written
+                try:
+                    answer = await confirm(
+                        ctx, dict(call.obligations.confirm), tool=tool.name, patient=patient
+                    )
+                except InputNeeded as needed:  # the question goes back to the client; nothing written
+                    call.confirmation = needed.confirmation.to_dict()
+                    await self._write(call.record("allowed"))
+                    metrics.TOOL_CALLS.labels(tool.name, "input_required").inc()
+                    return needed.result
+                call.confirmation = answer.to_dict()
             fetched = await tool.fetch(call, args)  # 6 fetch
             enforced = (tool.enforce or enforce_fetched)(call, fetched)  # 7 enforce
             result = tool.build(call, args, fetched, enforced)
@@ -417,6 +463,8 @@ class CallPath:
             # 8 audit: durable before anything leaves
             await self._write(call.record("allowed", fetched=fetched, enforced=enforced))
         except MCPFhirError as exc:
+            if isinstance(exc, ConfirmationRequired):
+                call.confirmation = exc.details.get("confirmation")
             await self._failed(call, exc)
             raise
         except Exception as exc:

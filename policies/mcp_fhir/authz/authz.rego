@@ -122,7 +122,13 @@ _closed_obligations := {
 	"max_results": 0,
 }
 
-_granted_obligations := {
+# The obligations of an allow; a tool whose data names `confirm` adds it (a person confirms the write).
+_granted_obligations := object.union(_base_obligations, {"confirm": c}) if {
+	c := data.mcp_fhir.config.tools[request.tool].confirm
+	is_object(c)
+} else := _base_obligations
+
+_base_obligations := {
 	"exclude_security_labels": sort(sensitivity.excluded | consent.excluded_labels),
 	"allowed_categories": {rt: sort(cats) | some rt, cats in allowed_categories},
 	"redact": sort(rbac.role_redact | purpose.redact),

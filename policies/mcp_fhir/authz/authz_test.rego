@@ -176,3 +176,15 @@ test_allow_equals_no_reason_and_every_grant if {
 	}
 	count(mismatches) == 0
 }
+
+# The confirm obligation comes from the tool's data: create_clinical_note by default, no other tool.
+test_confirm_obligation_only_where_the_tools_data_names_it if {
+	note := testing.req(["clinician"], ["user/*.cruds"], "create_clinical_note", "create", "DocumentReference", "p1", "treatment")
+	d := authz.decision with input as note
+	d.allow
+	d.obligations.confirm == {"prompt_code": "confirm_clinical_note", "ttl_s": 120}
+	o := authz.decision with input as testing.clinician_obs
+	not "confirm" in object.keys(o.obligations)
+	n := authz.decision with input as note with data.mcp_fhir.config.tools.create_clinical_note.confirm as null
+	not "confirm" in object.keys(n.obligations)
+}
