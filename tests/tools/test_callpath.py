@@ -294,3 +294,58 @@ async def test_no_call_object_repr_shows_a_patient_id_a_parameter_or_the_break_g
             assert SECRET_PATIENT not in text, type(obj).__name__
             assert "4548-4" not in text, type(obj).__name__
             assert "Cardiac" not in text, type(obj).__name__
+
+
+# Minimal valid arguments for every declared tool.
+EVERY_TOOL: dict[str, dict[str, Any]] = {
+    "read_patient": {"patient_id": PATIENT},
+    "search_observations": {"patient_id": PATIENT},
+    "search_medication_statements": {"patient_id": PATIENT},
+    "search_medication_requests": {"patient_id": PATIENT},
+    "search_conditions": {"patient_id": PATIENT},
+    "search_encounters": {"patient_id": PATIENT},
+    "search_procedures": {"patient_id": PATIENT},
+    "search_allergies": {"patient_id": PATIENT},
+    "list_documents": {"patient_id": PATIENT},
+    "search_immunizations": {"patient_id": PATIENT},
+    "patient_summary": {"patient_id": PATIENT},
+    "read_document": {"patient_id": PATIENT, "document_id": "doc-1"},
+    "create_clinical_note": {
+        "patient_id": PATIENT,
+        "title": "t",
+        "text": "x",
+        "idempotency_key": "key-every-tool",
+    },
+    "refresh": {"patient_id": PATIENT, "resource_type": "Observation"},
+    "search_audit_log": {},
+}
+
+
+def test_every_declared_tool_is_in_this_table_and_in_the_catalogue():
+    from mcp_fhir.catalog import CATALOGUE
+    from mcp_fhir.tools import all_tools
+
+    assert {t.name for t in all_tools()} == set(EVERY_TOOL) == set(CATALOGUE)
+
+
+@pytest.mark.parametrize("name", sorted(EVERY_TOOL))
+async def test_every_tool_denied_writes_one_denied_record_and_never_reaches_the_ehr(name: str):
+    h = make_harness(lambda _i: deny_with("ROLE_NOT_PERMITTED"))
+    with pytest.raises(PolicyDenied):
+        await h.run(name, purpose="treatment", **EVERY_TOOL[name])
+    assert [(r.result, r.tool) for r in h.sink.records] == [("denied", name)]
+    assert h.ehr.calls == []
+
+
+@pytest.mark.parametrize("name", sorted(EVERY_TOOL))
+async def test_every_tool_allowed_writes_one_allowed_record_before_it_responds(name: str):
+    ob = Obligations(present=frozenset({"audit_patients"}))
+    doc = {"resourceType": "DocumentReference", "id": "doc-1", "subject": {"reference": f"Patient/{PATIENT}"}}
+    h = make_harness(
+        lambda _i: allow_with(ob),
+        resources=[{"resourceType": "Patient", "id": PATIENT}, observation("o1"), doc],
+    )
+    result = await h.run(name, purpose="treatment", **EVERY_TOOL[name])
+    assert not result.is_error
+    assert [(r.result, r.tool) for r in h.sink.records] == [("allowed", name)]
+    assert result.structured_content is not None
