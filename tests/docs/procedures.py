@@ -119,9 +119,11 @@ def _merge(base: Any, extra: Any) -> Any:
 
 def sandbox(dest: Path, root: Path = REPO) -> Path:
     """A fresh copy of the repository's tracked files, with the heavy local installs linked."""
-    tracked = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True
-    ).stdout.decode().split("\0")
+    tracked = (
+        subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True)
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, tracked):
         src = root / rel
         if src.is_file():
@@ -137,7 +139,9 @@ def sandbox(dest: Path, root: Path = REPO) -> Path:
 
 def _contains(actual: Any, expected: Any) -> bool:
     if isinstance(expected, dict):
-        return isinstance(actual, dict) and all(k in actual and _contains(actual[k], v) for k, v in expected.items())
+        return isinstance(actual, dict) and all(
+            k in actual and _contains(actual[k], v) for k, v in expected.items()
+        )
     if isinstance(expected, list):
         return isinstance(actual, list) and all(any(_contains(a, e) for a in actual) for e in expected)
     return bool(actual == expected)
@@ -192,9 +196,13 @@ def run(procedure: Procedure, workdir: Path, *, env: dict[str, str] | None = Non
                 try:
                     actual = json.loads(last_stdout)
                 except (ValueError, UnboundLocalError) as exc:
-                    raise ProcedureError(f"{where}, step {index}: the output is not JSON\n{last[-2000:]}") from exc
+                    raise ProcedureError(
+                        f"{where}, step {index}: the output is not JSON\n{last[-2000:]}"
+                    ) from exc
                 if not _contains(actual, json.loads(step.body)):
-                    raise ProcedureError(f"{where}, step {index}: the output lacks\n{step.body}\n{last[-3000:]}")
+                    raise ProcedureError(
+                        f"{where}, step {index}: the output lacks\n{step.body}\n{last[-3000:]}"
+                    )
             else:
                 cursor = 0
                 for line in (ln.strip() for ln in step.body.splitlines()):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +18,7 @@ from mcp_fhir.policy.engine import Decision, Obligations
 from mcp_fhir.tools.callpath import enforce_resources, references_patient
 from mcp_fhir.tools.clinical import SEARCH_TOOLS, upstream_query
 from mcp_fhir.tools.results import make_continuation
+from tests.data import VENDOR_SAMPLES
 from tests.tools.conftest import (
     KEY,
     OTHER_PATIENT,
@@ -29,7 +29,7 @@ from tests.tools.conftest import (
     observation,
 )
 
-VENDOR = Path("/work/shared/fixtures/vendor-samples")
+VENDOR = VENDOR_SAMPLES
 OWN = f"Patient/{PATIENT}"
 FOREIGN = f"Patient/{OTHER_PATIENT}"
 
