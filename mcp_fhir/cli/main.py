@@ -78,17 +78,23 @@ def _tls_context(config: Any, default_factory: Any) -> Any:
 
 def _config_check(args: argparse.Namespace) -> int:
     from mcp_fhir import config
+    from mcp_fhir.audit.settings import config_warnings
 
-    try:
-        settings = config.load(args.file, files=not args.skip_files)
-    except config.ConfigErrors as exc:
-        for line in exc.lines():
-            print(f"error: {line}", file=sys.stderr)
-        return 2
-    print(
-        f"ok: {args.file}: {len(settings.backends)} backend(s), transport {settings.server.transport}, "
-        f"{len(settings.tools)} tool(s)"
-    )
+    loaded = []
+    for file in args.file:
+        try:
+            settings = config.load(file, files=not args.skip_files)
+        except config.ConfigErrors as exc:
+            for line in exc.lines():
+                print(f"error: {line}", file=sys.stderr)
+            return 2
+        loaded.append(settings)
+        print(
+            f"ok: {file}: {len(settings.backends)} backend(s), transport {settings.server.transport}, "
+            f"{len(settings.tools)} tool(s)"
+        )
+    for warning in config_warnings([s.audit_settings() for s in loaded]):
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -134,8 +140,13 @@ def parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     cfg = sub.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)
-    check = cfg.add_parser("check", help="validate a configuration file without starting anything")
-    check.add_argument("file", help="the YAML file (relative paths in it are read from its own folder)")
+    check = cfg.add_parser("check", help="validate configuration files without starting anything")
+    check.add_argument(
+        "file",
+        nargs="+",
+        help="one config, or every replica's config (to find collisions); relative paths in each are read "
+        "from its own folder",
+    )
     check.add_argument(
         "--skip-files",
         action="store_true",
