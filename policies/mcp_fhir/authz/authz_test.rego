@@ -134,7 +134,26 @@ test_nurse_visible_tools_are_patient_and_observations if {
 
 test_admin_visible_tools_are_audit_log_only if {
 	s := object.union(testing.clinician_obs.subject, {"claims": {"roles": ["admin"]}})
-	authz.visible_tools == ["search_audit_log"] with input as {"subject": s}
+	authz.visible_tools == ["audit_disclosures", "search_audit_log"] with input as {"subject": s}
+}
+
+# audit_disclosures has search_audit_log's gates: an auditor may ask about a patient, an admin may not
+# (no patient_filter), a clinician not at all.
+test_audit_disclosures_is_gated_like_search_audit_log if {
+	cases := {
+		"auditor": [["auditor"], true, set()],
+		"admin": [["admin"], false, {"PATIENT_FILTER_NOT_PERMITTED"}],
+		"clinician": [["clinician"], false, {"ROLE_NOT_PERMITTED"}],
+	}
+	failures := {name: got |
+		some name, c in cases
+		[roles, allow, codes] := c
+		i := testing.req(roles, ["user/*.cruds"], "audit_disclosures", "search", "AuditEvent", "p1", "audit")
+		d := authz.decision with input as i
+		got := {"allow": d.allow, "codes": {r.code | some r in d.reasons}}
+		got != {"allow": allow, "codes": codes}
+	}
+	count(failures) == 0
 }
 
 test_visible_tools_respect_scopes if {
