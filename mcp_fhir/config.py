@@ -59,6 +59,7 @@ from mcp_fhir.ehr.smart import AdditionalKey, SmartSettings
 from mcp_fhir.resilience.breaker import BreakerSettings
 from mcp_fhir.resilience.cache import CacheSettings
 from mcp_fhir.resilience.ratelimit import RateLimiterSettings
+from mcp_fhir.tracing import TracingSettings
 
 __all__ = [
     "DEFAULT_CONFIG_ENV",
@@ -477,6 +478,17 @@ def _cache_section(value: Any) -> CacheSettings | None:
     return built if enabled else None
 
 
+def _tracing_section(value: Any) -> TracingSettings:
+    if isinstance(value, TracingSettings):
+        return value
+    try:
+        return TracingSettings.from_mapping(_mapping("tracing", value))
+    except ConfigError as exc:
+        raise _from_config_error(exc) from None
+    except TypeError:
+        raise _fail("tracing", "has a value of the wrong type") from None
+
+
 def _rate_limit_section(value: Any) -> RateLimiterSettings:
     """`rate_limit` without its limits, which come from the backends (`Settings._backend_limits`)."""
     if isinstance(value, RateLimiterSettings):
@@ -511,6 +523,9 @@ class Settings(_Strict):
     flag_prompt_injection: bool = True
     consent: ConsentSettings = ConsentSettings()
     activity: ActivitySettings = ActivitySettings()
+    tracing: Annotated[TracingSettings, PlainValidator(_tracing_section)] = Field(
+        default_factory=TracingSettings, description="TracingSettings: OpenTelemetry traces, off by default."
+    )
 
     @field_validator("backends")
     @classmethod

@@ -46,6 +46,7 @@ from mcp_fhir.tools import all_tools
 from mcp_fhir.tools.callpath import CallPath, current_subject, visible_tools
 from mcp_fhir.tools.clinical import PATIENT_SUMMARY
 from mcp_fhir.tools.params import FHIR_ID
+from mcp_fhir.tracing import configure_tracing
 
 __all__ = [
     "INFRA_ERROR",
@@ -88,6 +89,9 @@ def make_lifespan(settings: Settings, holder: dict[str, AppContext]):
     @asynccontextmanager
     async def lifespan(server: MCPServer[AppContext]) -> AsyncIterator[AppContext]:
         async with AsyncExitStack() as stack:
+            provider = configure_tracing(settings.tracing)  # None (the API's no-op) unless tracing.enabled
+            if provider is not None:
+                stack.callback(provider.shutdown)
             trail = build_trail(settings.audit_settings())
             await trail.start()
             stack.push_async_callback(trail.close)

@@ -164,6 +164,7 @@ def reference_keys() -> list[tuple[str, str]]:
     from mcp_fhir.resilience.breaker import BreakerSettings
     from mcp_fhir.resilience.cache import CacheSettings
     from mcp_fhir.resilience.ratelimit import RateLimiterSettings
+    from mcp_fhir.tracing import TracingSettings
 
     sections = (
         "server",
@@ -177,6 +178,7 @@ def reference_keys() -> list[tuple[str, str]]:
         "rate_limit",
         "consent",
         "activity",
+        "tracing",
     )
     return [
         *_pydantic_keys(config.Settings, "", skip=(*sections, "tools")),
@@ -201,6 +203,7 @@ def reference_keys() -> list[tuple[str, str]]:
         *_pydantic_keys(config.LimitsSettings, "limits."),
         *_pydantic_keys(config.ConsentSettings, "consent."),
         *_pydantic_keys(config.ActivitySettings, "activity."),
+        *_dataclass_keys(TracingSettings, "tracing."),
     ]
 
 

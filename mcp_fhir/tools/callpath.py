@@ -39,7 +39,7 @@ from mcp.types import CallToolResult
 from mcp_types import InputRequiredResult
 from pydantic import ValidationError
 
-from mcp_fhir import metrics
+from mcp_fhir import metrics, tracing
 from mcp_fhir._exceptions import (
     AuditUnavailable,
     AuthenticationError,
@@ -105,6 +105,15 @@ def client_info(ctx: Any) -> dict[str, str]:
         if isinstance(value, str) and value
     }
     return {k: v[:200] for k, v in out.items()}
+
+
+def _headers(ctx: Any) -> Mapping[str, str] | None:
+    """The HTTP request's headers (for W3C trace context), or None on stdio and without a context."""
+    try:
+        headers = ctx.headers
+    except Exception:
+        return None
+    return headers if isinstance(headers, Mapping) else None
 
 
 def nameable(argument: str) -> str:
@@ -363,13 +372,33 @@ class CallPath:
         self, tool: Tool, arguments: Mapping[str, Any], *, ctx: Any = None
     ) -> CallToolResult | InputRequiredResult:
         """Steps 1 to 9 for one call. `ctx` is the SDK's request context: it reaches the person
-        (elicitation) when the decision asks for a confirmation, and names the client."""
-        app = self.app
+        (elicitation) when the decision asks for a confirmation, and names the client.
+
+        One trace per call (`tracing.py`: a no-op unless tracing is configured), a child of the
+        caller's W3C `traceparent` when the HTTP request carried one, with a span per step
+        (authenticate, decide, fetch, enforce, audit) holding only allow-listed, PHI-free attributes.
+        """
         request_id, trace_id = request_ids()
+        with tracing.tool_call(tool.name, headers=_headers(ctx), request_id=request_id) as root:
+            result = await self._run(tool, arguments, ctx, request_id, trace_id)
+            tracing.annotate(
+                root,
+                **{
+                    "audit.result": "input_required" if isinstance(result, InputRequiredResult) else "allowed"
+                },
+            )
+            return result
+
+    async def _run(
+        self, tool: Tool, arguments: Mapping[str, Any], ctx: Any, request_id: str, trace_id: str | None
+    ) -> CallToolResult | InputRequiredResult:
+        app = self.app
         subject: Subject | None = None
         args: ToolArgs | None = None
         try:
-            subject = current_subject(app)  # 1 authenticate
+            with tracing.span("authenticate") as auth_span:
+                subject = current_subject(app)  # 1 authenticate
+                tracing.annotate(auth_span, **{"auth.method": subject.authn, "auth.result": "ok"})
             args = validate(tool, arguments)  # 2 validate
             if tool.check is not None:
                 tool.check(args, app, subject)
@@ -434,12 +463,23 @@ class CallPath:
             client_info=client_info(ctx),
         )
         # 4 decide (a multi-part tool: every section at once)
-        answers = await asyncio.gather(
-            *(app.decider.decide(inp, requires=tool.requires) for inp in call.inputs.values())
-        )
-        call.decisions = dict(zip(call.inputs, answers, strict=True))
+        with tracing.span("decide", **{"fhir.operation": tool.operation}) as decide_span:
+            answers = await asyncio.gather(
+                *(app.decider.decide(inp, requires=tool.requires) for inp in call.inputs.values())
+            )
+            call.decisions = dict(zip(call.inputs, answers, strict=True))
+            tracing.annotate(
+                decide_span,
+                **{
+                    "policy.allow": call.allowed,
+                    "policy.reason_codes": sorted({c for d in answers for c in d.reason_codes}),
+                    "policy.decision_id": call.decision.decision_id or "",
+                    "policy.revision": call.decision.revision or "",
+                },
+            )
         if not call.allowed:  # 5 deny: audited, then raised
-            await self._write(call.record("denied"))
+            with tracing.span("audit", **{"audit.result": "denied"}):
+                await self._write(call.record("denied"))
             await self._denied(subject)
             metrics.TOOL_CALLS.labels(tool.name, "denied").inc()
             first = call.decisions[call.resource_type]
@@ -456,12 +496,23 @@ class CallPath:
                     metrics.TOOL_CALLS.labels(tool.name, "input_required").inc()
                     return needed.result
                 call.confirmation = answer.to_dict()
-            fetched = await tool.fetch(call, args)  # 6 fetch
-            enforced = (tool.enforce or enforce_fetched)(call, fetched)  # 7 enforce
+            fetch_attrs = {"fhir.backend": call.backend, "fhir.operation": tool.operation}
+            with tracing.span(
+                "fetch", **fetch_attrs, **{"fhir.resource_type": call.resource_type}
+            ) as fetch_span:
+                fetched = await tool.fetch(call, args)  # 6 fetch
+                tracing.annotate(fetch_span, **{"cache.outcome": fetched.cache or "none"})
+            with tracing.span("enforce") as enforce_span:
+                enforced = (tool.enforce or enforce_fetched)(call, fetched)  # 7 enforce
+                tracing.annotate(
+                    enforce_span,
+                    **{"fhir.result_count": _returned(enforced), "fhir.withheld_count": _filtered(enforced)},
+                )
             result = tool.build(call, args, fetched, enforced)
             markdown = tool.render(result)
             # 8 audit: durable before anything leaves
-            await self._write(call.record("allowed", fetched=fetched, enforced=enforced))
+            with tracing.span("audit", **{"audit.result": "allowed"}):
+                await self._write(call.record("allowed", fetched=fetched, enforced=enforced))
         except MCPFhirError as exc:
             if isinstance(exc, ConfirmationRequired):
                 call.confirmation = exc.details.get("confirmation")
