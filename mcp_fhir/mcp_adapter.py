@@ -139,12 +139,15 @@ class SidecarServer(MCPServer[AppContext]):
     # The running app (set by the lifespan) and the hook that audits HTTP authentication rejections.
     app_holder: dict[str, AppContext]
     on_reject: Callable[[str, str | None], Awaitable[None]] | None
+    # Operator handles (`token_verifier`, `managed_opa`) for SIGHUP reloads and build info.
+    ops: dict[str, Any]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.declared: dict[str, Tool] = {}
         self.app_holder = {}
         self.on_reject = None
+        self.ops = {}
 
     def declare(self, tool: Tool) -> None:
         """Publish a declared tool."""

@@ -86,15 +86,17 @@ def _pinning_options(p: argparse.ArgumentParser) -> None:
 
 
 def _filter_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--patient")
+    p.add_argument("--patient", help="canonical patient id the records are about")
     p.add_argument("--agent", help="subject id of the calling agent")
     p.add_argument("--since", help="RFC 3339, inclusive")
     p.add_argument("--until", help="RFC 3339, exclusive")
-    p.add_argument("--result", choices=["allowed", "denied", "error"])
-    p.add_argument("--purpose")
-    p.add_argument("--alert")
-    p.add_argument("--tool")
-    p.add_argument("--kind", choices=["access", "alert", "auth_failure", "shadow_divergence"])
+    p.add_argument("--result", choices=["allowed", "denied", "error"], help="the call's outcome")
+    p.add_argument("--purpose", help="purpose of use the call named")
+    p.add_argument("--alert", help="records that raised this alert")
+    p.add_argument("--tool", help="tool name")
+    p.add_argument(
+        "--kind", choices=["access", "alert", "auth_failure", "shadow_divergence"], help="record kind"
+    )
 
 
 def add_parser(subparsers: Any) -> None:
@@ -135,17 +137,21 @@ def add_parser(subparsers: Any) -> None:
     query = sub.add_parser("query", help="search records")
     _source_options(query)
     _filter_options(query)
-    query.add_argument("--limit", type=int, default=DEFAULT_QUERY_LIMIT)
-    query.add_argument("--cursor")
+    query.add_argument("--limit", type=int, default=DEFAULT_QUERY_LIMIT, help="records per page")
+    query.add_argument("--cursor", help="continue from the cursor a previous page printed")
     query.set_defaults(func=run_query)
 
     export = sub.add_parser("export", help="export records as FHIR AuditEvents or JSON lines")
     _source_options(export)
     _filter_options(export)
-    export.add_argument("--format", choices=["fhir", "jsonl"], default="fhir")
-    export.add_argument("--output", choices=["bundle", "ndjson"], default="bundle")
+    export.add_argument(
+        "--format", choices=["fhir", "jsonl"], default="fhir", help="FHIR AuditEvents or raw records"
+    )
+    export.add_argument(
+        "--output", choices=["bundle", "ndjson"], default="bundle", help="one Bundle or NDJSON"
+    )
     export.add_argument("--out", help="write here instead of stdout")
-    export.add_argument("--limit", type=int, default=EXPORT_ALL_LIMIT)
+    export.add_argument("--limit", type=int, default=EXPORT_ALL_LIMIT, help="at most this many records")
     export.set_defaults(func=run_export)
 
 
