@@ -118,7 +118,12 @@ def add_parser(subparsers: Any) -> None:
     disclosures.add_argument("--patient", required=True, help="the canonical patient id")
     disclosures.add_argument("--from", dest="since", help="RFC 3339, inclusive")
     disclosures.add_argument("--to", dest="until", help="RFC 3339, exclusive")
-    disclosures.add_argument("--format", choices=["md", "html", "json", "fhir"], default="md")
+    disclosures.add_argument(
+        "--format",
+        choices=["md", "html", "json", "fhir"],
+        default="md",
+        help="md for a reader, html to print, json for tools, fhir for a Bundle of AuditEvents (default md)",
+    )
     disclosures.add_argument("--out", help="write here (mode 0600) instead of stdout")
     disclosures.set_defaults(func=run_disclosures)
 
@@ -130,8 +135,8 @@ def add_parser(subparsers: Any) -> None:
         "init-postgres", help="create the PostgreSQL audit schema, table, triggers and role"
     )
     init.add_argument("--dsn-env", required=True, help="NAME of the variable holding an ADMIN DSN")
-    init.add_argument("--schema", default="public")
-    init.add_argument("--table", default="audit_log")
+    init.add_argument("--schema", default="public", help="PostgreSQL schema to create (default public)")
+    init.add_argument("--table", default="audit_log", help="PostgreSQL table to create (default audit_log)")
     init.set_defaults(func=run_init_postgres)
 
     query = sub.add_parser("query", help="search records")

@@ -168,13 +168,16 @@ def _config_check(args: argparse.Namespace) -> int:
     from mcp_fhir.audit.settings import config_warnings
 
     loaded = []
+    failed = False
     for file in args.file:
         try:
             settings = config.load(file, files=not args.skip_files)
         except config.ConfigErrors as exc:
+            failed = True
+            where = f"{file}: " if len(args.file) > 1 else ""
             for line in exc.lines():
-                print(f"error: {line}", file=sys.stderr)
-            return 2
+                print(f"error: {where}{line}", file=sys.stderr)
+            continue
         loaded.append(settings)
         print(
             f"ok: {file}: {len(settings.backends)} backend(s), transport {settings.server.transport}, "
@@ -182,6 +185,8 @@ def _config_check(args: argparse.Namespace) -> int:
         )
     for warning in config_warnings([s.audit_settings() for s in loaded]):
         print(f"warning: {warning}", file=sys.stderr)
+    if failed:
+        return 2
     return 0
 
 
@@ -286,8 +291,8 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument(
         "file",
         nargs="+",
-        help="one config, or every replica's config (to find collisions); relative paths in each are read "
-        "from its own folder",
+        help="one config, or every replica's config (to find audit writer collisions); relative paths in a "
+        "file are read from its own folder",
     )
     check.add_argument(
         "--skip-files",
