@@ -35,8 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mcp.server.auth.middleware.auth_context import get_access_token
-from mcp.types import CallToolResult
-from mcp_types import InputRequiredResult
+from mcp.types import CallToolResult, InputRequiredResult
 from pydantic import ValidationError
 
 from mcp_fhir import metrics, tracing
