@@ -403,7 +403,13 @@ def load_idmap_yaml(path: str | Path) -> list[IdMapEntry]:
 
 
 async def seed_idmap(idmap: IdMap, entries: Sequence[IdMapEntry]) -> int:
-    """Put every entry; returns how many were applied (identical rows count, conflicts raise)."""
+    """Put every entry; returns how many are in the map now (identical rows count, an entry that contradicts a
+    stored mapping is skipped: the stored one stands, so a seed file never rewrites a live map)."""
+    applied = 0
     for entry in entries:
-        await idmap.put(entry.canonical, entry.backend, entry.kind, entry.value)
-    return len(entries)
+        try:
+            await idmap.put(entry.canonical, entry.backend, entry.kind, entry.value)
+        except ConfigError:
+            continue
+        applied += 1
+    return applied
