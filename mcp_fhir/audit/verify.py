@@ -54,7 +54,6 @@ from mcp_fhir.audit.sinks.file import iter_file_lines
 from mcp_fhir.audit.witness import witness_seq_hash
 
 __all__ = [
-    "PROBLEM_KINDS",
     "Problem",
     "VerifyOptions",
     "VerifyReport",
@@ -66,12 +65,6 @@ __all__ = [
     "verify_sqlite",
 ]
 
-PROBLEM_KINDS = frozenset({
-    "malformed", "edited", "deleted", "reordered", "inserted", "chain_broken", "bad_checkpoint",
-    "bad_checkpoint_signature", "decrypt_failed", "truncated", "witness_mismatch", "witness_missing",
-    "unsigned_tail",
-    "unvouched",
-})  # fmt: skip
 _DECODER = msgspec.json.Decoder()
 PROGRESS_EVERY = 10_000
 HASH_HEX_LEN = 64
