@@ -19,7 +19,7 @@ from mcp_fhir.config import ActivitySettings, ConsentSettings, IdMapSettings, Se
 from mcp_fhir.consent import ConsentReader, EhrConsentSource, PostgresConsentStore, SqliteConsentStore
 from mcp_fhir.ehr.client import EHRClient, FhirEHRClient
 from mcp_fhir.ehr.hl7_results import Hl7ResultsSource
-from mcp_fhir.ehr.idmap import PostgresIdMap, SqliteIdMap, load_idmap_yaml
+from mcp_fhir.ehr.idmap import PostgresIdMap, SqliteIdMap, load_idmap_yaml, seed_idmap
 from mcp_fhir.ehr.profiles import detect_fhir_version, get_profile
 from mcp_fhir.ehr.scopes import required_scopes, unavailable_tools
 from mcp_fhir.ehr.smart import SmartBackendAuth, SmartSettings
@@ -231,25 +231,15 @@ async def open_activity(stack: AsyncExitStack, cfg: ActivitySettings) -> Activit
 
 async def open_idmap(cfg: IdMapSettings) -> Any:
     """The patient-id map the config names, seeded from `seed_file` when given."""
-    import os
-
     if cfg.kind == "postgres":
-        dsn = os.environ.get(cfg.dsn_env or "")
-        if not dsn:
-            from mcp_fhir._exceptions import ConfigError
+        from mcp_fhir._secret import secret_from_env
 
-            raise ConfigError("idmap.dsn_env", f"environment variable {cfg.dsn_env} is not set")
-        idmap: Any = await PostgresIdMap.connect(dsn)
+        idmap: Any = await PostgresIdMap.connect(secret_from_env(cfg.dsn_env, "idmap.dsn_env").reveal())
     else:
         cfg.path.parent.mkdir(parents=True, exist_ok=True)
         idmap = SqliteIdMap(cfg.path)
     if cfg.seed_file is not None:
-        for entry in load_idmap_yaml(cfg.seed_file):
-            try:
-                await idmap.put(entry.canonical, entry.backend, entry.kind, entry.value)
-            except MCPFhirError as exc:
-                if exc.code != "config_invalid":
-                    raise
+        await seed_idmap(idmap, load_idmap_yaml(cfg.seed_file))
     return idmap
 
 
