@@ -7,12 +7,12 @@ need, and tools whose scopes the EHR did not grant are reported unavailable.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
 from typing import Any
 
-from mcp_fhir._exceptions import ConfigError, MCPFhirError, UpstreamBadResponse
+from mcp_fhir._exceptions import MCPFhirError, UpstreamBadResponse
+from mcp_fhir._secret import secret_from_env
 from mcp_fhir.activity import ActivityCounters, MemoryActivity, RedisActivity
 from mcp_fhir.catalog import CATALOGUE, LOCAL_TYPES
 from mcp_fhir.config import ActivitySettings, ConsentSettings, IdMapSettings, Settings, breaker_settings
@@ -202,10 +202,8 @@ async def open_consent(
 
         source = EhrConsentSource(search)
     elif cfg.source == "postgres":
-        dsn = os.environ.get(cfg.dsn_env or "")
-        if not dsn:
-            raise ConfigError("consent.dsn_env", f"environment variable {cfg.dsn_env} is not set")
-        source = await PostgresConsentStore.connect(dsn, table=cfg.table)
+        dsn = secret_from_env(cfg.dsn_env, "consent.dsn_env")
+        source = await PostgresConsentStore.connect(dsn.reveal(), table=cfg.table)
         stack.push_async_callback(source.aclose)
     else:
         source = SqliteConsentStore(cfg.path)
@@ -220,20 +218,14 @@ async def open_activity(stack: AsyncExitStack, cfg: ActivitySettings) -> Activit
     if cfg.store == "redis":
         client = redis_from_env(cfg.redis_url_env, "activity.redis_url_env")
         stack.push_async_callback(client.aclose)
-        key = os.environ.get(cfg.patient_key_env or "", "")
-        if not key:
-            raise ConfigError(
-                "activity.patient_key_env", f"environment variable {cfg.patient_key_env} is not set"
-            )
-        return RedisActivity(client, cfg.windows, prefix=cfg.key_prefix, key=key.encode())
+        key = secret_from_env(cfg.patient_key_env, "activity.patient_key_env")
+        return RedisActivity(client, cfg.windows, prefix=cfg.key_prefix, key=key.reveal().encode())
     return MemoryActivity(cfg.windows)
 
 
 async def open_idmap(cfg: IdMapSettings) -> Any:
     """The patient-id map the config names, seeded from `seed_file` when given."""
     if cfg.kind == "postgres":
-        from mcp_fhir._secret import secret_from_env
-
         idmap: Any = await PostgresIdMap.connect(secret_from_env(cfg.dsn_env, "idmap.dsn_env").reveal())
     else:
         cfg.path.parent.mkdir(parents=True, exist_ok=True)
