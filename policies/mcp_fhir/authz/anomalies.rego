@@ -3,10 +3,15 @@
 # description: >-
 #   Alerts never change allow; they tell the audit trail and the SOC what to look at.
 #   after_hours: outside the business hours in data. break_glass: break-glass was invoked.
+#   consent_overridden: break-glass set a patient's consent aside. Activity rules (config/activity)
+#   raise their own name (bulk_access, denial_burst) on input.context.activity, and deny
+#   (ACTIVITY_DENIED) where their action is deny.
 package mcp_fhir.authz.anomalies
 
+import data.mcp_fhir.authz.consent
 import data.mcp_fhir.authz.request
 import data.mcp_fhir.authz.sensitivity
+import data.mcp_fhir.config.activity as _activity
 import data.mcp_fhir.config.hours as _hours
 
 # minutes turns "HH:MM" into minutes after midnight.
@@ -44,3 +49,41 @@ _in_hours if {
 alerts contains "after_hours" if not _in_hours
 
 alerts contains "break_glass" if sensitivity.break_glass_invoked
+
+alerts contains "consent_overridden" if consent.overridden
+
+# activity_hits: the activity rules whose threshold this subject's counts reach.
+activity_hits contains name if {
+	request.well_formed
+	counts := input.context.activity
+	some name, rule in _activity.rules
+	counts[rule.window][rule.measure] >= rule.at_least
+}
+
+alerts contains name if some name in activity_hits
+
+# METADATA
+# title: Activity denied
+# description: The subject's recent activity reached a threshold the policy denies on
+# custom:
+#   code: ACTIVITY_DENIED
+deny contains {"code": "ACTIVITY_DENIED", "message": "The subject's recent activity reached a threshold the policy denies on"} if {
+	some name in activity_hits
+	_activity.rules[name].action == "deny"
+}
+
+# activity_unavailable: the sidecar's activity counters could not be read for this call.
+alerts contains "activity_unavailable" if {
+	request.well_formed
+	input.context.activity.status == "unavailable"
+}
+
+# METADATA
+# title: Activity unavailable
+# description: The subject's recent activity could not be counted; denied where the policy's data says so
+# custom:
+#   code: ACTIVITY_UNAVAILABLE
+deny contains {"code": "ACTIVITY_UNAVAILABLE", "message": "The subject's recent activity could not be counted; denied where the policy's data says so"} if {
+	"activity_unavailable" in alerts
+	_activity.on_unavailable == "deny"
+}

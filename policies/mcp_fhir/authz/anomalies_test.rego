@@ -42,3 +42,52 @@ test_break_glass_always_alerts if {
 	i := testing.patched(testing.clinician_obs, {"/context/break_glass": {"reason": "arrest"}})
 	anomalies.alerts == {"break_glass"} with input as i
 }
+
+_act(w60, w600) := testing.patched(testing.clinician_obs, {"/context/activity": {"60": w60, "600": w600}})
+
+_counts(calls, patients, denials) := {"calls": calls, "distinct_patients": patients, "denials": denials}
+
+# Each case: activity counts -> the activity alerts raised (the decision stays allowed: action alert).
+test_activity_alert_table if {
+	cases := {
+		"quiet": [_act(_counts(1, 1, 0), _counts(1, 1, 0)), set()],
+		"20 patients in 10 min": [_act(_counts(5, 5, 0), _counts(20, 20, 0)), set()],
+		"21 patients in 10 min": [_act(_counts(5, 5, 0), _counts(21, 21, 0)), {"bulk_access"}],
+		"9 denials in a minute": [_act(_counts(9, 1, 9), _counts(9, 1, 9)), set()],
+		"10 denials in a minute": [_act(_counts(10, 1, 10), _counts(10, 1, 10)), {"denial_burst"}],
+		"both": [_act(_counts(30, 21, 10), _counts(30, 25, 10)), {"bulk_access", "denial_burst"}],
+		"no activity block": [testing.clinician_obs, set()],
+	}
+	failures := {name: got |
+		some name, c in cases
+		[i, want] := c
+		got := anomalies.activity_hits with input as i
+		got != want
+	}
+	count(failures) == 0
+}
+
+test_activity_alerts_reach_the_decision_and_allow_stays if {
+	d := data.mcp_fhir.authz.decision with input as _act(_counts(30, 21, 0), _counts(30, 25, 0))
+	d.allow
+	"bulk_access" in d.audit.alerts
+}
+
+test_activity_rule_with_action_deny_denies if {
+	d := data.mcp_fhir.authz.decision with input as _act(_counts(30, 21, 0), _counts(30, 25, 0))
+		with data.mcp_fhir.config.activity.rules.bulk_access.action as "deny"
+	not d.allow
+	{r.code | some r in d.reasons} == {"ACTIVITY_DENIED"}
+	"bulk_access" in d.audit.alerts
+}
+
+test_unavailable_activity_denies_by_default_and_alerts_either_way if {
+	i := testing.patched(testing.clinician_obs, {"/context/activity": {"status": "unavailable"}})
+	d := data.mcp_fhir.authz.decision with input as i
+	not d.allow
+	{r.code | some r in d.reasons} == {"ACTIVITY_UNAVAILABLE"}
+	"activity_unavailable" in d.audit.alerts
+	a := data.mcp_fhir.authz.decision with input as i with data.mcp_fhir.config.activity.on_unavailable as "alert"
+	a.allow
+	"activity_unavailable" in a.audit.alerts
+}

@@ -7,6 +7,7 @@
 package mcp_fhir.authz
 
 import data.mcp_fhir.authz.anomalies
+import data.mcp_fhir.authz.consent
 import data.mcp_fhir.authz.patient
 import data.mcp_fhir.authz.purpose
 import data.mcp_fhir.authz.rbac
@@ -55,11 +56,13 @@ allow if {
 	count(patient.deny) == 0
 	count(sensitivity.deny) == 0
 	count(deny) == 0
+	count(consent.deny) == 0
+	count(anomalies.deny) == 0
 }
 
 _deny := request.deny if not request.well_formed
 
-_deny := (((((tools.deny | rbac.deny) | purpose.deny) | patient.deny) | scopes.deny) | sensitivity.deny) | deny if {
+_deny := (((((((tools.deny | rbac.deny) | purpose.deny) | patient.deny) | scopes.deny) | sensitivity.deny) | consent.deny) | anomalies.deny) | deny if {
 	request.well_formed
 }
 
@@ -119,8 +122,14 @@ _closed_obligations := {
 	"max_results": 0,
 }
 
-_granted_obligations := {
-	"exclude_security_labels": sort(sensitivity.excluded),
+# The obligations of an allow; a tool whose data names `confirm` adds it (a person confirms the write).
+_granted_obligations := object.union(_base_obligations, {"confirm": c}) if {
+	c := data.mcp_fhir.config.tools[request.tool].confirm
+	is_object(c)
+} else := _base_obligations
+
+_base_obligations := {
+	"exclude_security_labels": sort(sensitivity.excluded | consent.excluded_labels),
 	"allowed_categories": {rt: sort(cats) | some rt, cats in allowed_categories},
 	"redact": sort(rbac.role_redact | purpose.redact),
 	"max_lookback_days": purpose.max_lookback_days,

@@ -134,7 +134,26 @@ test_nurse_visible_tools_are_patient_and_observations if {
 
 test_admin_visible_tools_are_audit_log_only if {
 	s := object.union(testing.clinician_obs.subject, {"claims": {"roles": ["admin"]}})
-	authz.visible_tools == ["search_audit_log"] with input as {"subject": s}
+	authz.visible_tools == ["audit_disclosures", "search_audit_log"] with input as {"subject": s}
+}
+
+# audit_disclosures has search_audit_log's gates: an auditor may ask about a patient, an admin may not
+# (no patient_filter), a clinician not at all.
+test_audit_disclosures_is_gated_like_search_audit_log if {
+	cases := {
+		"auditor": [["auditor"], true, set()],
+		"admin": [["admin"], false, {"PATIENT_FILTER_NOT_PERMITTED"}],
+		"clinician": [["clinician"], false, {"ROLE_NOT_PERMITTED"}],
+	}
+	failures := {name: got |
+		some name, c in cases
+		[roles, allow, codes] := c
+		i := testing.req(roles, ["user/*.cruds"], "audit_disclosures", "search", "AuditEvent", "p1", "audit")
+		d := authz.decision with input as i
+		got := {"allow": d.allow, "codes": {r.code | some r in d.reasons}}
+		got != {"allow": allow, "codes": codes}
+	}
+	count(failures) == 0
 }
 
 test_visible_tools_respect_scopes if {
@@ -175,4 +194,16 @@ test_allow_equals_no_reason_and_every_grant if {
 		not authz.allow with input as case.input
 	}
 	count(mismatches) == 0
+}
+
+# The confirm obligation comes from the tool's data: create_clinical_note by default, no other tool.
+test_confirm_obligation_only_where_the_tools_data_names_it if {
+	note := testing.req(["clinician"], ["user/*.cruds"], "create_clinical_note", "create", "DocumentReference", "p1", "treatment")
+	d := authz.decision with input as note
+	d.allow
+	d.obligations.confirm == {"prompt_code": "confirm_clinical_note", "ttl_s": 120}
+	o := authz.decision with input as testing.clinician_obs
+	not "confirm" in object.keys(o.obligations)
+	n := authz.decision with input as note with data.mcp_fhir.config.tools.create_clinical_note.confirm as null
+	not "confirm" in object.keys(n.obligations)
 }

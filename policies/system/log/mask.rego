@@ -50,3 +50,6 @@ _unsafe_key(key) if not is_string(key)
 _unsafe_key(key) if contains(key, "/")
 
 _unsafe_key(key) if contains(key, "~")
+
+# A patient's consent provisions name people and record instances: erased (the audit keeps them).
+mask contains "/input/context/consent/provisions" if is_array(_event_input.context.consent.provisions)

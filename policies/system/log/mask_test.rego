@@ -32,3 +32,9 @@ test_kept_claims_and_params_not_masked if {
 	not "/input/subject/claims/roles" in m
 	not "/input/resource/params/category" in m
 }
+
+test_consent_provisions_masked_when_present if {
+	e := json.patch(_event, [{"op": "add", "path": "/input/context/consent", "value": {"status": "ok", "provisions": []}}])
+	"/input/context/consent/provisions" in log.mask with input as e
+	not "/input/context/consent/provisions" in log.mask with input as _event
+}
