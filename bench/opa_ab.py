@@ -14,7 +14,9 @@ for the benchmark's `read_patient` allow (the nurse, with decision logging on as
     no decision log  the shipped engine against a third OPA without decision logging (not shippable: shows
                    what logging and its mask cost)
 
-Wall time is printed too, but on a shared machine it measures the neighbours more than the code.
+It also prints OPA's own timers for the shipped decision (`?metrics=true`: evaluation, input parse,
+server handler), which say how much of OPA's CPU per decision is the policy. Wall time is printed
+too, but on a shared machine it measures the neighbours more than the code.
 
     python -m bench.opa_ab [--decisions 300] [--rounds 5] [--out bench/results/opa-ab.json]
 """
@@ -115,9 +117,23 @@ async def measure(decisions: int, rounds: int, workdir: Path) -> dict[str, Any]:
                         row["opa"].append((cpu_seconds(opa.process.pid) - opa_before) / decisions * 1e6)
                         row["python"].append((time.process_time() - py_before) / decisions * 1e6)
                         row["wall"].append((time.perf_counter() - began) / decisions * 1e6)
+                # Where OPA's time goes: its own timers for one decision (evaluation, input parse, handler).
+                timers: dict[str, list[float]] = {}
+                for _ in range(decisions):
+                    async with asyncio.timeout(5):
+                        body = await old.query_rule(
+                            bench_input(),
+                            package_path="mcp_fhir.authz",
+                            rule_name="decision",
+                            query_params={"metrics": "true"},
+                        )
+                    for key, value in (body.get("metrics") or {}).items():
+                        if key.startswith("timer_"):
+                            timers.setdefault(key, []).append(value / 1000.0)
             finally:
                 await old.close_connection()
     return {
+        "opa_timers_us": {key: round(statistics.median(values)) for key, values in sorted(timers.items())},
         "decisions_per_round": decisions,
         "rounds": rounds,
         "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
@@ -148,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{name:18} {row['opa']['median']:>11} {row['python']['median']:>14} {row['wall']['median']:>9}"
         )
+    timers = ", ".join(
+        f"{k.removeprefix('timer_').removesuffix('_ns')} {v}" for k, v in report["opa_timers_us"].items()
+    )
+    print(f"OPA's own timers for one shipped decision (?metrics=true, median us): {timers}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
