@@ -15,7 +15,6 @@ import data.mcp_fhir.authz.scopes
 import data.mcp_fhir.authz.sensitivity
 import data.mcp_fhir.authz.tools
 import data.mcp_fhir.authz.util
-import data.mcp_fhir.config.roles as _roles_data
 
 # METADATA
 # title: Decision
@@ -42,15 +41,15 @@ default allow := false
 
 # allow needs a well-formed request, every positive grant present, and no deny reason. The
 # tools, rbac, purpose and scopes deny rules each fire only when one of these grants is missing
-# (tools.matches implies a known tool; a granting role implies a known role, a permitting role and
-# an effective, unambiguous purpose; purpose.permitted implies a known purpose), so on the allow
+# (tools.matches implies a known tool; a grant for the request's access, type and effective purpose
+# implies a known role, a permitting and granting role, an effective, unambiguous and known purpose
+# that covers the access and type), so on the allow
 # path only the deny sets not implied by the grants are evaluated. authz_test.rego pins this
 # against the full definition (well formed, no reason in _deny, every grant).
 allow if {
 	request.well_formed
 	tools.matches
-	count(rbac.granting_roles) > 0
-	purpose.permitted
+	rbac.grants[[purpose.access, request.resource_type, purpose.effective]]
 	scopes.covered
 	count(patient.deny) == 0
 	count(sensitivity.deny) == 0
@@ -65,17 +64,19 @@ _deny := (((((tools.deny | rbac.deny) | purpose.deny) | patient.deny) | scopes.d
 
 # METADATA
 # title: Category not permitted
+# description: Purpose and scopes together leave no category of this resource type, or exclude the requested one
 # custom:
 #   code: CATEGORY_NOT_PERMITTED
-deny contains {"code": "CATEGORY_NOT_PERMITTED", "message": "Purpose and scopes together leave no category of this resource type, or exclude the requested one"} if {
+deny contains util.reason(rego.metadata.rule()) if {
 	count(allowed_categories[request.resource_type]) == 0
 }
 
 # METADATA
 # title: Requested category not permitted
+# description: The requested category is not among the categories allowed for this resource type
 # custom:
 #   code: CATEGORY_NOT_PERMITTED
-deny contains {"code": "CATEGORY_NOT_PERMITTED", "message": "The requested category is not among the categories allowed for this resource type"} if {
+deny contains util.reason(rego.metadata.rule()) if {
 	is_string(request.params.category)
 	cats := allowed_categories[request.resource_type]
 	not _code(request.params.category) in cats
@@ -167,19 +168,12 @@ visible_tools := sort({name |
 	letters := data.mcp_fhir.config.defaults.scope_letter
 }
 
-# _subject_grants: the [operation, resource type] pairs some role of the subject permits (through
-# the operation's access kind) under some purpose it holds (only the given/bound one, when there is
-# one) that covers that type. Computed once per query from the subject's few roles, so each tool
-# type costs one set lookup.
+# _subject_grants: the [operation, resource type] pairs of the subject's grants (rbac.grants, the
+# same relation decision asks) under a purpose it may use here (only the given/bound one, when there
+# is one). Computed once per query, so each tool type costs one set lookup.
 _subject_grants := {[operation, rt] |
-	some r in rbac.roles
-	role := _roles_data[r]
-	some p in role.purposes
+	some [acc, rt, p] in rbac.grants
 	_purpose_fits(p)
-	def := data.mcp_fhir.config.purposes[p]
-	some acc in def.access
-	some rt in role[acc]
-	def.resource_types[rt]
 	some operation, op_acc in data.mcp_fhir.config.defaults.access
 	op_acc == acc
 }

@@ -40,18 +40,20 @@ _filter_permitted if {
 
 # METADATA
 # title: Patient required
+# description: Patient data can only be reached for one named patient
 # custom:
 #   code: PATIENT_REQUIRED
-deny contains {"code": "PATIENT_REQUIRED", "message": "Patient data can only be reached for one named patient"} if {
+deny contains util.reason(rego.metadata.rule()) if {
 	patient_data
 	not _patient_given
 }
 
 # METADATA
 # title: Patient mismatch
+# description: The subject is bound to a different patient
 # custom:
 #   code: PATIENT_MISMATCH
-deny contains {"code": "PATIENT_MISMATCH", "message": "The subject is bound to a different patient"} if {
+deny contains util.reason(rego.metadata.rule()) if {
 	bound
 	_patient_given
 	not _same_patient
@@ -59,9 +61,10 @@ deny contains {"code": "PATIENT_MISMATCH", "message": "The subject is bound to a
 
 # METADATA
 # title: Patient filter not permitted
+# description: The subject's role may not name a patient when reading this resource type
 # custom:
 #   code: PATIENT_FILTER_NOT_PERMITTED
-deny contains {"code": "PATIENT_FILTER_NOT_PERMITTED", "message": "The subject's role may not name a patient when reading this resource type"} if {
+deny contains util.reason(rego.metadata.rule()) if {
 	not patient_data
 	_patient_given
 	count(rbac.granting_roles) > 0

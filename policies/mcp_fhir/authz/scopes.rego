@@ -126,6 +126,7 @@ categories(scopes, rt, letter, patient_given) := cats if {
 
 # METADATA
 # title: Scope not granted
+# description: The subject's SMART scopes do not cover this operation on this resource type
 # custom:
 #   code: SCOPE_NOT_GRANTED
-deny contains {"code": "SCOPE_NOT_GRANTED", "message": "The subject's SMART scopes do not cover this operation on this resource type"} if not covered
+deny contains util.reason(rego.metadata.rule()) if not covered

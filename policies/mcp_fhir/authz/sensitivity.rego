@@ -64,18 +64,20 @@ non_clinician_release if {
 
 # METADATA
 # title: Break-glass reason required
+# description: Break-glass needs a non-empty reason
 # custom:
 #   code: BREAK_GLASS_REASON_REQUIRED
-deny contains {"code": "BREAK_GLASS_REASON_REQUIRED", "message": "Break-glass needs a non-empty reason"} if {
+deny contains util.reason(rego.metadata.rule()) if {
 	request.break_glass_requested
 	not request.break_glass_reason_given
 }
 
 # METADATA
 # title: Break-glass not permitted
+# description: None of the subject's roles that permit this action may invoke break-glass
 # custom:
 #   code: BREAK_GLASS_NOT_PERMITTED
-deny contains {"code": "BREAK_GLASS_NOT_PERMITTED", "message": "None of the subject's roles that permit this action may invoke break-glass"} if {
+deny contains util.reason(rego.metadata.rule()) if {
 	break_glass_invoked
 	count(_break_glass_roles) == 0
 }
