@@ -11,6 +11,7 @@
     mcp-fhir policy bundle --signing-key priv.pem [--verification-key pub.pem] -o bundle.tar.gz
                            [--revision R] [--policies DIR]
     mcp-fhir policy opa-config --verification-key pub.pem --service-url URL [--resource bundle.tar.gz]
+    mcp-fhir policy build  [--policies DIR] [--check]
 
 BASE and HEAD are git refs (``policies/`` is read at each with ``git archive``) or folders (a
 ``policies/`` folder, or a folder that holds one). Exit codes: 0 ok; 1 a test, lint or signature
@@ -108,6 +109,11 @@ def add_parser(subparsers: Any) -> None:
     bundle.add_argument("--revision", help="default: git short sha, -dirty when policies/ has changes")
     bundle.add_argument("-o", "--output", type=Path, required=True)
     bundle.set_defaults(func=run_bundle)
+
+    build = sub.add_parser("build", help="derive the policy's lookup tables from its YAML data")
+    build.add_argument("--policies", type=Path, default=DEFAULT_POLICIES)
+    build.add_argument("--check", action="store_true", help="exit 1 when the checked-in tables are stale")
+    build.set_defaults(func=lambda args: __import__("mcp_fhir.governance.build").governance.build.run_build(args))
 
     cfg = sub.add_parser("opa-config", help="print an OPA config that downloads and verifies the bundle")
     cfg.add_argument("--verification-key", type=Path, required=True)
