@@ -113,7 +113,7 @@ def add_parser(subparsers: Any) -> None:
     build = sub.add_parser("build", help="derive the policy's lookup tables from its YAML data")
     build.add_argument("--policies", type=Path, default=DEFAULT_POLICIES)
     build.add_argument("--check", action="store_true", help="exit 1 when the checked-in tables are stale")
-    build.set_defaults(func=lambda args: __import__("mcp_fhir.governance.build").governance.build.run_build(args))
+    build.set_defaults(func=run_build)
 
     cfg = sub.add_parser("opa-config", help="print an OPA config that downloads and verifies the bundle")
     cfg.add_argument("--verification-key", type=Path, required=True)
@@ -122,6 +122,12 @@ def add_parser(subparsers: Any) -> None:
     cfg.add_argument("--signing-alg", default="RS256")
     cfg.add_argument("--key-id", default="mcp-fhir-policy")
     cfg.set_defaults(func=run_opa_config)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from mcp_fhir.governance.build import run_build as build
+
+    return build(args)
 
 
 # -- test / lint ------------------------------------------------------------------------------
