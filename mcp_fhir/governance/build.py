@@ -11,7 +11,8 @@ data with `with data.mcp_fhir.config... as ...`, falls back to the computation f
 never changes a decision.
 
 * `labels`: every label withheld by default, sorted (the closed obligations' list).
-* `hours`: business-hours start and end as nanoseconds after midnight, and the days as a set.
+* `hours`: business-hours start and end as `[hour, minute, 0]` (compared with `time.clock`'s
+  `[hour, minute, second]`: arrays compare element by element), and the days as an object.
 * `scopes`: every SMART scope string without a query (`[ctx/]Type.perm`, v1 and v2, for each
   resource type the data names and `*`) -> its parse, as `scopes.parse` gives it. A scope not in
   the table (a query, another type) is parsed at decision time.
@@ -44,7 +45,6 @@ DERIVED_PATH = Path("mcp_fhir") / "derived" / "data.json"
 CONFIG_PATH = Path("mcp_fhir") / "config"
 SCOPE_CONTEXTS = ("", "patient/", "user/", "system/")
 V2_LETTERS = "cruds"
-NS_PER_MINUTE = 60_000_000_000
 # The config sections each table depends on (the freshness guard compares exactly these).
 SOURCES = {
     "labels": ("labels",),
@@ -68,9 +68,10 @@ def load_config(policies: Path) -> dict[str, Any]:
     return config
 
 
-def _minutes_ns(hhmm: str) -> int:
+def _clock(hhmm: str) -> list[int]:
+    """Clock text to [8, 0, 0] for "08:00": compared with time.clock's [hour, minute, second], in order."""
     hours, _, minutes = str(hhmm).partition(":")
-    return (int(hours) * 60 + int(minutes)) * NS_PER_MINUTE
+    return [int(hours), int(minutes), 0]
 
 
 def _resource_types(config: Mapping[str, Any]) -> list[str]:
@@ -126,8 +127,9 @@ def derived_tables(config: Mapping[str, Any]) -> dict[str, Any]:
         "source": {section: config.get(section) for section in sections},
         "labels": sorted(set(labels.get("sensitivity") or []) | set(labels.get("confidentiality") or [])),
         "hours": {
-            "start_ns": _minutes_ns(hours.get("start", "00:00")),
-            "end_ns": _minutes_ns(hours.get("end", "00:00")),
+            "start": _clock(hours.get("start", "00:00")),
+            "end": _clock(hours.get("end", "00:00")),
+            "days": {str(day): True for day in hours.get("days") or []},
         },
         "scopes": _scope_table(config),
         "tools": _tool_table(config),

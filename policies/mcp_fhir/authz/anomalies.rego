@@ -8,6 +8,7 @@ package mcp_fhir.authz.anomalies
 import data.mcp_fhir.authz.request
 import data.mcp_fhir.authz.sensitivity
 import data.mcp_fhir.config.hours as _hours
+import data.mcp_fhir.derived as _derived
 
 # minutes turns "HH:MM" into minutes after midnight.
 minutes(hhmm) := ((to_number(concat("", ["1", parts[0]])) - 100) * 60) + (to_number(concat("", ["1", parts[1]])) - 100) if {
@@ -23,22 +24,25 @@ business_hours(ns, hours) if {
 	now < minutes(hours.end)
 }
 
-# The configured hours as nanoseconds after midnight, computed once per evaluation: "08:00"
-# becomes the duration "08h00m" (one builtin instead of the split/concat/to_number of minutes),
-# written out in each rule (a helper function would cost two more steps per call).
-_start_ns := time.parse_duration_ns(concat("", [replace(_hours.start, ":", "h"), "m"]))
-
-_end_ns := time.parse_duration_ns(concat("", [replace(_hours.end, ":", "h"), "m"]))
-
+# _in_hours: the request's instant falls on a business day, at or after start and before end, in
+# the configured time zone. The instant is parsed once (request.time_ns). While the derived table
+# is fresh, the days are an object lookup and start/end are [hour, minute, 0] arrays compared with
+# time.clock's [hour, minute, second] as a whole (no arithmetic per request); else business_hours
+# computes the same from the YAML.
 _in_hours if {
+	_derived_fresh
 	ns := request.time_ns
 	tz := _hours.timezone
-	time.weekday([ns, tz]) in _hours.days
-	[h, m, _] := time.clock([ns, tz])
-	now := ((h * 60) + m) * 60000000000
-	now >= _start_ns
-	now < _end_ns
+	_derived.hours.days[time.weekday([ns, tz])]
+	clock := time.clock([ns, tz])
+	clock >= _derived.hours.start
+	clock < _derived.hours.end
+} else if {
+	not _derived_fresh
+	business_hours(request.time_ns, _hours)
 }
+
+_derived_fresh if _derived.source.hours == _hours
 
 # alerts raised for any well-formed request.
 alerts contains "after_hours" if not _in_hours
