@@ -11,8 +11,9 @@ data with `with data.mcp_fhir.config... as ...`, falls back to the computation f
 never changes a decision.
 
 * `labels`: every label withheld by default, sorted (the closed obligations' list).
-* `hours`: business-hours start and end as `[hour, minute, 0]` (compared with `time.clock`'s
-  `[hour, minute, second]`: arrays compare element by element), and the days as an object.
+* `hours`: the business days as an object, and by local `[hour][minute]` (as `time.clock` gives
+  them): whether that minute is inside business hours, and the seconds left to the next boundary
+  (`valid_for_s`).
 * `scopes`: every SMART scope string without a query (`[ctx/]Type.perm`, v1 and v2, for each
   resource type the data names and `*`) -> its parse, as `scopes.parse` gives it. A scope not in
   the table (a query, another type) is parsed at decision time.
@@ -68,10 +69,33 @@ def load_config(policies: Path) -> dict[str, Any]:
     return config
 
 
-def _clock(hhmm: str) -> list[int]:
-    """Clock text to [8, 0, 0] for "08:00": compared with time.clock's [hour, minute, second], in order."""
+def _minute(hhmm: str) -> int:
     hours, _, minutes = str(hhmm).partition(":")
-    return [int(hours), int(minutes), 0]
+    return int(hours) * 60 + int(minutes)
+
+
+def _hours_table(hours: Mapping[str, Any]) -> dict[str, Any]:
+    """Business hours by local [hour][minute]: inside them (on a business day), and the seconds left
+    from hh:mm:00 to the next boundary less one (end of hours, start later today, else midnight)."""
+    start, end = _minute(hours.get("start", "00:00")), _minute(hours.get("end", "00:00"))
+
+    def left(minute: int, business: bool) -> int:
+        if business and start <= minute < end:
+            boundary = end
+        elif business and minute < start:
+            boundary = start
+        else:
+            boundary = 24 * 60
+        return (boundary - minute) * 60 - 1
+
+    return {
+        "days": {str(day): True for day in hours.get("days") or []},
+        "in_hours": [[start <= h * 60 + m < end for m in range(60)] for h in range(24)],
+        "left": {
+            kind: [[left(h * 60 + m, kind == "business") for m in range(60)] for h in range(24)]
+            for kind in ("business", "other")
+        },
+    }
 
 
 def _resource_types(config: Mapping[str, Any]) -> list[str]:
@@ -126,11 +150,7 @@ def derived_tables(config: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "source": {section: config.get(section) for section in sections},
         "labels": sorted(set(labels.get("sensitivity") or []) | set(labels.get("confidentiality") or [])),
-        "hours": {
-            "start": _clock(hours.get("start", "00:00")),
-            "end": _clock(hours.get("end", "00:00")),
-            "days": {str(day): True for day in hours.get("days") or []},
-        },
+        "hours": _hours_table(hours),
         "scopes": _scope_table(config),
         "tools": _tool_table(config),
     }

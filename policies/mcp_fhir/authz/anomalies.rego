@@ -7,6 +7,7 @@ package mcp_fhir.authz.anomalies
 
 import data.mcp_fhir.authz.request
 import data.mcp_fhir.authz.sensitivity
+import data.mcp_fhir.config.defaults as _defaults
 import data.mcp_fhir.config.hours as _hours
 import data.mcp_fhir.derived as _derived
 
@@ -24,23 +25,62 @@ business_hours(ns, hours) if {
 	now < minutes(hours.end)
 }
 
-# _in_hours: the request's instant falls on a business day, at or after start and before end, in
-# the configured time zone. The instant is parsed once (request.time_ns). While the derived table
-# is fresh, the days are an object lookup and start/end are [hour, minute, 0] arrays compared with
-# time.clock's [hour, minute, second] as a whole (no arithmetic per request); else business_hours
-# computes the same from the YAML.
+# _in_hours: the request's instant falls on a business day, inside business hours, in the
+# configured time zone. The instant is parsed once (request.time_ns) and the zone applied once per
+# builtin (_clock, _weekday: one time.clock and one time.weekday per decision, shared with
+# valid_for_s). While the derived table is fresh, the day and the local [hour][minute] are lookups
+# (no arithmetic per request); else business_hours computes the same from the YAML.
 _in_hours if {
 	_derived_fresh
-	ns := request.time_ns
-	tz := _hours.timezone
-	_derived.hours.days[time.weekday([ns, tz])]
-	clock := time.clock([ns, tz])
-	clock >= _derived.hours.start
-	clock < _derived.hours.end
+	_business_day
+	[h, m, _] := _clock
+	_derived.hours.in_hours[h][m]
 } else if {
 	not _derived_fresh
 	business_hours(request.time_ns, _hours)
 }
+
+_clock := time.clock([request.time_ns, _hours.timezone])
+
+_weekday := time.weekday([request.time_ns, _hours.timezone])
+
+_business_day if {
+	_derived_fresh
+	_derived.hours.days[_weekday]
+} else if {
+	not _derived_fresh
+	_weekday in _hours.days
+}
+
+# valid_for_s: how long, in whole seconds from the request's instant, this decision stays what the
+# policy would decide for the same input: until the next business-hours boundary (end of hours,
+# start of hours later today, else midnight, when the weekday changes), less one second for the
+# instant's fraction, and never more than defaults.decision_valid_for_s. Only after_hours depends on
+# the time, so this is the whole of the decision's lifetime. 0 for a malformed input.
+default valid_for_s := 0
+
+valid_for_s := min({_defaults.decision_valid_for_s, _left(h, m) - s}) if [h, m, s] := _clock
+
+# _left: seconds from hh:mm:00 to the next boundary, less one: a lookup in the derived table, else
+# computed from the YAML.
+_left(h, m) := _derived.hours.left[_day_kind][h][m] if {
+	_derived_fresh
+} else := ((_next_boundary(now) - now) * 60) - 1 if {
+	now := (h * 60) + m
+}
+
+_day_kind := "business" if _business_day
+
+else := "other"
+
+_next_boundary(now) := minutes(_hours.end) if {
+	_business_day
+	now >= minutes(_hours.start)
+	now < minutes(_hours.end)
+} else := minutes(_hours.start) if {
+	_business_day
+	now < minutes(_hours.start)
+} else := 1440
 
 _derived_fresh if _derived.source.hours == _hours
 

@@ -28,6 +28,7 @@ decision := {
 	"reasons": [],
 	"obligations": _granted_obligations,
 	"audit": {"sensitivity": _granted_sensitivity, "alerts": sort(_granted_alerts)},
+	"valid_for_s": anomalies.valid_for_s,
 } if {
 	allow
 } else := {
@@ -35,6 +36,7 @@ decision := {
 	"reasons": sort(_denied_reasons),
 	"obligations": _closed_obligations,
 	"audit": {"sensitivity": "standard", "alerts": sort(_request_alerts)},
+	"valid_for_s": anomalies.valid_for_s,
 }
 
 default allow := false

@@ -30,6 +30,7 @@ _cases := {
 				"max_results": 100,
 			},
 			"audit": {"sensitivity": "standard", "alerts": []},
+			"valid_for_s": 300,
 		},
 	},
 	"nurse_reads_medications_denied": {
@@ -39,6 +40,7 @@ _cases := {
 			"reasons": [{"code": "ROLE_NOT_PERMITTED", "message": "None of the subject's roles permits this operation on this resource type"}],
 			"obligations": _closed,
 			"audit": {"sensitivity": "standard", "alerts": []},
+			"valid_for_s": 300,
 		},
 	},
 	"clinician_break_glass_allowed_restricted": {
@@ -54,6 +56,7 @@ _cases := {
 				"max_results": 100,
 			},
 			"audit": {"sensitivity": "restricted", "alerts": ["break_glass"]},
+			"valid_for_s": 300,
 		},
 	},
 	"input_number_malformed": {
@@ -70,6 +73,7 @@ _cases := {
 			}],
 			"obligations": _closed,
 			"audit": {"sensitivity": "standard", "alerts": []},
+			"valid_for_s": 0,
 		},
 	},
 }
@@ -175,4 +179,38 @@ test_allow_equals_no_reason_and_every_grant if {
 		not authz.allow with input as case.input
 	}
 	count(mismatches) == 0
+}
+
+# valid_for_s: up to the next business-hours boundary (less a second for the instant's fraction),
+# capped by defaults.decision_valid_for_s; Sydney is UTC+10 in June, UTC+11 in December.
+test_valid_for_s_shortens_near_a_boundary[note] if {
+	some note, case in {
+		"mid-morning: the cap": ["2025-06-03T01:00:00Z", 300],
+		"a minute before 18:00": ["2025-06-03T07:59:00Z", 59],
+		"at 17:59:59.5": ["2025-06-03T07:59:59.5Z", 0],
+		"after hours, two minutes to midnight": ["2025-06-03T13:58:00Z", 119],
+		"before hours on a weekday: until 08:00": ["2025-06-02T21:58:30Z", 89],
+		"Saturday 07:59: until midnight, not 08:00": ["2025-06-06T21:59:00Z", 300],
+		"Saturday 23:59:30": ["2025-06-07T13:59:30Z", 29],
+		"daylight saving, 17:58 Sydney": ["2025-12-02T06:58:00Z", 119],
+	}
+	[t, want] := case
+	i := testing.patched(testing.clinician_obs, {"/context/time": t})
+	d := authz.decision with input as i
+	d.valid_for_s == want
+}
+
+test_valid_for_s_when_the_derived_table_is_stale if {
+	i := testing.patched(testing.clinician_obs, {"/context/time": "2025-06-03T07:58:00Z"})
+	d := authz.decision with input as i with data.mcp_fhir.config.hours.end as "17:59"
+	d.valid_for_s == 59
+	d.audit.alerts == []
+	e := authz.decision with input as i with data.mcp_fhir.config.hours.days as ["Monday"]
+	e.valid_for_s == 300
+	e.audit.alerts == ["after_hours"]
+}
+
+test_valid_for_s_is_zero_on_a_denied_malformed_input if {
+	d := authz.decision with input as {}
+	d.valid_for_s == 0
 }
