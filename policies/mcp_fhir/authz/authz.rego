@@ -122,13 +122,19 @@ _closed_obligations := {
 	"max_results": 0,
 }
 
-_granted_obligations := {
+_base_obligations := {
 	"exclude_security_labels": sort(sensitivity.excluded),
 	"allowed_categories": {rt: sort(cats) | some rt, cats in allowed_categories},
 	"redact": sort(rbac.role_redact | purpose.redact),
 	"max_lookback_days": purpose.max_lookback_days,
 	"max_results": purpose.max_results,
 }
+
+# An audit-log tool's allowed decisions also carry audit_patients (config/audit_log); no other
+# tool's obligations change.
+_granted_obligations := object.union(_base_obligations, {"audit_patients": patient.audit_patients}) if {
+	request.tool in data.mcp_fhir.config.audit_log.tools
+} else := _base_obligations
 
 # The decision's audit.sensitivity on allow: restricted when break-glass was used, sensitive when
 # some default-withheld label is let through, else standard (a denied call is always standard).
