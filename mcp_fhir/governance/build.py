@@ -18,6 +18,7 @@ never changes a decision.
   resource type the data names and `*`) -> its parse, as `scopes.parse` gives it. A scope not in
   the table (a query, another type) is parsed at decision time.
 * `tools`: operation -> resource type -> the tool names with that operation and type.
+* `operations`: access kind -> the operations of that kind (`defaults.access` inverted).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ SOURCES = {
     "hours": ("hours",),
     "scopes": ("defaults",),
     "tools": ("tools",),
+    "operations": ("defaults",),
 }
 
 
@@ -142,6 +144,14 @@ def _tool_table(config: Mapping[str, Any]) -> dict[str, Any]:
     return table
 
 
+def _operations(config: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Access kind -> the tool operations of that kind (the inverse of defaults.access)."""
+    table: dict[str, list[str]] = {}
+    for operation, access in sorted(((config.get("defaults") or {}).get("access") or {}).items()):
+        table.setdefault(str(access), []).append(str(operation))
+    return table
+
+
 def derived_tables(config: Mapping[str, Any]) -> dict[str, Any]:
     """The derived tables for one `data.mcp_fhir.config`, with the sources they came from."""
     labels = config.get("labels") or {}
@@ -153,6 +163,7 @@ def derived_tables(config: Mapping[str, Any]) -> dict[str, Any]:
         "hours": _hours_table(hours),
         "scopes": _scope_table(config),
         "tools": _tool_table(config),
+        "operations": _operations(config),
     }
 
 

@@ -15,6 +15,8 @@ import data.mcp_fhir.authz.scopes
 import data.mcp_fhir.authz.sensitivity
 import data.mcp_fhir.authz.tools
 import data.mcp_fhir.authz.util
+import data.mcp_fhir.config.tools as _catalogue
+import data.mcp_fhir.derived as _derived
 
 # METADATA
 # title: Decision
@@ -165,32 +167,47 @@ _granted_alerts := anomalies.alerts | {"sensitive_access_non_clinician"} if {
 default visible_tools := []
 
 visible_tools := sort({name |
-	some name, tool in data.mcp_fhir.config.tools
-	operation := tool.operation
-	some rt in tool.resource_types
-	[operation, rt] in grants # a local, not a rule reference: one step per type
+	some [operation, rt] in grants # a local, not a rule reference: one step per pair
 	_scope_grants(rt, letters[operation])
+	some name in by_operation[operation][rt]
 }) if {
 	request.subject_well_formed
 	grants := _subject_grants
 	letters := data.mcp_fhir.config.defaults.scope_letter
+	by_operation := _tools_by_operation
 }
 
 # _subject_grants: the [operation, resource type] pairs of the subject's grants (rbac.grants, the
 # same relation decision asks) under a purpose it may use here (only the given/bound one, when there
-# is one). Computed once per query, so each tool type costs one set lookup.
+# is one). Computed once per query from the subject's [access, type] pairs, so each pair costs a
+# few steps and each tool with that operation and type one more.
 _subject_grants := {[operation, rt] |
-	some [acc, rt, p] in rbac.grants
-	_purpose_fits(p)
-	some operation, op_acc in data.mcp_fhir.config.defaults.access
-	op_acc == acc
+	some [acc, rt] in _subject_access
+	some operation in _operations[acc]
 }
 
-# One definition with else: a function with several definitions evaluates every one of them.
-_purpose_fits(p) if {
-	p == purpose.effective
-} else if {
-	not purpose.effective
+_subject_access := {[acc, rt] | some [acc, rt, p] in rbac.grants; p == effective} if {
+	effective := purpose.effective
+} else := {[acc, rt] | some [acc, rt, _] in rbac.grants}
+
+# The catalogue by operation and resource type, and the operations of each access kind: from the
+# derived tables while they are fresh, else computed from the YAML.
+_tools_by_operation := _derived.tools if {
+	_derived.source.tools == _catalogue
+} else := {op: {rt: names |
+	some t in _catalogue
+	t.operation == op
+	some rt in t.resource_types
+	names := [name | some name, u in _catalogue; u.operation == op; rt in u.resource_types]
+} |
+	some t in _catalogue
+	op := t.operation
+}
+
+_operations := _derived.operations if {
+	_derived.source.defaults == data.mcp_fhir.config.defaults
+} else := {acc: [op | some op, a in data.mcp_fhir.config.defaults.access; a == acc] |
+	some acc in data.mcp_fhir.config.defaults.access
 }
 
 # _scope_pairs: the [type, letter] pairs the subject's honoured scopes grant ("*" type kept),

@@ -214,3 +214,41 @@ test_valid_for_s_is_zero_on_a_denied_malformed_input if {
 	d := authz.decision with input as {}
 	d.valid_for_s == 0
 }
+
+# The derived tables (mcp-fhir policy build) are a cache of the YAML: the policy uses them only while
+# their source equals the live data, and without them every decision and listing is the same.
+test_derived_tables_are_fresh if {
+	some _, _ in data.mcp_fhir.derived.source
+	every section, value in data.mcp_fhir.derived.source {
+		data.mcp_fhir.config[section] == value
+	}
+}
+
+test_decisions_are_the_same_without_the_derived_tables if {
+	differ := {case.note |
+		some i, case in data.fixtures
+		i % 5 == 0 # a sample across the corpus: this test runs every decision twice
+		fast := authz.decision with input as case.input
+		slow := authz.decision with input as case.input with data.mcp_fhir.derived as {}
+		fast != slow
+	}
+	count(differ) == 0
+}
+
+test_visible_tools_are_the_same_without_the_derived_tables if {
+	subjects := [
+		testing.clinician_obs.subject,
+		object.union(testing.clinician_obs.subject, {"claims": {"roles": ["nurse"]}, "scopes": ["user/Patient.rs", "patient/Observation.s"]}),
+		object.union(testing.clinician_obs.subject, {"claims": {"roles": ["auditor", "nurse"]}}),
+	]
+	differ := {[i, ctx] |
+		some i, subject in subjects
+		some ctx in [{}, {"purpose": "treatment"}]
+		fast := authz.visible_tools with input as {"subject": subject, "context": ctx}
+		slow := authz.visible_tools with input as {"subject": subject, "context": ctx} with data.mcp_fhir.derived as {}
+		fast != slow
+	}
+	count(differ) == 0
+	listed := authz.visible_tools with input as {"subject": subjects[2]}
+	count(listed) > 0
+}
