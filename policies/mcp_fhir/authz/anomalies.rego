@@ -7,6 +7,7 @@ package mcp_fhir.authz.anomalies
 
 import data.mcp_fhir.authz.request
 import data.mcp_fhir.authz.sensitivity
+import data.mcp_fhir.config.activity as _activity
 import data.mcp_fhir.config.defaults as _defaults
 import data.mcp_fhir.config.hours as _hours
 import data.mcp_fhir.derived as _derived
@@ -88,3 +89,21 @@ _derived_fresh if _derived.source.hours == _hours
 alerts contains "after_hours" if not _in_hours
 
 alerts contains "break_glass" if sensitivity.break_glass_invoked
+
+# Access-pattern alerts: every tripped rule of config/activity, whatever its action (a deny rule
+# alerts too, so the audit trail says why). Nothing is evaluated without context.activity.
+alerts contains name if some name in tripped
+
+# tripped: the names of the activity rules whose counter, in the rule's window, is at least the
+# threshold.
+tripped contains name if {
+	counters := request.activity
+	some name, rule in _activity.rules
+	counters[format_int(rule.window_s, 10)][rule.counter] >= rule.at_least
+}
+
+# denied_patterns: the tripped rules whose action is deny.
+denied_patterns contains name if {
+	some name in tripped
+	_activity.rules[name].action == "deny"
+}

@@ -86,6 +86,15 @@ deny contains util.reason(rego.metadata.rule()) if {
 	not _code(request.params.category) in cats
 }
 
+# METADATA
+# title: Access pattern denied
+# description: An access-pattern threshold in policy data denies this call
+# custom:
+#   code: ACCESS_PATTERN_DENIED
+deny contains util.reason_with_detail(rego.metadata.rule(), concat(", ", sort(anomalies.denied_patterns))) if {
+	count(anomalies.denied_patterns) > 0
+}
+
 _code(token) := code if {
 	parts := split(token, "|")
 	code := parts[count(parts) - 1]

@@ -111,6 +111,27 @@ malformed contains "context.break_glass" if {
 	not _context_break_glass_ok
 }
 
+malformed contains "context.activity" if {
+	_context_ok
+	not _activity_ok(object.get(_context, "activity", null))
+}
+
+# context.activity: null, or window seconds ("60") -> {calls, denials, distinct_patients}, each a
+# whole number written without exponent (as the contract regex reads it).
+_activity_ok(a) if {
+	a == null
+} else if {
+	is_object(a)
+	every window, counters in a {
+		regex.match(`^[0-9]+$`, window)
+		is_object(counters)
+		object.keys(counters) == {"calls", "denials", "distinct_patients"}
+		every n in counters {
+			regex.match(`^[0-9]+$`, json.marshal(n))
+		}
+	}
+}
+
 malformed contains field if {
 	_context_ok
 	some key in ["backend", "request_id"]
@@ -156,7 +177,7 @@ default well_formed := false
 # _contract_paths below, composed from readable pieces, and input_test.rego pins them equal.
 well_formed if {
 	is_object(input)
-	regex.match(`^\{"action":\{"operation":"(?:create|read|search|update)","resource_type":"(?:[ \p{Z}\x{85}]|\\[tnrf]|\\u000[bc]|\\u202[89])*(?:[^"\\ \p{Z}\x{85}]|\\["\\/b]|\\u(?:[13-9a-f][0-9a-f]{3}|0(?:[1-9a-f][0-9a-f]{2}|0(?:[1-9a-f][0-9a-f]|0[0-9ad-f]))|2(?:[1-9a-f][0-9a-f]{2}|0(?:[013-9a-f][0-9a-f]|2[0-7a-f]))))(?:[^"\\]|\\.)*","tool":"(?:[ \p{Z}\x{85}]|\\[tnrf]|\\u000[bc]|\\u202[89])*(?:[^"\\ \p{Z}\x{85}]|\\["\\/b]|\\u(?:[13-9a-f][0-9a-f]{3}|0(?:[1-9a-f][0-9a-f]{2}|0(?:[1-9a-f][0-9a-f]|0[0-9ad-f]))|2(?:[1-9a-f][0-9a-f]{2}|0(?:[013-9a-f][0-9a-f]|2[0-7a-f]))))(?:[^"\\]|\\.)*"\},"context":\{(?:"backend":(?:null|"(?:[^"\\]|\\.)*"),)?(?:"break_glass":(?:null|\{(?:"reason":(?:null|"(?:[^"\\]|\\.)*"))?\}),)?(?:"purpose":(?:null|"(?:[^"\\]|\\.)*"),)?(?:"request_id":(?:null|"(?:[^"\\]|\\.)*"),)?"time":"((167[89]|16[89][0-9]|1[7-9][0-9]{2}|2[01][0-9]{2}|22[0-5][0-9]|226[01])-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)|02-(0[1-9]|1[0-9]|2[0-8]))|(16(8[048]|9[26])|(1[7-9]|2[01])(0[48]|[2468][048]|[13579][26])|2000|22(0[48]|[24][048]|60|[135][26]))-02-29)T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"\},"resource":\{(?:"params":\{\}(?:,"patient":(?:null|"(?:[ \p{Z}\x{85}]|\\[tnrf]|\\u000[bc]|\\u202[89])*(?:[^"\\ \p{Z}\x{85}]|\\["\\/b]|\\u(?:[13-9a-f][0-9a-f]{3}|0(?:[1-9a-f][0-9a-f]{2}|0(?:[1-9a-f][0-9a-f]|0[0-9ad-f]))|2(?:[1-9a-f][0-9a-f]{2}|0(?:[013-9a-f][0-9a-f]|2[0-7a-f]))))(?:[^"\\]|\\.)*"))?|"patient":(?:null|"(?:[ \p{Z}\x{85}]|\\[tnrf]|\\u000[bc]|\\u202[89])*(?:[^"\\ \p{Z}\x{85}]|\\["\\/b]|\\u(?:[13-9a-f][0-9a-f]{3}|0(?:[1-9a-f][0-9a-f]{2}|0(?:[1-9a-f][0-9a-f]|0[0-9ad-f]))|2(?:[1-9a-f][0-9a-f]{2}|0(?:[013-9a-f][0-9a-f]|2[0-7a-f]))))(?:[^"\\]|\\.)*"))?\},"subject":\{"authn":"(?:api_key|local|oauth)","claims":\{\},"id":"(?:[ \p{Z}\x{85}]|\\[tnrf]|\\u000[bc]|\\u202[89])*(?:[^"\\ \p{Z}\x{85}]|\\["\\/b]|\\u(?:[13-9a-f][0-9a-f]{3}|0(?:[1-9a-f][0-9a-f]{2}|0(?:[1-9a-f][0-9a-f]|0[0-9ad-f]))|2(?:[1-9a-f][0-9a-f]{2}|0(?:[013-9a-f][0-9a-f]|2[0-7a-f]))))(?:[^"\\]|\\.)*",(?:"on_behalf_of":(?:null|"(?:[^"\\]|\\.)*"),)?"scopes":\[(?:"(?:[^"\\]|\\.)*"(?:,"(?:[^"\\]|\\.)*")*)?\]\}\}$`, json.marshal(json.filter(input, [["subject", "authn"], ["subject", "claims", 0], ["subject", "id"], ["subject", "on_behalf_of"], ["subject", "scopes"], ["action", "operation"], ["action", "resource_type"], ["action", "tool"], ["resource", "params", 0], ["resource", "patient"], ["context", "backend"], ["context", "break_glass", "reason"], ["context", "purpose"], ["context", "request_id"], ["context", "time"]])))
+	regex.match(`^\{"action":\{"operation":"(?:create|read|search|update)","resource_type":"(?:[ \p{Z}\x{85}]|\\[tnrf]|\\u000[bc]|\\u202[89])*(?:[^"\\ \p{Z}\x{85}]|\\["\\/b]|\\u(?:[13-9a-f][0-9a-f]{3}|0(?:[1-9a-f][0-9a-f]{2}|0(?:[1-9a-f][0-9a-f]|0[0-9ad-f]))|2(?:[1-9a-f][0-9a-f]{2}|0(?:[013-9a-f][0-9a-f]|2[0-7a-f]))))(?:[^"\\]|\\.)*","tool":"(?:[ \p{Z}\x{85}]|\\[tnrf]|\\u000[bc]|\\u202[89])*(?:[^"\\ \p{Z}\x{85}]|\\["\\/b]|\\u(?:[13-9a-f][0-9a-f]{3}|0(?:[1-9a-f][0-9a-f]{2}|0(?:[1-9a-f][0-9a-f]|0[0-9ad-f]))|2(?:[1-9a-f][0-9a-f]{2}|0(?:[013-9a-f][0-9a-f]|2[0-7a-f]))))(?:[^"\\]|\\.)*"\},"context":\{(?:"activity":(?:null|\{(?:"[0-9]+":\{"calls":[0-9]+,"denials":[0-9]+,"distinct_patients":[0-9]+\}(?:,"[0-9]+":\{"calls":[0-9]+,"denials":[0-9]+,"distinct_patients":[0-9]+\})*)?\}),)?(?:"backend":(?:null|"(?:[^"\\]|\\.)*"),)?(?:"break_glass":(?:null|\{(?:"reason":(?:null|"(?:[^"\\]|\\.)*"))?\}),)?(?:"purpose":(?:null|"(?:[^"\\]|\\.)*"),)?(?:"request_id":(?:null|"(?:[^"\\]|\\.)*"),)?"time":"((167[89]|16[89][0-9]|1[7-9][0-9]{2}|2[01][0-9]{2}|22[0-5][0-9]|226[01])-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)|02-(0[1-9]|1[0-9]|2[0-8]))|(16(8[048]|9[26])|(1[7-9]|2[01])(0[48]|[2468][048]|[13579][26])|2000|22(0[48]|[24][048]|60|[135][26]))-02-29)T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"\},"resource":\{(?:"params":\{\}(?:,"patient":(?:null|"(?:[ \p{Z}\x{85}]|\\[tnrf]|\\u000[bc]|\\u202[89])*(?:[^"\\ \p{Z}\x{85}]|\\["\\/b]|\\u(?:[13-9a-f][0-9a-f]{3}|0(?:[1-9a-f][0-9a-f]{2}|0(?:[1-9a-f][0-9a-f]|0[0-9ad-f]))|2(?:[1-9a-f][0-9a-f]{2}|0(?:[013-9a-f][0-9a-f]|2[0-7a-f]))))(?:[^"\\]|\\.)*"))?|"patient":(?:null|"(?:[ \p{Z}\x{85}]|\\[tnrf]|\\u000[bc]|\\u202[89])*(?:[^"\\ \p{Z}\x{85}]|\\["\\/b]|\\u(?:[13-9a-f][0-9a-f]{3}|0(?:[1-9a-f][0-9a-f]{2}|0(?:[1-9a-f][0-9a-f]|0[0-9ad-f]))|2(?:[1-9a-f][0-9a-f]{2}|0(?:[013-9a-f][0-9a-f]|2[0-7a-f]))))(?:[^"\\]|\\.)*"))?\},"subject":\{"authn":"(?:api_key|local|oauth)","claims":\{\},"id":"(?:[ \p{Z}\x{85}]|\\[tnrf]|\\u000[bc]|\\u202[89])*(?:[^"\\ \p{Z}\x{85}]|\\["\\/b]|\\u(?:[13-9a-f][0-9a-f]{3}|0(?:[1-9a-f][0-9a-f]{2}|0(?:[1-9a-f][0-9a-f]|0[0-9ad-f]))|2(?:[1-9a-f][0-9a-f]{2}|0(?:[013-9a-f][0-9a-f]|2[0-7a-f]))))(?:[^"\\]|\\.)*",(?:"on_behalf_of":(?:null|"(?:[^"\\]|\\.)*"),)?"scopes":\[(?:"(?:[^"\\]|\\.)*"(?:,"(?:[^"\\]|\\.)*")*)?\]\}\}$`, json.marshal(json.filter(input, [["subject", "authn"], ["subject", "claims", 0], ["subject", "id"], ["subject", "on_behalf_of"], ["subject", "scopes"], ["action", "operation"], ["action", "resource_type"], ["action", "tool"], ["resource", "params", 0], ["resource", "patient"], ["context", "activity"], ["context", "backend"], ["context", "break_glass", "reason"], ["context", "purpose"], ["context", "request_id"], ["context", "time"]])))
 }
 
 default subject_well_formed := false
@@ -177,7 +198,7 @@ _subject_paths := [
 _contract_paths := array.concat(_subject_paths, [
 	["action", "operation"], ["action", "resource_type"], ["action", "tool"],
 	["resource", "params", 0], ["resource", "patient"],
-	["context", "backend"], ["context", "break_glass", "reason"], ["context", "purpose"],
+	["context", "activity"], ["context", "backend"], ["context", "break_glass", "reason"], ["context", "purpose"],
 	["context", "request_id"], ["context", "time"],
 ])
 
@@ -208,6 +229,7 @@ _subject_contract := concat("", [`^\{"subject":`, _subject_object, `\}$`])
 _contract := concat("", [
 	`^\{"action":\{"operation":"(?:create|read|search|update)","resource_type":`, _nonblank,
 	`,"tool":`, _nonblank, `\},"context":\{`,
+	`(?:"activity":(?:null|\{(?:`, _activity_window, `(?:,`, _activity_window, `)*)?\}),)?`,
 	`(?:"backend":`, _null_or_string, `,)?`,
 	`(?:"break_glass":(?:null|\{(?:"reason":`, _null_or_string, `)?\}),)?`,
 	`(?:"purpose":`, _null_or_string, `,)?`,
@@ -216,6 +238,9 @@ _contract := concat("", [
 	`(?:"params":\{\}(?:,"patient":(?:null|`, _nonblank, `))?|"patient":(?:null|`, _nonblank, `))?`,
 	`\},"subject":`, _subject_object, `\}$`,
 ])
+
+# One window of context.activity: its length in seconds -> the three counters, whole numbers.
+_activity_window := `"[0-9]+":\{"calls":[0-9]+,"denials":[0-9]+,"distinct_patients":[0-9]+\}`
 
 _time_pattern := `((167[89]|16[89][0-9]|1[7-9][0-9]{2}|2[01][0-9]{2}|22[0-5][0-9]|226[01])-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)|02-(0[1-9]|1[0-9]|2[0-8]))|(16(8[048]|9[26])|(1[7-9]|2[01])(0[48]|[2468][048]|[13579][26])|2000|22(0[48]|[24][048]|60|[135][26]))-02-29)T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])`
 
@@ -269,6 +294,13 @@ default context_given := false
 context_given if is_object(input.context)
 
 time_ns := time.parse_rfc3339_ns(input.context.time) if well_formed
+
+# activity: the per-subject counters by window (seconds as text), when the sidecar sends them.
+activity := a if {
+	well_formed
+	a := input.context.activity
+	a != null
+}
 
 default break_glass_requested := false
 

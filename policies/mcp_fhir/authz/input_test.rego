@@ -96,7 +96,20 @@ _string_variants := [
 	"a", " a ", "\"", "\\", "\b", "\u0001", "\u00e9", "\u3000x", "\u0000",
 ]
 
+_activity_variants := [
+	null, {}, {"60": {"calls": 1, "denials": 0, "distinct_patients": 1}},
+	{"60": {"calls": 1, "denials": 0, "distinct_patients": 1}, "600": {"calls": 9, "denials": 2, "distinct_patients": 3}},
+	[], "x", {"6o": {"calls": 1, "denials": 0, "distinct_patients": 1}}, {"60": {"calls": 1, "denials": 0}},
+	{"60": {"calls": -1, "denials": 0, "distinct_patients": 1}}, {"60": {"calls": 1.5, "denials": 0, "distinct_patients": 1}},
+	{"60": {"calls": 1, "denials": 0, "distinct_patients": 1, "x": 0}}, {"60": []},
+]
+
 _table := array.concat(
+	[testing.patched(testing.clinician_obs, {"/context/activity": a}) | some a in _activity_variants],
+	_base_table,
+)
+
+_base_table := array.concat(
 	[testing.clinician_obs, {}, 5, {"subject": testing.clinician_obs.subject}],
 	array.concat(
 		[testing.patched(testing.clinician_obs, ops) | some ops in _malformed_cases],
