@@ -5,6 +5,7 @@
 #   after_hours: outside the business hours in data. break_glass: break-glass was invoked.
 package mcp_fhir.authz.anomalies
 
+import data.mcp_fhir.authz.consent
 import data.mcp_fhir.authz.request
 import data.mcp_fhir.authz.sensitivity
 import data.mcp_fhir.config.activity as _activity
@@ -89,6 +90,8 @@ _derived_fresh if _derived.source.hours == _hours
 alerts contains "after_hours" if not _in_hours
 
 alerts contains "break_glass" if sensitivity.break_glass_invoked
+
+alerts contains alert if some alert in consent.alerts
 
 # Access-pattern alerts: every tripped rule of config/activity, whatever its action (a deny rule
 # alerts too, so the audit trail says why). Nothing is evaluated without context.activity.

@@ -81,15 +81,22 @@ test_activity_rule_set_to_deny_denies_and_alerts if {
 }
 
 test_malformed_activity_is_named[note] if {
-	some note, activity in {
-		"not an object": [1],
-		"window not seconds": {"ten": _counters(1, 1, 0)},
-		"a counter missing": {"60": {"calls": 1, "denials": 0}},
-		"a negative counter": {"60": _counters(1, -1, 0)},
-		"a fractional counter": {"60": _counters(1, 1.5, 0)},
-		"an extra counter": {"60": object.union(_counters(1, 1, 0), {"errors": 1})},
-	}
+	some note, activity in _malformed_activities
 	d := authz.decision with input as _with_activity(activity)
 	[r.code | some r in d.reasons] == ["INPUT_MALFORMED"]
 	contains(d.reasons[0].message, "context.activity")
 }
+
+_malformed_activities := {
+	"not an object": [1],
+	"window not seconds": {"ten": _counters(1, 1, 0)},
+	"a counter missing": {"60": {"calls": 1, "denials": 0}},
+	"a negative counter": {"60": _counters(1, -1, 0)},
+	"a fractional counter": {"60": _counters(1, 1.5, 0)},
+	"an extra counter": {"60": object.union(_counters(1, 1, 0), {"errors": 1})},
+}
+
+# A data-driven test with no result passes in opa test: these pin that every case ran and passed.
+test_every_activity_case_passes if count(test_activity_thresholds) == count(_activity_cases)
+
+test_every_malformed_activity_is_named if count(test_malformed_activity_is_named) == count(_malformed_activities)

@@ -7,6 +7,7 @@
 package mcp_fhir.authz
 
 import data.mcp_fhir.authz.anomalies
+import data.mcp_fhir.authz.consent
 import data.mcp_fhir.authz.patient
 import data.mcp_fhir.authz.purpose
 import data.mcp_fhir.authz.rbac
@@ -57,12 +58,13 @@ allow if {
 	scopes.covered
 	count(patient.deny) == 0
 	count(sensitivity.deny) == 0
+	count(consent.deny) == 0
 	count(deny) == 0
 }
 
 _deny := request.deny if not request.well_formed
 
-_deny := (((((tools.deny | rbac.deny) | purpose.deny) | patient.deny) | scopes.deny) | sensitivity.deny) | deny if {
+_deny := ((((((tools.deny | rbac.deny) | purpose.deny) | patient.deny) | scopes.deny) | sensitivity.deny) | consent.deny) | deny if {
 	request.well_formed
 }
 

@@ -184,20 +184,24 @@ test_allow_equals_no_reason_and_every_grant if {
 # valid_for_s: up to the next business-hours boundary (less a second for the instant's fraction),
 # capped by defaults.decision_valid_for_s; Sydney is UTC+10 in June, UTC+11 in December.
 test_valid_for_s_shortens_near_a_boundary[note] if {
-	some note, case in {
-		"mid-morning: the cap": ["2025-06-03T01:00:00Z", 300],
-		"a minute before 18:00": ["2025-06-03T07:59:00Z", 59],
-		"at 17:59:59.5": ["2025-06-03T07:59:59.5Z", 0],
-		"after hours, two minutes to midnight": ["2025-06-03T13:58:00Z", 119],
-		"before hours on a weekday: until 08:00": ["2025-06-02T21:58:30Z", 89],
-		"Saturday 07:59: until midnight, not 08:00": ["2025-06-06T21:59:00Z", 300],
-		"Saturday 23:59:30": ["2025-06-07T13:59:30Z", 29],
-		"daylight saving, 17:58 Sydney": ["2025-12-02T06:58:00Z", 119],
-	}
+	some note, case in _valid_for_cases
 	[t, want] := case
 	i := testing.patched(testing.clinician_obs, {"/context/time": t})
 	d := authz.decision with input as i
 	d.valid_for_s == want
+}
+
+test_every_valid_for_case_passes if count(test_valid_for_s_shortens_near_a_boundary) == count(_valid_for_cases)
+
+_valid_for_cases := {
+	"mid-morning: the cap": ["2025-06-03T01:00:00Z", 300],
+	"a minute before 18:00": ["2025-06-03T07:59:00Z", 59],
+	"at 17:59:59.5": ["2025-06-03T07:59:59.5Z", 0],
+	"after hours, two minutes to midnight": ["2025-06-03T13:58:00Z", 119],
+	"before hours on a weekday: until 08:00": ["2025-06-02T21:58:30Z", 89],
+	"Saturday 07:59: until midnight, not 08:00": ["2025-06-06T21:59:00Z", 300],
+	"Saturday 23:59:30": ["2025-06-07T13:59:30Z", 29],
+	"daylight saving, 17:58 Sydney": ["2025-12-02T06:58:00Z", 119],
 }
 
 test_valid_for_s_when_the_derived_table_is_stale if {

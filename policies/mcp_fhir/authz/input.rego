@@ -111,6 +111,50 @@ malformed contains "context.break_glass" if {
 	not _context_break_glass_ok
 }
 
+malformed contains "context.consent" if {
+	_context_ok
+	not _consent_ok(object.get(_context, "consent", null))
+}
+
+# context.consent: null, or {status: ok|unavailable, provisions?: [{type: permit|deny, actor?,
+# purpose?, security_labels?, classes? (string arrays), period?: null|{start?, end?} (RFC 3339 or
+# null)}]}.
+_consent_ok(c) if {
+	c == null
+} else if {
+	is_object(c)
+	c.status in {"ok", "unavailable"}
+	provisions := object.get(c, "provisions", [])
+	is_array(provisions)
+	every p in provisions {
+		_provision_ok(p)
+	}
+}
+
+_provision_ok(p) if {
+	is_object(p)
+	p.type in {"permit", "deny"}
+	every key in ["actor", "purpose", "security_labels", "classes"] {
+		util.string_array(object.get(p, key, []))
+	}
+	_period_ok(object.get(p, "period", null))
+}
+
+_period_ok(period) if {
+	period == null
+} else if {
+	is_object(period)
+	every key in ["start", "end"] {
+		_time_or_null(object.get(period, key, null))
+	}
+}
+
+_time_or_null(t) if {
+	t == null
+} else if {
+	valid_time(t)
+}
+
 malformed contains "context.activity" if {
 	_context_ok
 	not _activity_ok(object.get(_context, "activity", null))
@@ -177,7 +221,8 @@ default well_formed := false
 # _contract_paths below, composed from readable pieces, and input_test.rego pins them equal.
 well_formed if {
 	is_object(input)
-	regex.match(`^\{"action":\{"operation":"(?:create|read|search|update)","resource_type":"(?:[ \p{Z}\x{85}]|\\[tnrf]|\\u000[bc]|\\u202[89])*(?:[^"\\ \p{Z}\x{85}]|\\["\\/b]|\\u(?:[13-9a-f][0-9a-f]{3}|0(?:[1-9a-f][0-9a-f]{2}|0(?:[1-9a-f][0-9a-f]|0[0-9ad-f]))|2(?:[1-9a-f][0-9a-f]{2}|0(?:[013-9a-f][0-9a-f]|2[0-7a-f]))))(?:[^"\\]|\\.)*","tool":"(?:[ \p{Z}\x{85}]|\\[tnrf]|\\u000[bc]|\\u202[89])*(?:[^"\\ \p{Z}\x{85}]|\\["\\/b]|\\u(?:[13-9a-f][0-9a-f]{3}|0(?:[1-9a-f][0-9a-f]{2}|0(?:[1-9a-f][0-9a-f]|0[0-9ad-f]))|2(?:[1-9a-f][0-9a-f]{2}|0(?:[013-9a-f][0-9a-f]|2[0-7a-f]))))(?:[^"\\]|\\.)*"\},"context":\{(?:"activity":(?:null|\{(?:"[0-9]+":\{"calls":[0-9]+,"denials":[0-9]+,"distinct_patients":[0-9]+\}(?:,"[0-9]+":\{"calls":[0-9]+,"denials":[0-9]+,"distinct_patients":[0-9]+\})*)?\}),)?(?:"backend":(?:null|"(?:[^"\\]|\\.)*"),)?(?:"break_glass":(?:null|\{(?:"reason":(?:null|"(?:[^"\\]|\\.)*"))?\}),)?(?:"purpose":(?:null|"(?:[^"\\]|\\.)*"),)?(?:"request_id":(?:null|"(?:[^"\\]|\\.)*"),)?"time":"((167[89]|16[89][0-9]|1[7-9][0-9]{2}|2[01][0-9]{2}|22[0-5][0-9]|226[01])-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)|02-(0[1-9]|1[0-9]|2[0-8]))|(16(8[048]|9[26])|(1[7-9]|2[01])(0[48]|[2468][048]|[13579][26])|2000|22(0[48]|[24][048]|60|[135][26]))-02-29)T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"\},"resource":\{(?:"params":\{\}(?:,"patient":(?:null|"(?:[ \p{Z}\x{85}]|\\[tnrf]|\\u000[bc]|\\u202[89])*(?:[^"\\ \p{Z}\x{85}]|\\["\\/b]|\\u(?:[13-9a-f][0-9a-f]{3}|0(?:[1-9a-f][0-9a-f]{2}|0(?:[1-9a-f][0-9a-f]|0[0-9ad-f]))|2(?:[1-9a-f][0-9a-f]{2}|0(?:[013-9a-f][0-9a-f]|2[0-7a-f]))))(?:[^"\\]|\\.)*"))?|"patient":(?:null|"(?:[ \p{Z}\x{85}]|\\[tnrf]|\\u000[bc]|\\u202[89])*(?:[^"\\ \p{Z}\x{85}]|\\["\\/b]|\\u(?:[13-9a-f][0-9a-f]{3}|0(?:[1-9a-f][0-9a-f]{2}|0(?:[1-9a-f][0-9a-f]|0[0-9ad-f]))|2(?:[1-9a-f][0-9a-f]{2}|0(?:[013-9a-f][0-9a-f]|2[0-7a-f]))))(?:[^"\\]|\\.)*"))?\},"subject":\{"authn":"(?:api_key|local|oauth)","claims":\{\},"id":"(?:[ \p{Z}\x{85}]|\\[tnrf]|\\u000[bc]|\\u202[89])*(?:[^"\\ \p{Z}\x{85}]|\\["\\/b]|\\u(?:[13-9a-f][0-9a-f]{3}|0(?:[1-9a-f][0-9a-f]{2}|0(?:[1-9a-f][0-9a-f]|0[0-9ad-f]))|2(?:[1-9a-f][0-9a-f]{2}|0(?:[013-9a-f][0-9a-f]|2[0-7a-f]))))(?:[^"\\]|\\.)*",(?:"on_behalf_of":(?:null|"(?:[^"\\]|\\.)*"),)?"scopes":\[(?:"(?:[^"\\]|\\.)*"(?:,"(?:[^"\\]|\\.)*")*)?\]\}\}$`, json.marshal(json.filter(input, [["subject", "authn"], ["subject", "claims", 0], ["subject", "id"], ["subject", "on_behalf_of"], ["subject", "scopes"], ["action", "operation"], ["action", "resource_type"], ["action", "tool"], ["resource", "params", 0], ["resource", "patient"], ["context", "activity"], ["context", "backend"], ["context", "break_glass", "reason"], ["context", "purpose"], ["context", "request_id"], ["context", "time"]])))
+	regex.match(`^\{"action":\{"operation":"(?:create|read|search|update)","resource_type":"(?:[ \p{Z}\x{85}]|\\[tnrf]|\\u000[bc]|\\u202[89])*(?:[^"\\ \p{Z}\x{85}]|\\["\\/b]|\\u(?:[13-9a-f][0-9a-f]{3}|0(?:[1-9a-f][0-9a-f]{2}|0(?:[1-9a-f][0-9a-f]|0[0-9ad-f]))|2(?:[1-9a-f][0-9a-f]{2}|0(?:[013-9a-f][0-9a-f]|2[0-7a-f]))))(?:[^"\\]|\\.)*","tool":"(?:[ \p{Z}\x{85}]|\\[tnrf]|\\u000[bc]|\\u202[89])*(?:[^"\\ \p{Z}\x{85}]|\\["\\/b]|\\u(?:[13-9a-f][0-9a-f]{3}|0(?:[1-9a-f][0-9a-f]{2}|0(?:[1-9a-f][0-9a-f]|0[0-9ad-f]))|2(?:[1-9a-f][0-9a-f]{2}|0(?:[013-9a-f][0-9a-f]|2[0-7a-f]))))(?:[^"\\]|\\.)*"\},"context":\{(?:"activity":(?:null|\{(?:"[0-9]+":\{"calls":[0-9]+,"denials":[0-9]+,"distinct_patients":[0-9]+\}(?:,"[0-9]+":\{"calls":[0-9]+,"denials":[0-9]+,"distinct_patients":[0-9]+\})*)?\}),)?(?:"backend":(?:null|"(?:[^"\\]|\\.)*"),)?(?:"break_glass":(?:null|\{(?:"reason":(?:null|"(?:[^"\\]|\\.)*"))?\}),)?(?:"consent":(?:null|\{\}),)?(?:"purpose":(?:null|"(?:[^"\\]|\\.)*"),)?(?:"request_id":(?:null|"(?:[^"\\]|\\.)*"),)?"time":"((167[89]|16[89][0-9]|1[7-9][0-9]{2}|2[01][0-9]{2}|22[0-5][0-9]|226[01])-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)|02-(0[1-9]|1[0-9]|2[0-8]))|(16(8[048]|9[26])|(1[7-9]|2[01])(0[48]|[2468][048]|[13579][26])|2000|22(0[48]|[24][048]|60|[135][26]))-02-29)T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"\},"resource":\{(?:"params":\{\}(?:,"patient":(?:null|"(?:[ \p{Z}\x{85}]|\\[tnrf]|\\u000[bc]|\\u202[89])*(?:[^"\\ \p{Z}\x{85}]|\\["\\/b]|\\u(?:[13-9a-f][0-9a-f]{3}|0(?:[1-9a-f][0-9a-f]{2}|0(?:[1-9a-f][0-9a-f]|0[0-9ad-f]))|2(?:[1-9a-f][0-9a-f]{2}|0(?:[013-9a-f][0-9a-f]|2[0-7a-f]))))(?:[^"\\]|\\.)*"))?|"patient":(?:null|"(?:[ \p{Z}\x{85}]|\\[tnrf]|\\u000[bc]|\\u202[89])*(?:[^"\\ \p{Z}\x{85}]|\\["\\/b]|\\u(?:[13-9a-f][0-9a-f]{3}|0(?:[1-9a-f][0-9a-f]{2}|0(?:[1-9a-f][0-9a-f]|0[0-9ad-f]))|2(?:[1-9a-f][0-9a-f]{2}|0(?:[013-9a-f][0-9a-f]|2[0-7a-f]))))(?:[^"\\]|\\.)*"))?\},"subject":\{"authn":"(?:api_key|local|oauth)","claims":\{\},"id":"(?:[ \p{Z}\x{85}]|\\[tnrf]|\\u000[bc]|\\u202[89])*(?:[^"\\ \p{Z}\x{85}]|\\["\\/b]|\\u(?:[13-9a-f][0-9a-f]{3}|0(?:[1-9a-f][0-9a-f]{2}|0(?:[1-9a-f][0-9a-f]|0[0-9ad-f]))|2(?:[1-9a-f][0-9a-f]{2}|0(?:[013-9a-f][0-9a-f]|2[0-7a-f]))))(?:[^"\\]|\\.)*",(?:"on_behalf_of":(?:null|"(?:[^"\\]|\\.)*"),)?"scopes":\[(?:"(?:[^"\\]|\\.)*"(?:,"(?:[^"\\]|\\.)*")*)?\]\}\}$`, json.marshal(json.filter(input, [["subject", "authn"], ["subject", "claims", 0], ["subject", "id"], ["subject", "on_behalf_of"], ["subject", "scopes"], ["action", "operation"], ["action", "resource_type"], ["action", "tool"], ["resource", "params", 0], ["resource", "patient"], ["context", "activity"], ["context", "backend"], ["context", "break_glass", "reason"], ["context", "consent", 0], ["context", "purpose"], ["context", "request_id"], ["context", "time"]])))
+	_consent_ok(object.get(input.context, "consent", null)) # the regex checks only that it is null or an object
 }
 
 default subject_well_formed := false
@@ -198,7 +243,8 @@ _subject_paths := [
 _contract_paths := array.concat(_subject_paths, [
 	["action", "operation"], ["action", "resource_type"], ["action", "tool"],
 	["resource", "params", 0], ["resource", "patient"],
-	["context", "activity"], ["context", "backend"], ["context", "break_glass", "reason"], ["context", "purpose"],
+	["context", "activity"], ["context", "backend"], ["context", "break_glass", "reason"],
+	["context", "consent", 0], ["context", "purpose"],
 	["context", "request_id"], ["context", "time"],
 ])
 
@@ -232,6 +278,7 @@ _contract := concat("", [
 	`(?:"activity":(?:null|\{(?:`, _activity_window, `(?:,`, _activity_window, `)*)?\}),)?`,
 	`(?:"backend":`, _null_or_string, `,)?`,
 	`(?:"break_glass":(?:null|\{(?:"reason":`, _null_or_string, `)?\}),)?`,
+	`(?:"consent":(?:null|\{\}),)?`,
 	`(?:"purpose":`, _null_or_string, `,)?`,
 	`(?:"request_id":`, _null_or_string, `,)?`,
 	`"time":"`, _time_pattern, `"\},"resource":\{`,
@@ -294,6 +341,13 @@ default context_given := false
 context_given if is_object(input.context)
 
 time_ns := time.parse_rfc3339_ns(input.context.time) if well_formed
+
+# consent: the patient's normalised consent directives, when the sidecar sends them.
+consent := c if {
+	well_formed
+	c := input.context.consent
+	c != null
+}
 
 # activity: the per-subject counters by window (seconds as text), when the sidecar sends them.
 activity := a if {

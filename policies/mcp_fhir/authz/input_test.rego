@@ -147,3 +147,5 @@ else := false
 _cswf(x) if _composed_subject_well_formed(x)
 
 else := false
+
+test_every_contract_case_passes if count(test_literal_contract_is_the_composed_one) == count(_table)

@@ -115,3 +115,8 @@ test_the_binding_waiver_is_only_for_audit_log_tools if {
 	d := authz.decision with input as i with data.mcp_fhir.config.audit_log.bound_subject_own_patient_only as false
 	[r.code | some r in d.reasons] == ["PATIENT_MISMATCH"]
 }
+
+# A data-driven test with no result passes in opa test: these pin that every case ran and passed.
+test_every_audit_log_case_passes if count(test_audit_log_patient_decisions) == count(_audit_cases)
+
+test_every_waived_case_passes if count(test_audit_log_binding_waived_by_data) == count(_waived_cases)
