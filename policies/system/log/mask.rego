@@ -22,6 +22,9 @@ mask contains "/input/resource/patient"
 
 mask contains "/input/context/break_glass/reason"
 
+# The patient's consent directives (which labels they restrict says something about their health).
+mask contains "/input/context/consent"
+
 mask contains path if some path in _masks("/input/resource/params", _event_input.resource.params, _kept_params)
 
 mask contains path if some path in _masks("/input/subject/claims", _event_input.subject.claims, _kept_claims)
