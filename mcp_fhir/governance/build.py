@@ -114,7 +114,7 @@ def _resource_types(config: Mapping[str, Any]) -> list[str]:
 
 def _v2_permissions() -> list[str]:
     """Every non-empty subsequence of "cruds", letters in order (what the scope regex accepts)."""
-    perms = []
+    perms: list[str] = []
     for n in range(1, len(V2_LETTERS) + 1):
         perms.extend("".join(c) for c in itertools.combinations(V2_LETTERS, n))
     return perms
