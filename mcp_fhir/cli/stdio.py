@@ -180,7 +180,10 @@ async def serve_stdio(server: Any, *, drain_timeout: float) -> None:
 
     for sig in HANDLED_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
-    fd = os.dup(0)
+    fd = os.dup(0)  # the wire; fd 0 itself points at the null device while serving, as the SDK does
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
     inflight = _InFlight()
     try:
         lines = _StdinLines(fd, inflight, stop, drain_timeout)
@@ -192,3 +195,5 @@ async def serve_stdio(server: Any, *, drain_timeout: float) -> None:
     finally:
         for sig in HANDLED_SIGNALS:
             loop.remove_signal_handler(sig)
+        with contextlib.suppress(OSError):
+            os.dup2(fd, 0)  # `fd` stays open: the daemon reader may still be blocked on it

@@ -1,5 +1,5 @@
 """`mcp-fhir serve` over stdio on SIGTERM or SIGINT (#16 §5): a real process, the official MCP client's
-stdio transport, the real OPA (managed by the server) and the real FHIR test bed.
+stdio transport (both protocol eras), the real OPA (managed by the server) and the real FHIR test bed.
 
 After a call is answered the process gets the signal. It stops reading calls, lets the one in flight
 finish, closes the audit trail (sealed with a signed checkpoint), stops its OPA child and exits 0:
@@ -88,9 +88,13 @@ def _entries(trail: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in trail.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    ("signum", "mode"),
+    [(signal.SIGTERM, "auto"), (signal.SIGINT, "legacy")],
+    ids=["SIGTERM", "SIGINT-legacy"],
+)
 async def test_a_signal_over_stdio_seals_the_trail_stops_opa_and_exits_zero(
-    tmp_path: Path, fhir_server: Any, signum: signal.Signals
+    tmp_path: Path, fhir_server: Any, signum: signal.Signals, mode: str
 ) -> None:
     config_path, trail, public_key = _config(tmp_path, fhir_server.base_url)
     status_file = tmp_path / "exit-status"
@@ -102,7 +106,9 @@ async def test_a_signal_over_stdio_seals_the_trail_stops_opa_and_exits_zero(
     )
     stderr_path = tmp_path / "stderr.log"
     with stderr_path.open("w", encoding="utf-8") as errlog:
-        async with Client(stdio_client(params, errlog=errlog), read_timeout_seconds=READ_TIMEOUT_S) as client:
+        async with Client(
+            stdio_client(params, errlog=errlog), mode=mode, read_timeout_seconds=READ_TIMEOUT_S
+        ) as client:
             result = await client.call_tool("read_patient", ARGS)
             assert not result.is_error, result.content[0].text
             pid = _server_pid(config_path)
