@@ -4,8 +4,8 @@ On SIGTERM or SIGINT the server stops reading calls from stdin, lets the calls i
 by ``drain_timeout``), then ends the session as if the client had closed stdin: the SDK's session
 returns and the server's lifespan closes the audit trail (``AuditTrail.close`` seals it with a signed
 checkpoint) and stops the managed OPA child. ``serve`` then exits 0. Calls that arrive after the signal
-are not read; a call still running when the bound passes is cancelled by the SDK (its audit record,
-written before any data leaves, is sealed with the rest).
+are not read; a call still running when the bound passes is cancelled by the SDK, and no result of
+it leaves.
 
 Why hand-written around the SDK's ``stdio_server``: ``MCPServer.run("stdio")`` installs no signal
 handler (SIGTERM kills the process, status -15, with the trail unsealed), the SDK's dispatcher cancels
