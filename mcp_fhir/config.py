@@ -33,7 +33,7 @@ import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, TypeVar
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -449,6 +449,9 @@ def _mapping(section: str, value: Any) -> Mapping[str, Any]:
     return value
 
 
+_T = TypeVar("_T")
+
+
 def _auth_section(value: Any, info: ValidationInfo) -> AgentAuthSettings:
     """`auth`, built once; the audience defaults to the server's canonical URI."""
     if isinstance(value, AgentAuthSettings):
@@ -459,23 +462,23 @@ def _auth_section(value: Any, info: ValidationInfo) -> AgentAuthSettings:
         if server is None:
             raise _fail("auth.audience", "cannot default to server's URL while the server section is invalid")
         data["audience"] = server.canonical_url
+    return _from_mapping("auth", AgentAuthSettings.from_mapping, data)
+
+
+def _from_mapping(key: str, build: Callable[[Mapping[str, Any]], _T], data: Mapping[str, Any]) -> _T:
+    """A section built by its own `from_mapping`, its errors named by their key under `key`."""
     try:
-        return AgentAuthSettings.from_mapping(data)
+        return build(data)
     except ConfigError as exc:
         raise _from_config_error(exc) from None
     except TypeError:
-        raise _fail("auth", "has a value of the wrong type") from None
+        raise _fail(key, "has a value of the wrong type") from None
 
 
 def _audit_section(value: Any) -> AuditSettings:
     if isinstance(value, AuditSettings):
         return value
-    try:
-        return AuditSettings.from_mapping(_mapping("audit", value))
-    except ConfigError as exc:
-        raise _from_config_error(exc) from None
-    except TypeError:
-        raise _fail("audit", "has a value of the wrong type") from None
+    return _from_mapping("audit", AuditSettings.from_mapping, _mapping("audit", value))
 
 
 def _cache_section(value: Any) -> CacheSettings | None:
@@ -493,12 +496,7 @@ def _cache_section(value: Any) -> CacheSettings | None:
 def _tracing_section(value: Any) -> TracingSettings:
     if isinstance(value, TracingSettings):
         return value
-    try:
-        return TracingSettings.from_mapping(_mapping("tracing", value))
-    except ConfigError as exc:
-        raise _from_config_error(exc) from None
-    except TypeError:
-        raise _fail("tracing", "has a value of the wrong type") from None
+    return _from_mapping("tracing", TracingSettings.from_mapping, _mapping("tracing", value))
 
 
 def _rate_limit_section(value: Any) -> RateLimiterSettings:

@@ -1,7 +1,6 @@
 """Traces of the call path (issue #21 §4): one trace per tool call, a span per step, and no PHI in any
 attribute. Run through `CallPath.run` over the in-package fakes, with a recording tracer (always) and with
-the OpenTelemetry SDK's in-memory exporter (where the `tracing` extra is installed; the shared environment
-pins an API version the registry has no SDK for, so that test is skipped there)."""
+the OpenTelemetry SDK's in-memory exporter (the SDK is a dev dependency, so CI runs both)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 package mcp_fhir.authz.anomalies_test
 
+import data.mcp_fhir.authz
 import data.mcp_fhir.authz.anomalies
 import data.mcp_fhir.authz.testing
 
@@ -43,51 +44,59 @@ test_break_glass_always_alerts if {
 	anomalies.alerts == {"break_glass"} with input as i
 }
 
-_act(w60, w600) := testing.patched(testing.clinician_obs, {"/context/activity": {"60": w60, "600": w600}})
+# Access-pattern thresholds (config/activity) on context.activity: window seconds -> counters.
+_with_activity(activity) := testing.patched(testing.clinician_obs, {"/context/activity": activity})
 
-_counts(calls, patients, denials) := {"calls": calls, "distinct_patients": patients, "denials": denials}
+_counters(patients, calls, denials) := {"distinct_patients": patients, "calls": calls, "denials": denials}
 
-# Each case: activity counts -> the activity alerts raised (the decision stays allowed: action alert).
-test_activity_alert_table if {
-	cases := {
-		"quiet": [_act(_counts(1, 1, 0), _counts(1, 1, 0)), set()],
-		"20 patients in 10 min": [_act(_counts(5, 5, 0), _counts(20, 20, 0)), set()],
-		"21 patients in 10 min": [_act(_counts(5, 5, 0), _counts(21, 21, 0)), {"bulk_access"}],
-		"9 denials in a minute": [_act(_counts(9, 1, 9), _counts(9, 1, 9)), set()],
-		"10 denials in a minute": [_act(_counts(10, 1, 10), _counts(10, 1, 10)), {"denial_burst"}],
-		"both": [_act(_counts(30, 21, 10), _counts(30, 25, 10)), {"bulk_access", "denial_burst"}],
-		"no activity block": [testing.clinician_obs, set()],
-	}
-	failures := {name: got |
-		some name, c in cases
-		[i, want] := c
-		got := anomalies.activity_hits with input as i
-		got != want
-	}
-	count(failures) == 0
+_activity_cases := {
+	"no activity: no alert": {"activity": null, "alerts": [], "allow": true},
+	"20 distinct patients in 10 min: quiet": {"activity": {"600": _counters(20, 40, 0)}, "alerts": [], "allow": true},
+	"21 distinct patients in 10 min: bulk_access": {"activity": {"600": _counters(21, 40, 0)}, "alerts": ["bulk_access"], "allow": true},
+	"9 denials in a minute: quiet": {"activity": {"60": _counters(1, 12, 9)}, "alerts": [], "allow": true},
+	"10 denials in a minute: denial_burst": {"activity": {"60": _counters(1, 12, 10)}, "alerts": ["denial_burst"], "allow": true},
+	"both windows trip": {"activity": {"60": _counters(3, 30, 12), "600": _counters(25, 90, 12)}, "alerts": ["bulk_access", "denial_burst"], "allow": true},
+	"a window no rule uses: quiet": {"activity": {"3600": _counters(500, 900, 90)}, "alerts": [], "allow": true},
+	"empty activity: quiet": {"activity": {}, "alerts": [], "allow": true},
 }
 
-test_activity_alerts_reach_the_decision_and_allow_stays if {
-	d := data.mcp_fhir.authz.decision with input as _act(_counts(30, 21, 0), _counts(30, 25, 0))
-	d.allow
-	"bulk_access" in d.audit.alerts
+test_activity_thresholds[note] if {
+	some note, case in _activity_cases
+	d := authz.decision with input as _with_activity(case.activity)
+	d.allow == case.allow
+	d.audit.alerts == case.alerts
 }
 
-test_activity_rule_with_action_deny_denies if {
-	d := data.mcp_fhir.authz.decision with input as _act(_counts(30, 21, 0), _counts(30, 25, 0))
-		with data.mcp_fhir.config.activity.rules.bulk_access.action as "deny"
+test_activity_rule_set_to_deny_denies_and_alerts if {
+	rules := json.patch(data.mcp_fhir.config.activity.rules, [{"op": "replace", "path": "/bulk_access/action", "value": "deny"}])
+	d := authz.decision with input as _with_activity({"600": _counters(21, 40, 0)})
+		with data.mcp_fhir.config.activity.rules as rules
 	not d.allow
-	{r.code | some r in d.reasons} == {"ACTIVITY_DENIED"}
-	"bulk_access" in d.audit.alerts
+	[r.code | some r in d.reasons] == ["ACCESS_PATTERN_DENIED"]
+	contains(d.reasons[0].message, "bulk_access")
+	d.audit.alerts == ["bulk_access"]
+	quiet := authz.decision with input as _with_activity({"600": _counters(20, 40, 0)})
+		with data.mcp_fhir.config.activity.rules as rules
+	quiet.allow
 }
 
-test_unavailable_activity_denies_by_default_and_alerts_either_way if {
-	i := testing.patched(testing.clinician_obs, {"/context/activity": {"status": "unavailable"}})
-	d := data.mcp_fhir.authz.decision with input as i
-	not d.allow
-	{r.code | some r in d.reasons} == {"ACTIVITY_UNAVAILABLE"}
-	"activity_unavailable" in d.audit.alerts
-	a := data.mcp_fhir.authz.decision with input as i with data.mcp_fhir.config.activity.on_unavailable as "alert"
-	a.allow
-	"activity_unavailable" in a.audit.alerts
+test_malformed_activity_is_named[note] if {
+	some note, activity in _malformed_activities
+	d := authz.decision with input as _with_activity(activity)
+	[r.code | some r in d.reasons] == ["INPUT_MALFORMED"]
+	contains(d.reasons[0].message, "context.activity")
 }
+
+_malformed_activities := {
+	"not an object": [1],
+	"window not seconds": {"ten": _counters(1, 1, 0)},
+	"a counter missing": {"60": {"calls": 1, "denials": 0}},
+	"a negative counter": {"60": _counters(1, -1, 0)},
+	"a fractional counter": {"60": _counters(1, 1.5, 0)},
+	"an extra counter": {"60": object.union(_counters(1, 1, 0), {"errors": 1})},
+}
+
+# A data-driven test with no result passes in opa test: these pin that every case ran and passed.
+test_every_activity_case_passes if count(test_activity_thresholds) == count(_activity_cases)
+
+test_every_malformed_activity_is_named if count(test_malformed_activity_is_named) == count(_malformed_activities)

@@ -1,115 +1,119 @@
 package mcp_fhir.authz.consent_test
 
 import data.mcp_fhir.authz
-import data.mcp_fhir.authz.consent
 import data.mcp_fhir.authz.testing
 
-# A provision in the normalised form of mcp_fhir/consent.py; `over` replaces fields.
-_p(over) := object.union(
-	{
-		"consent": "c1", "type": "deny", "actor": [], "action": [], "purpose": [],
-		"security_labels": [], "classes": [], "codes": [], "data": [],
-		"period": {"start": null, "end": null},
-	},
-	over,
-)
+# clinician_obs: a clinician (acting for Practitioner/123 below) searches p1's observations for
+# treatment on 2025-06-03.
+_base := testing.patched(testing.clinician_obs, {"/subject/on_behalf_of": "Practitioner/123"})
 
-_with(provisions) := testing.patched(testing.clinician_obs, {"/context/consent": {"status": "ok", "provisions": provisions}})
+_with(consent) := testing.patched(_base, {"/context/consent": consent})
+
+_ok(provisions) := {"status": "ok", "provisions": provisions}
+
+_deny(extra) := object.union({"type": "deny"}, extra)
 
 _glass(i) := testing.patched(i, {"/context/break_glass": {"reason": "arrest"}})
 
-_ai_actor := [{"role": "ai-agent", "reference": null}]
+# Every label withheld by default except PSY: what break-glass releases, less a PSY restriction.
+_all_labels := sort(array.concat(data.mcp_fhir.config.labels.sensitivity, data.mcp_fhir.config.labels.confidentiality))
 
-_codes(i) := {r.code | some r in d.reasons} if d := authz.decision with input as i
-
-_excluded(i) := {l | some l in d.obligations.exclude_security_labels} if d := authz.decision with input as i
-
-_allow(i) := d.allow if d := authz.decision with input as i
-
-# Each case: an input, whether it is allowed, the reason codes, and labels that must be excluded.
 _cases := {
-	"no consent block: unchanged": [testing.clinician_obs, true, set(), set()],
-	"consent read, no provisions": [_with([]), true, set(), set()],
-	"AI opt-out denies": [_with([_p({"actor": _ai_actor, "action": ["access"]})]), false, {"CONSENT_DENIED"}, set()],
-	"whole-record deny with no actor": [_with([_p({})]), false, {"CONSENT_DENIED"}, set()],
-	"deny naming another actor role does not bind": [_with([_p({"actor": [{"role": "PRCP", "reference": "Practitioner/f204"}]})]), true, set(), set()],
-	"deny naming the person the agent acts for binds": [
-		testing.patched(_with([_p({"actor": [{"role": "PRCP", "reference": "Practitioner/f204"}]})]), {"/subject/on_behalf_of": "Practitioner/f204"}),
-		false, {"CONSENT_DENIED"}, set(),
-	],
-	"PSY restriction withheld under treatment": [_with([_p({"security_labels": ["PSY", "R"]})]), true, set(), {"PSY", "R"}],
-	"ended period has no effect": [_with([_p({"period": {"start": "2024-01-01", "end": "2025-05-30"}})]), true, set(), set()],
-	"ended dateTime period has no effect": [_with([_p({"period": {"start": null, "end": "2025-06-02T00:00:00Z"}})]), true, set(), set()],
-	"period not yet started has no effect": [_with([_p({"period": {"start": "2025-07-01", "end": null}})]), true, set(), set()],
-	"period in effect denies": [_with([_p({"period": {"start": "2025-06-01", "end": "2025-06-03"}})]), false, {"CONSENT_DENIED"}, set()],
-	"unparseable period keeps the provision in effect": [_with([_p({"period": {"start": "2025", "end": "soon"}})]), false, {"CONSENT_DENIED"}, set()],
-	"permit never widens": [
-		testing.patched(_with([_p({"type": "permit", "security_labels": ["PSY"]})]), {"/subject/claims/roles": ["nurse"], "/action/resource_type": "Condition", "/action/tool": "search_conditions"}),
-		false, {"ROLE_NOT_PERMITTED"}, set(),
-	],
-	"permit leaves the default exclusions": [_with([_p({"type": "permit", "security_labels": ["PSY"]})]), true, set(), set()],
-	"class deny binds its type": [_with([_p({"classes": ["Observation"]})]), false, {"CONSENT_DENIED"}, set()],
-	"class deny leaves other types": [_with([_p({"classes": ["Condition"]})]), true, set(), set()],
-	"instance deny binds the instance's type": [_with([_p({"data": ["Observation/o1"]})]), false, {"CONSENT_DENIED"}, set()],
-	"instance deny leaves other types": [_with([_p({"data": ["DocumentReference/d1"]})]), true, set(), set()],
-	"other action does not bind": [_with([_p({"action": ["research"]})]), true, set(), set()],
-	"matching purpose binds": [_with([_p({"purpose": ["TREAT"]})]), false, {"CONSENT_DENIED"}, set()],
-	"other purpose does not bind": [_with([_p({"purpose": ["HRESCH"]})]), true, set(), set()],
-	"unavailable consent denies": [testing.patched(testing.clinician_obs, {"/context/consent": {"status": "unavailable", "provisions": []}}), false, {"CONSENT_UNAVAILABLE"}, set()],
-	"malformed consent block denies": [testing.patched(testing.clinician_obs, {"/context/consent": {"status": "ok", "provisions": "x"}}), false, {"CONSENT_UNAVAILABLE"}, set()],
-	"break-glass does not override by default": [_glass(_with([_p({"actor": _ai_actor})])), false, {"CONSENT_DENIED"}, set()],
+	"no consent: allowed": {"input": _base, "codes": [], "excluded": _all_labels},
+	"consent with no provisions: allowed": {"input": _with(_ok([])), "codes": [], "excluded": _all_labels},
+	"AI-processing opt-out: denied": {"input": _with(_ok([_deny({"purpose": ["AIPROCESS"]})])), "codes": ["CONSENT_DENIED"]},
+	"deny for every purpose and actor: denied": {"input": _with(_ok([_deny({})])), "codes": ["CONSENT_DENIED"]},
+	"deny for treatment: denied": {"input": _with(_ok([_deny({"purpose": ["TREAT"]})])), "codes": ["CONSENT_DENIED"]},
+	"deny for operations only: no effect": {"input": _with(_ok([_deny({"purpose": ["HOPERAT"]})])), "codes": [], "excluded": _all_labels},
+	"deny naming this practitioner: denied": {"input": _with(_ok([_deny({"actor": ["Practitioner/123"]})])), "codes": ["CONSENT_DENIED"]},
+	"deny naming another practitioner: no effect": {"input": _with(_ok([_deny({"actor": ["Practitioner/999"]})])), "codes": [], "excluded": _all_labels},
+	"deny naming the AI-agent actor role: denied": {"input": _with(_ok([_deny({"actor_roles": ["ai-agent"]})])), "codes": ["CONSENT_DENIED"]},
+	"deny naming another actor role only: no effect": {"input": _with(_ok([_deny({"actor_roles": ["PRCP"]})])), "codes": [], "excluded": _all_labels},
+	"deny naming another practitioner by reference and role: no effect": {
+		"input": _with(_ok([_deny({"actor": ["Practitioner/999"], "actor_roles": ["ai-agent"]})])), "codes": [], "excluded": _all_labels,
+	},
+	"deny of observations: denied": {"input": _with(_ok([_deny({"classes": ["Observation"]})])), "codes": ["CONSENT_DENIED"]},
+	"deny of documents (My Health Record style record-access restriction): observations unaffected": {
+		"input": _with(_ok([_deny({"classes": ["DocumentReference"]})])), "codes": [], "excluded": _all_labels,
+	},
+	"expired opt-out: no effect": {
+		"input": _with(_ok([_deny({"purpose": ["AIPROCESS"], "period": {"start": "2020-01-01T00:00:00Z", "end": "2024-12-31T00:00:00Z"}})])),
+		"codes": [], "excluded": _all_labels,
+	},
+	"opt-out from next year: no effect yet": {
+		"input": _with(_ok([_deny({"period": {"start": "2026-01-01T00:00:00Z", "end": null}})])),
+		"codes": [], "excluded": _all_labels,
+	},
+	"opt-out inside its period: denied": {
+		"input": _with(_ok([_deny({"period": {"start": "2025-01-01T00:00:00Z", "end": "2025-12-31T00:00:00Z"}})])),
+		"codes": ["CONSENT_DENIED"],
+	},
+	"permit of every label: never widens": {
+		"input": _with(_ok([{"type": "permit", "security_labels": ["PSY", "HIV"]}])), "codes": [], "excluded": _all_labels,
+	},
+	"PSY restricted, break-glass: PSY still withheld": {
+		"input": _glass(_with(_ok([_deny({"security_labels": ["PSY"]})]))), "codes": [], "excluded": ["PSY"],
+	},
+	"PSY restricted for documents only, break-glass on observations: nothing withheld": {
+		"input": _glass(_with(_ok([_deny({"security_labels": ["PSY"], "classes": ["DocumentReference"]})]))), "codes": [], "excluded": [],
+	},
+	"opt-out, break-glass: consent holds by default": {
+		"input": _glass(_with(_ok([_deny({"purpose": ["AIPROCESS"]})]))), "codes": ["CONSENT_DENIED"],
+	},
+	"consent unavailable: denied": {"input": _with({"status": "unavailable"}), "codes": ["CONSENT_UNAVAILABLE"]},
 }
 
-test_consent_table if {
-	failures := {name: got |
-		some name, c in _cases
-		[i, allow, codes, added] := c
-		got := {"allow": _allow(i), "codes": _codes(i), "missing": added - _excluded(i)}
-		got != {"allow": allow, "codes": codes, "missing": set()}
-	}
-	count(failures) == 0
+test_consent_decisions[note] if {
+	some note, case in _cases
+	d := authz.decision with input as case.input
+	sort([r.code | some r in d.reasons]) == case.codes
+	_excluded_agree(d, case)
 }
 
-_override := {"break_glass_overrides": true}
+_excluded_agree(d, case) if {
+	d.allow
+	d.obligations.exclude_security_labels == case.excluded
+}
 
-_overridden(i) := {
-	"allow": d.allow,
-	"alerts": {a | some a in d.audit.alerts},
-	"overridden": o,
-} if {
+_excluded_agree(d, case) if {
+	not d.allow
+	count(case.codes) > 0
+}
+
+test_restricted_label_withheld_even_when_the_role_releases_it_for_treatment if {
+	i := _with(_ok([_deny({"security_labels": ["PSY"]})]))
+	released := authz.decision with input as _base with data.mcp_fhir.config.roles.clinician.sensitive_labels as {"treatment": ["PSY", "HIV"]}
+	not "PSY" in released.obligations.exclude_security_labels
+	d := authz.decision with input as i with data.mcp_fhir.config.roles.clinician.sensitive_labels as {"treatment": ["PSY", "HIV"]}
+	"PSY" in d.obligations.exclude_security_labels
+	not "HIV" in d.obligations.exclude_security_labels
+}
+
+test_break_glass_overrides_consent_only_where_data_says_so_and_alerts if {
+	i := _glass(_with(_ok([_deny({"purpose": ["AIPROCESS"]}), _deny({"security_labels": ["PSY"]})])))
 	d := authz.decision with input as i with data.mcp_fhir.config.consent.break_glass_overrides as true
-	o := consent.overridden with input as i with data.mcp_fhir.config.consent.break_glass_overrides as true
+	d.allow
+	d.obligations.exclude_security_labels == []
+	d.audit.alerts == ["break_glass", "consent_override"]
 }
 
-test_break_glass_overrides_only_where_data_says_so_and_alerts if {
-	got := {name: _overridden(i) |
-		some name, i in {
-			"opt-out": _glass(_with([_p({"actor": _ai_actor})])),
-			"unavailable": _glass(testing.patched(testing.clinician_obs, {"/context/consent": {"status": "unavailable", "provisions": []}})),
-			"no consent": _glass(testing.clinician_obs),
-		}
-	}
-	got["opt-out"] == {"allow": true, "alerts": {"break_glass", "consent_overridden"}, "overridden": true}
-	got.unavailable == {"allow": true, "alerts": {"break_glass", "consent_overridden"}, "overridden": true}
-	got["no consent"] == {"allow": true, "alerts": {"break_glass"}, "overridden": false}
+test_malformed_consent_is_named[note] if {
+	some note, consent in _malformed_consents
+	d := authz.decision with input as _with(consent)
+	[r.code | some r in d.reasons] == ["INPUT_MALFORMED"]
+	contains(d.reasons[0].message, "context.consent")
 }
 
-test_overridden_restriction_adds_no_label if {
-	i := _glass(_with([_p({"security_labels": ["PSY"]})]))
-	consent.excluded_labels == set() with input as i with data.mcp_fhir.config.consent.break_glass_overrides as true
+_malformed_consents := {
+	"not an object": "yes",
+	"unknown status": {"status": "maybe"},
+	"provisions not a list": {"status": "ok", "provisions": {}},
+	"unknown provision type": _ok([{"type": "maybe"}]),
+	"labels not strings": _ok([_deny({"security_labels": [1]})]),
+	"period end not RFC 3339": _ok([_deny({"period": {"end": "tomorrow"}})]),
 }
 
-test_consent_denied_reason_is_written_once_in_metadata if {
-	reasons := [r | some r in authz.decision.reasons] with input as _with([_p({})])
-	reasons == [{"code": "CONSENT_DENIED", "message": "The patient's consent directive does not permit this access"}]
-}
+# A data-driven test with no result passes in opa test: these pin that every case ran and passed.
+test_every_consent_case_passes if count(test_consent_decisions) == count(_cases)
 
-# A role that releases PSY under treatment still has it withheld when the patient restricted it.
-test_restriction_withholds_a_label_the_role_releases if {
-	i := _with([_p({"security_labels": ["PSY"]})])
-	released := {"treatment": ["PSY"]}
-	without := _excluded(testing.clinician_obs) with data.mcp_fhir.config.roles.clinician.sensitive_labels as released
-	with_consent := _excluded(i) with data.mcp_fhir.config.roles.clinician.sensitive_labels as released
-	not "PSY" in without
-	"PSY" in with_consent
-}
+test_every_malformed_consent_is_named if count(test_malformed_consent_is_named) == count(_malformed_consents)
