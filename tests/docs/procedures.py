@@ -10,7 +10,7 @@ block is prose to the runner:
     ```sh run                       run the block with `bash -euo pipefail` (exit 0 expected)
     ```sh run exit=N                ... and expect exit code N
     ```sh background ready=URL      start the block in the background (its own process group); go on once
-                                    URL answers HTTP (any status below 500), within `timeout=N` seconds
+                                    URL answers 2xx or 3xx, within `timeout=N` seconds
                                     (default 60); a block that exits first fails the procedure. It is
                                     stopped (SIGTERM, then SIGKILL) when the procedure ends, pass or fail
     ```text expect                  each non-blank line must appear, in order, in the last run's output
@@ -188,15 +188,15 @@ def _contains(actual: Any, expected: Any) -> bool:
 
 
 def _ready(url: str, process: subprocess.Popen[bytes], timeout: float) -> str | None:
-    """Poll `url` until it answers below 500; None when ready, else why not (exited, or the bound passed)."""
+    """Poll `url` until it answers 2xx or 3xx; None when ready, else why not (exited, or the bound passed)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             with urllib.request.urlopen(url, timeout=READY_POLL * 5) as reply:
-                if reply.status < 500:
+                if reply.status < 400:
                     return None
         except urllib.error.HTTPError as exc:
-            if exc.code < 500:
+            if exc.code < 400:
                 return None
         except (OSError, ValueError):
             pass
