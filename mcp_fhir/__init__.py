@@ -31,19 +31,27 @@ from mcp_fhir._exceptions import (
 )
 from mcp_fhir._version import __version__
 from mcp_fhir.agent_auth.subject import Subject
+from mcp_fhir.audit.fake import FakeAuditTrail
 from mcp_fhir.config import Settings, load
 from mcp_fhir.ehr.client import EHRClient, FakeEHRClient, FetchResult, FhirEHRClient
+from mcp_fhir.policy.decide import Decider
 from mcp_fhir.policy.engine import Decision, FakePolicyEngine, Obligations, PolicyEngine
+from mcp_fhir.policy.input import DecisionInput
 from mcp_fhir.policy.opa import OpaPolicyEngine, OpaSettings
 from mcp_fhir.server import build_server
+from mcp_fhir.tools import CallPath, Tool, all_tools
 
 __all__ = [
     "AuditUnavailable",
     "AuthenticationError",
+    "CallPath",
     "CircuitOpen",
     "ConfigError",
+    "Decider",
     "Decision",
+    "DecisionInput",
     "EHRClient",
+    "FakeAuditTrail",
     "FakeEHRClient",
     "FakePolicyEngine",
     "FetchResult",
@@ -64,6 +72,7 @@ __all__ = [
     "ResourceNotFound",
     "Settings",
     "Subject",
+    "Tool",
     "ToolUnavailable",
     "UnknownPatient",
     "UpstreamAuthError",
@@ -74,6 +83,7 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "__version__",
+    "all_tools",
     "build_server",
     "load",
 ]

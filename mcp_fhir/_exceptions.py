@@ -78,7 +78,6 @@ class MCPFhirError(Exception):
         super().__init__(message)
         self.message = message
         self.details: dict[str, Any] = details
-        self.audited = False  # set by the call path once this error's audit record is durable
 
     def to_dict(self) -> dict[str, Any]:
         """A PHI-free, JSON-ready view: the code, the message and the safe details."""

@@ -43,6 +43,7 @@ CATALOGUE: Mapping[str, tuple[Operation, tuple[str, ...]]] = {
     "search_procedures": ("search", ("Procedure",)),
     "search_allergies": ("search", ("AllergyIntolerance",)),
     "list_documents": ("search", ("DocumentReference",)),
+    "search_immunizations": ("search", ("Immunization",)),
     "read_document": ("read", ("DocumentReference",)),
     "patient_summary": ("read", SUMMARY_SECTIONS),
     "create_clinical_note": ("create", ("DocumentReference",)),

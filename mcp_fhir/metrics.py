@@ -6,9 +6,24 @@ labels are tool names, backends, results, reason codes and states, all from fini
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
+
+from mcp_fhir._version import __version__
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+# The client library's default collectors: process_* (CPU, memory, file descriptors, start time),
+# python_info and python_gc_*. They are registered in the library's global registry too; each
+# collector reads its own process, so registering it here as well exports the same series.
+for _collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+    REGISTRY.register(_collector)
 
 _FAST = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _SLOW = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -93,3 +108,25 @@ IDMAP_MISMATCHES = Counter(
     ["backend"],
     registry=REGISTRY,
 )
+OPA_RESTARTS = Counter(
+    "mcp_fhir_opa_restarts",
+    "Restarts of the managed OPA child, by reason (exited: it died; reload: SIGHUP).",
+    ["reason"],
+    registry=REGISTRY,
+)
+BUILD_INFO = Gauge(
+    "mcp_fhir_build_info",
+    "Always 1: the sidecar's version, the OPA version and the active policy revision as labels.",
+    ["version", "opa_version", "policy_revision"],
+    registry=REGISTRY,
+)
+UNKNOWN = "unknown"
+
+
+def set_build_info(*, opa_version: str | None, policy_revision: str | None) -> None:
+    """One `mcp_fhir_build_info` series: the current versions (the previous series is removed)."""
+    BUILD_INFO.clear()
+    BUILD_INFO.labels(__version__, opa_version or UNKNOWN, policy_revision or UNKNOWN).set(1)
+
+
+set_build_info(opa_version=None, policy_revision=None)

@@ -13,6 +13,8 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q --disable-pip-version-check -e ".[dev]" >&2
   rm -f .venv/.installed-* && touch "$stamp"
 fi
+echo "bootstrap: OPA: reusing .tools/bin/opa or the machine cache, else building it (one time, about 2 minutes)" >&2
 scripts/opa.sh
+echo "bootstrap: OPA ready: $(.tools/bin/opa version 2>/dev/null | sed -n 1p)" >&2
 scripts/testbed.sh >&2
 scripts/node-tools.sh >&2

@@ -150,7 +150,7 @@ def main() -> int:
     audit = workdir / "audit.jsonl"
     print_audit(audit)
     verify = subprocess.run(
-        [str(REPO / ".venv/bin/mcp-fhir"), "audit", "verify", "--path", str(audit)],
+        [str(REPO / ".venv/bin/mcp-fhir"), "audit", "verify", "--config", str(config_path)],
         capture_output=True,
         text=True,
     )

@@ -13,6 +13,8 @@ have .tools/bin/opa && exit 0
 if ! have "$CACHE/opa"; then
   echo "building OPA $OPA_VERSION from the Go module proxy (one time per machine, about 2 minutes)" >&2
   mkdir -p "$CACHE"
+  started=$SECONDS
   GOBIN="$CACHE" GOFLAGS=-mod=mod go install "github.com/open-policy-agent/opa@$OPA_VERSION"
+  echo "built OPA $OPA_VERSION in $((SECONDS - started)) s" >&2
 fi
 cp "$CACHE/opa" .tools/bin/opa

@@ -45,6 +45,7 @@ from mcp.client.streamable_http import streamable_http_client  # noqa: E402
 from mcp.shared.exceptions import MCPError  # noqa: E402
 
 from mcp_fhir.agent_auth.api_keys import generate_api_key  # noqa: E402
+from mcp_fhir.audit.settings import AuditSettings  # noqa: E402
 from mcp_fhir.audit.verify import verify_file  # noqa: E402
 from tests.testbed import data  # noqa: E402
 from tests.testbed.sidecar import sidecar_config  # noqa: E402
@@ -291,7 +292,8 @@ async def run_soak(
     audit = workdir / "audit.jsonl"
     records = [json.loads(line) for line in audit.read_text(encoding="utf-8").splitlines() if line.strip()]
     report.audit_access_records = sum(1 for r in records if (r.get("record") or {}).get("kind") == "access")
-    verified = verify_file(audit)
+    key = AuditSettings(path=str(audit)).signing_key_path  # the default key beside the audit directory
+    verified = verify_file(audit, public_key=key.with_name(key.name + ".pub"))
     report.chain_ok, report.chain_entries = verified.ok, verified.entries
     warm = [mb for n, mb in samples if n >= calls * WARMUP_FRACTION and mb > 0] or [mb for _, mb in samples]
     report.rss_mb_after_warmup = round(warm[0], 1) if warm else 0.0

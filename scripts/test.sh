@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 COVERAGE_THRESHOLD=${COVERAGE_THRESHOLD:-95}
+COVERAGE_JSON="${TMPDIR:-/tmp}/mcp-fhir-opa-coverage.json"
 
 scripts/bootstrap.sh
 eval "$(scripts/services.sh start)"
@@ -14,15 +15,16 @@ OPA=.tools/bin/opa
 echo "== policy: fmt, check --strict, test --coverage (threshold ${COVERAGE_THRESHOLD}%)"
 "$OPA" fmt --fail -l policies/
 "$OPA" check --strict policies/
-"$OPA" test policies/ --fail-on-empty --coverage --threshold "$COVERAGE_THRESHOLD" --format json > /tmp/mcp-fhir-opa-coverage.json \
+"$OPA" test policies/ --fail-on-empty --coverage --threshold "$COVERAGE_THRESHOLD" --format json > "$COVERAGE_JSON" \
   || { echo "opa test failed or coverage below ${COVERAGE_THRESHOLD}%"; "$OPA" test policies/ --fail-on-empty | tail -20; exit 1; }
 "$OPA" test policies/ --fail-on-empty | tail -1
-.venv/bin/python -c "import json; print('policy coverage: %.1f%%' % json.load(open('/tmp/mcp-fhir-opa-coverage.json'))['coverage'])"
+.venv/bin/python -c "import json, sys; print('policy coverage: %.1f%%' % json.load(open(sys.argv[1]))['coverage'])" "$COVERAGE_JSON"
 
-echo "== ruff, mypy, import-linter (the layers in pyproject.toml)"
+echo "== ruff, mypy, import-linter (the layers in pyproject.toml), deptry (the declared dependencies)"
 .venv/bin/ruff check mcp_fhir tests bench examples scripts
 .venv/bin/mypy mcp_fhir
 .venv/bin/lint-imports --no-cache | tail -3
+.venv/bin/deptry mcp_fhir   # every import declared in pyproject.toml, every runtime dependency used
 
 echo "== pytest"
 .venv/bin/pytest -q -p no:cacheprovider "$@"

@@ -19,13 +19,14 @@ from mcp.shared.exceptions import MCPError
 
 from mcp_fhir._exceptions import UpstreamUnavailable
 from mcp_fhir.agent_auth.subject import Subject
-from mcp_fhir.audit.record import AuditRecord
+from mcp_fhir.audit.fake import FakeAuditTrail
 from mcp_fhir.catalog import CATALOGUE
 from mcp_fhir.context import AppContext, IdentityIds
 from mcp_fhir.ehr.client import FakeEHRClient
+from mcp_fhir.policy.decide import Decider
 from mcp_fhir.policy.engine import Decision, FakePolicyEngine
-from mcp_fhir.server import INFRA_ERROR, SidecarServer, register_resources_and_prompts
-from mcp_fhir.tools import admin, clinical, notes
+from mcp_fhir.server import INFRA_ERROR, SidecarServer, policy_purposes, register_resources_and_prompts
+from mcp_fhir.tools import all_tools
 
 PATIENT: Final = "pat-1"
 SECRET_NAME: Final = "Charlotte Maeve Wetherall"
@@ -45,35 +46,10 @@ def deny(_input: Mapping[str, Any]) -> Decision:
 
 
 @dataclass
-class MemorySink:
-    """An audit sink in memory; `fail` makes every write fail."""
-
-    records: list[AuditRecord] = field(default_factory=list)
-    fail: bool = False
-
-    async def record(self, rec: AuditRecord) -> str:
-        if self.fail:
-            raise OSError("disk full")
-        self.records.append(rec)
-        return str(len(self.records))
-
-    async def check(self) -> bool:
-        return not self.fail
-
-    async def query(
-        self, f: Any, *, limit: int, cursor: str | None
-    ) -> tuple[list[dict[str, Any]], str | None]:
-        return [], None
-
-    async def close(self) -> None:
-        return None
-
-
-@dataclass
 class Fakes:
     engine: FakePolicyEngine
     ehr: FakeEHRClient = field(default_factory=lambda: FakeEHRClient(resources=[dict(PATIENT_RESOURCE)]))
-    sink: MemorySink = field(default_factory=MemorySink)
+    sink: FakeAuditTrail = field(default_factory=FakeAuditTrail)
 
     def server(self) -> SidecarServer:
         holder: dict[str, AppContext] = {}
@@ -81,7 +57,7 @@ class Fakes:
         @asynccontextmanager
         async def lifespan(_server: Any) -> AsyncIterator[AppContext]:
             app = AppContext(
-                engine=self.engine,
+                decider=Decider(self.engine, audit=self.sink.record),
                 backends={"fake": self.ehr},
                 default_backend="fake",
                 idmap=IdentityIds(),
@@ -89,14 +65,14 @@ class Fakes:
                 local_subject=SUBJECT,
                 continuation_key=b"k" * 32,
                 enabled_tools=frozenset(CATALOGUE),
+                purposes=await policy_purposes(self.engine),
             )
             holder["app"] = app
             yield app
 
         server = SidecarServer(name="test", lifespan=lifespan)
-        clinical.register(server)
-        notes.register(server)
-        admin.register(server)
+        for tool in all_tools():
+            server.declare(tool)
         register_resources_and_prompts(server, holder)
         return server
 
@@ -214,3 +190,56 @@ async def test_an_unknown_prompt_and_a_bad_prompt_argument_are_invalid_params():
             await client.get_prompt("discharge_summary", {})
     assert [e.value.error.code for e in (unknown, bad, missing)] == [-32602, -32602, -32602]
     assert bad.value.error.data["argument"] == "patient_id"
+
+
+PURPOSES: Final = {
+    "treatment": {"access": ["read", "write"], "resource_types": {"Observation": {}, "Patient": {}}},
+    "audit": {"description": "Review who accessed what.", "access": ["read"], "resource_types": {}},
+}
+
+
+async def test_the_purpose_parameter_publishes_the_policys_purposes_as_an_enum_with_descriptions():
+    engine = FakePolicyEngine(
+        allow, visible=frozenset(CATALOGUE), data={"mcp_fhir/config/purposes": PURPOSES}
+    )
+    async with Client(Fakes(engine).server()) as client:
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+    purpose = tools["search_observations"].input_schema["properties"]["purpose"]
+    [string] = [b for b in purpose["anyOf"] if b.get("type") == "string"]
+    assert string["enum"] == ["audit", "treatment"]
+    assert "audit: Review who accessed what." in purpose["description"]
+    assert "treatment: read/write of Observation, Patient" in purpose["description"]
+    assert all(t.input_schema["additionalProperties"] is False for t in tools.values())
+
+
+async def test_with_no_purposes_in_the_policys_data_the_purpose_parameter_stays_open():
+    fakes = Fakes(FakePolicyEngine(allow, visible=frozenset(CATALOGUE)))
+    async with Client(fakes.server()) as client:
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+    assert "enum" not in json.dumps(tools["read_patient"].input_schema["properties"]["purpose"])
+
+
+async def test_the_patient_summary_resource_returns_a_denial_as_an_error_not_as_content():
+    fakes = Fakes(FakePolicyEngine(deny))
+    async with Client(fakes.server(), mode="legacy") as client:
+        with pytest.raises(MCPError) as caught:
+            await client.read_resource(f"fhir-summary://patient/{PATIENT}")
+    assert caught.value.error.data["code"] == "policy_denied"
+    assert caught.value.error.data["reasons"] == ["ROLE_NOT_PERMITTED"]
+    assert [(r.result, r.tool) for r in fakes.sink.records] == [("denied", "patient_summary")]
+
+
+async def test_the_patient_summary_resource_returns_the_summary_when_allowed_and_audits_it_once():
+    fakes = Fakes(FakePolicyEngine(allow))
+    async with Client(fakes.server()) as client:
+        result = await client.read_resource(f"fhir-summary://patient/{PATIENT}")
+    assert result.contents[0].text.startswith(f"### Summary of patient {PATIENT}")
+    assert [(r.result, r.tool) for r in fakes.sink.records] == [("allowed", "patient_summary")]
+
+
+async def test_a_hostile_patient_id_in_the_summary_resource_is_invalid_params():
+    fakes = Fakes(FakePolicyEngine(allow))
+    async with Client(fakes.server(), mode="legacy") as client:
+        with pytest.raises(MCPError) as caught:
+            await client.read_resource("fhir-summary://patient/a%20b")
+    assert caught.value.error.code == -32602

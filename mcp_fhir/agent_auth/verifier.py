@@ -71,6 +71,10 @@ class AgentTokenVerifier:
             resource if resource is not None else (jwt_verifier.audience if jwt_verifier else None)
         )
 
+    def replace_api_keys(self, api_keys: ApiKeyStore | None) -> None:
+        """Swap in a new key set (a config reload): the next request is checked against it alone."""
+        self._api_keys = api_keys
+
     async def verify_token(self, token: str) -> AccessToken | None:
         """An ``AccessToken`` for a valid credential; ``None`` (after ``on_reject``) otherwise."""
         try:

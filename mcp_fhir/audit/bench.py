@@ -2,8 +2,10 @@
 
 Times each ``AuditTrail.record()`` call on a file sink in a fresh temporary directory, first
 N calls one at a time, then N calls issued C at a time, and prints mean / p50 / p99 in
-milliseconds plus the number of durable commits (fsyncs) the sink made. It also times a bare
-``os.fsync`` of one appended line on the same disk, the floor a single durable write cannot beat.
+milliseconds plus the number of durable commits (fsyncs) the sink made. Every commit ends with a
+signed checkpoint, so it also prints what that costs: one Ed25519 signature (timed alone) and the
+trail's bytes per record. It also times a bare ``os.fsync`` of one appended line on the same disk,
+the floor a single durable write cannot beat.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from mcp_fhir.audit.crypto import CheckpointSigner
 from mcp_fhir.audit.record import AuditRecord
 from mcp_fhir.audit.settings import AuditSettings
 from mcp_fhir.audit.trail import build_trail
@@ -25,6 +28,7 @@ __all__ = ["main", "run"]
 DEFAULT_N = 200
 DEFAULT_CONCURRENCY = 16
 WARMUP_CALLS = 5
+SIGN_SAMPLES = 500
 
 
 def _record(n: int) -> AuditRecord:
@@ -71,7 +75,7 @@ def _bare_fsync(directory: Path, n: int) -> list[float]:
 
 async def run(n: int, concurrency: int, directory: Path) -> list[str]:
     """Run the three measurements in ``directory``; return the printable lines."""
-    settings = AuditSettings(sink="file", path=str(directory / "audit.jsonl"), writer_id="bench")
+    settings = AuditSettings(sink="file", path=str(directory / "audit" / "audit.jsonl"), writer_id="bench")
     trail = build_trail(settings)
     await trail.start()
     lines = [_summary("bare write+fsync", _bare_fsync(directory, n), n)]
@@ -101,7 +105,35 @@ async def run(n: int, concurrency: int, directory: Path) -> list[str]:
         )
     finally:
         await trail.close()
+    size = _size(Path(str(settings.path)))
+    lines.append(
+        f"trail bytes per record   {size / (2 * n + WARMUP_CALLS):.0f} (records and their checkpoints)"
+    )
+    lines.append(f"one checkpoint signature {_sign_cost() * 1e6:.0f} us (Ed25519, median of {SIGN_SAMPLES})")
     return lines
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size
+
+
+def _sign_cost() -> float:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    signer = CheckpointSigner(Ed25519PrivateKey.generate())
+    cp = {
+        "seq": 1,
+        "hash": "0" * 64,
+        "ts": "2026-11-25T03:04:05.123Z",
+        "writer": "bench",
+        "kid": signer.key_id,
+    }
+    samples = []
+    for _ in range(SIGN_SAMPLES):
+        started = time.perf_counter()
+        signer.sign(cp)
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,13 +1,25 @@
 """``mcp-fhir audit``: verify, query and export the audit trail.
 
-    mcp-fhir audit verify --path var/audit/audit.jsonl [--public-key K.pub] [--expect-min-seq N] [--json]
+    mcp-fhir audit verify --config config.yaml [--json]
+    mcp-fhir audit verify --path var/audit/audit.jsonl --public-key K.pub [--public-key OLD.pub ...]
+                          [--witness-file W | --no-witness] [--accept-recovery SEQ ...]
+                          [--expect-min-seq N] [--json]
+    mcp-fhir audit init-postgres --dsn-env ADMIN_DSN [--schema S] [--table T]
+    mcp-fhir audit disclosures --config config.yaml --patient ID [--from T] [--to T]
+                          --format md|html|json|fhir [--out FILE]   (refuses a trail that does not verify)
+    mcp-fhir audit keygen --out KEY.pem          (a new signing key, 0600, and KEY.pem.pub: for rotation)
     mcp-fhir audit query  --path ... [--patient P] [--agent A] [--since T] [--until T] [--result R]
                           [--purpose P] [--alert A] [--tool T] [--limit N] [--cursor C] [--json]
     mcp-fhir audit export --path ... --format fhir|jsonl --output bundle|ndjson [--out FILE] [filters]
 
-Sources: ``--path`` (``.db``/``.sqlite``/``.sqlite3`` is SQLite, anything else JSON lines) or
-``--dsn-env NAME --writer W`` for PostgreSQL. Exit codes: 0 ok, 1 verification failed, 2 usage
-or configuration error. Progress goes to stderr; results to stdout.
+Sources: ``--config`` (the sidecar's own config: sink, path, pinned keys, witness), ``--path``
+(``.db``/``.sqlite``/``.sqlite3`` is SQLite, anything else JSON lines) or ``--dsn-env NAME --writer W``
+for PostgreSQL. ``verify`` needs a pinned public key: ``audit.public_key_files`` in the config (or,
+failing that, the configured signing key's public half), or ``--public-key`` (repeat it for a key
+history); it never uses a key found beside the trail. The witness comes from the config, from
+``--witness-file``, or from its default place beside the audit directory; a missing witness fails
+unless ``--no-witness``. Exit codes: 0 ok, 1 verification failed, 2 usage or configuration error.
+Progress goes to stderr; results to stdout.
 """
 
 from __future__ import annotations
@@ -18,7 +30,7 @@ import os
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from mcp_fhir._exceptions import ConfigError, MCPFhirError
 from mcp_fhir.audit.crypto import RecordCipher
@@ -31,6 +43,7 @@ from mcp_fhir.audit.query import (
     page,
     parse_cursor,
 )
+from mcp_fhir.audit.settings import AuditSettings
 from mcp_fhir.audit.trail import load_cipher
 from mcp_fhir.audit.verify import VerifyReport, verify_entries
 
@@ -44,6 +57,7 @@ EXPORT_ALL_LIMIT = 10_000_000
 
 
 def _source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="the sidecar's YAML config: read the audit section from it")
     p.add_argument("--path", help="JSON-lines log, or SQLite database (.db/.sqlite)")
     p.add_argument("--dsn-env", help="NAME of the environment variable holding the PostgreSQL DSN")
     p.add_argument("--writer", help="writer id of the chain to read (PostgreSQL)")
@@ -56,16 +70,33 @@ def _source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def _pinning_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--public-key", action="append", default=[],
+        help="pinned Ed25519 public key PEM; repeat for the key history after rotations",
+    )  # fmt: skip
+    p.add_argument(
+        "--witness-file", help="the witness file (default: from --config, or beside the audit dir)"
+    )
+    p.add_argument("--no-witness", action="store_true", help="do not check a witness (a copied trail)")
+    p.add_argument(
+        "--accept-recovery", action="append", type=int, default=[], metavar="SEQ",
+        help="accept the unvouched range of the recovery entry at SEQ, after review",
+    )  # fmt: skip
+
+
 def _filter_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--patient")
+    p.add_argument("--patient", help="canonical patient id the records are about")
     p.add_argument("--agent", help="subject id of the calling agent")
     p.add_argument("--since", help="RFC 3339, inclusive")
     p.add_argument("--until", help="RFC 3339, exclusive")
-    p.add_argument("--result", choices=["allowed", "denied", "error"])
-    p.add_argument("--purpose")
-    p.add_argument("--alert")
-    p.add_argument("--tool")
-    p.add_argument("--kind", choices=["access", "alert", "auth_failure", "shadow_divergence"])
+    p.add_argument("--result", choices=["allowed", "denied", "error"], help="the call's outcome")
+    p.add_argument("--purpose", help="purpose of use the call named")
+    p.add_argument("--alert", help="records that raised this alert")
+    p.add_argument("--tool", help="tool name")
+    p.add_argument(
+        "--kind", choices=["access", "alert", "auth_failure", "shadow_divergence"], help="record kind"
+    )
 
 
 def add_parser(subparsers: Any) -> None:
@@ -75,24 +106,57 @@ def add_parser(subparsers: Any) -> None:
 
     verify = sub.add_parser("verify", help="check the hash chain and checkpoint signatures")
     _source_options(verify)
-    verify.add_argument("--public-key", help="Ed25519 public key PEM (default: <path>.signing.pem.pub)")
+    _pinning_options(verify)
     verify.add_argument("--expect-min-seq", type=int, help="fail if the log ends before this seq")
     verify.set_defaults(func=run_verify)
+
+    disclosures = sub.add_parser(
+        "disclosures", help="accounting of disclosures for one patient (from a trail that verifies)"
+    )
+    _source_options(disclosures)
+    _pinning_options(disclosures)
+    disclosures.add_argument("--patient", required=True, help="the canonical patient id")
+    disclosures.add_argument("--from", dest="since", help="RFC 3339, inclusive")
+    disclosures.add_argument("--to", dest="until", help="RFC 3339, exclusive")
+    disclosures.add_argument(
+        "--format",
+        choices=["md", "html", "json", "fhir"],
+        default="md",
+        help="md for a reader, html to print, json for tools, fhir for a Bundle of AuditEvents (default md)",
+    )
+    disclosures.add_argument("--out", help="write here (mode 0600) instead of stdout")
+    disclosures.set_defaults(func=run_disclosures)
+
+    keygen = sub.add_parser("keygen", help="make a new Ed25519 signing key (0600) and its .pub, for rotation")
+    keygen.add_argument("--out", required=True, help="the private key file to create (must not exist)")
+    keygen.set_defaults(func=run_keygen)
+
+    init = sub.add_parser(
+        "init-postgres", help="create the PostgreSQL audit schema, table, triggers and role"
+    )
+    init.add_argument("--dsn-env", required=True, help="NAME of the variable holding an ADMIN DSN")
+    init.add_argument("--schema", default="public", help="PostgreSQL schema to create (default public)")
+    init.add_argument("--table", default="audit_log", help="PostgreSQL table to create (default audit_log)")
+    init.set_defaults(func=run_init_postgres)
 
     query = sub.add_parser("query", help="search records")
     _source_options(query)
     _filter_options(query)
-    query.add_argument("--limit", type=int, default=DEFAULT_QUERY_LIMIT)
-    query.add_argument("--cursor")
+    query.add_argument("--limit", type=int, default=DEFAULT_QUERY_LIMIT, help="records per page")
+    query.add_argument("--cursor", help="continue from the cursor a previous page printed")
     query.set_defaults(func=run_query)
 
     export = sub.add_parser("export", help="export records as FHIR AuditEvents or JSON lines")
     _source_options(export)
     _filter_options(export)
-    export.add_argument("--format", choices=["fhir", "jsonl"], default="fhir")
-    export.add_argument("--output", choices=["bundle", "ndjson"], default="bundle")
+    export.add_argument(
+        "--format", choices=["fhir", "jsonl"], default="fhir", help="FHIR AuditEvents or raw records"
+    )
+    export.add_argument(
+        "--output", choices=["bundle", "ndjson"], default="bundle", help="one Bundle or NDJSON"
+    )
     export.add_argument("--out", help="write here instead of stdout")
-    export.add_argument("--limit", type=int, default=EXPORT_ALL_LIMIT)
+    export.add_argument("--limit", type=int, default=EXPORT_ALL_LIMIT, help="at most this many records")
     export.set_defaults(func=run_export)
 
 
@@ -107,7 +171,32 @@ def main(argv: list[str] | None = None) -> int:
 # -- sources -------------------------------------------------------------------------------
 
 
+def _settings(args: argparse.Namespace) -> AuditSettings | None:
+    """The audit section of ``--config``, with its sink copied onto the source options; or None."""
+    if not getattr(args, "config", None):
+        return None
+    cached = getattr(args, "_audit_settings", None)
+    if cached is not None:
+        return cast(AuditSettings, cached)
+    from mcp_fhir import config
+
+    settings = config.load(args.config).audit_settings()
+    if settings.sink in ("file", "sqlite") and not args.path:
+        args.path = settings.path
+    if settings.sink == "postgres" and not args.dsn_env:
+        args.dsn_env, args.schema, args.table = settings.dsn_env, settings.pg_schema, settings.pg_table
+        args.writer = args.writer or settings.writer_id or None
+    if settings.sink == "stdout":
+        raise ConfigError("cli.config", "the stdout sink cannot be read back: verify the shipped stream")
+    if not args.encryption_key_env and not args.encryption_key_file:
+        args.encryption_key_env = settings.encryption_key_env
+        args.encryption_key_file = settings.encryption_key_file
+    args._audit_settings = settings
+    return settings
+
+
 def _cipher(args: argparse.Namespace) -> RecordCipher | None:
+    _settings(args)
     return load_cipher(
         key_env=args.encryption_key_env, key_file=args.encryption_key_file, key_id=None, section="cli"
     )
@@ -123,6 +212,7 @@ def _dsn(args: argparse.Namespace) -> str:
 
 
 def _entries(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    _settings(args)
     if args.dsn_env:
         from mcp_fhir.audit.sinks.postgres import iter_postgres_entries
 
@@ -183,26 +273,127 @@ def _verify_items(args: argparse.Namespace) -> Iterable[tuple[int, dict[str, Any
     return file_items(_path(args))
 
 
-def _public_key(args: argparse.Namespace) -> bytes | None:
-    if args.public_key:
-        return Path(args.public_key).read_bytes()
-    if args.path:
-        beside = Path(args.path + ".signing.pem.pub")
-        if beside.exists():
-            return beside.read_bytes()
-    return None
+def _public_keys(args: argparse.Namespace) -> list[bytes]:
+    """The pinned keys: --public-key, else the config's public_key_files, else its signing key's public half."""
+    try:
+        if args.public_key:
+            return [Path(p).read_bytes() for p in args.public_key]
+        settings = _settings(args)
+        if settings is not None:
+            if settings.public_key_files:
+                return [Path(p).read_bytes() for p in settings.public_key_files]
+            if not settings.signing_key_env and not settings.signer_factory:
+                pub = settings.signing_key_path.with_name(settings.signing_key_path.name + ".pub")
+                return [pub.read_bytes()]
+    except OSError as exc:
+        raise ConfigError("cli.public_key", "a pinned public key file could not be read") from exc
+    raise ConfigError(
+        "cli.public_key",
+        "verify needs a pinned public key: --public-key FILE (repeat for a key history), or --config "
+        "with audit.public_key_files",
+    )
+
+
+def _witness(args: argparse.Namespace) -> tuple[dict[str, Any] | None, bool]:
+    """The witnessed head to check the trail against, and whether one was expected."""
+    if args.no_witness:
+        return None, False
+    from mcp_fhir.audit.trail import build_witness
+    from mcp_fhir.audit.witness import FileWitness, Witness
+
+    settings = _settings(args)
+    witness: Witness | None
+    if args.witness_file:
+        witness = FileWitness(Path(args.witness_file))
+    elif settings is not None:
+        witness = build_witness(settings, args.writer or settings.writer_id or "")
+    elif args.path:
+        sink = "sqlite" if Path(args.path).suffix in SQLITE_SUFFIXES else "file"
+        witness = build_witness(AuditSettings(sink=sink, path=args.path, writer_id="cli"), "cli")
+    else:
+        witness = build_witness(
+            AuditSettings(sink="postgres", dsn_env=args.dsn_env, writer_id=args.writer or "cli"), args.writer
+        )
+    if witness is None:
+        return None, False
+    try:
+        return witness.read(), True
+    finally:
+        witness.close()
 
 
 @_guarded
 def run_verify(args: argparse.Namespace) -> int:
     """``audit verify``."""
+    keys = _public_keys(args)
+    witness, expected = _witness(args)
     report = verify_entries(
-        _verify_items(args), public_key=_public_key(args), encryption_key=_cipher(args),
-        progress=_progress, expect_min_seq=args.expect_min_seq,
+        _verify_items(args), public_key=keys, encryption_key=_cipher(args),
+        progress=_progress, expect_min_seq=args.expect_min_seq, witness=witness,
+        accept_recoveries=args.accept_recovery, require_witness=expected,
     )  # fmt: skip
     print(file=sys.stderr)
     _print_report(report, args.json, sys.stdout)
     return EXIT_OK if report.ok else EXIT_VERIFY_FAILED
+
+
+@_guarded
+def run_disclosures(args: argparse.Namespace) -> int:
+    """``audit disclosures``: verify, then report; a trail that does not verify gets no report."""
+    from mcp_fhir.audit.disclosures import TrailNotVerified, build_disclosures, render
+    from mcp_fhir.audit.query import AuditQuery
+
+    AuditQuery(since=args.since, until=args.until)  # validates the timestamps (InvalidArgument)
+    keys = _public_keys(args)
+    witness, expected = _witness(args)
+    try:
+        report = build_disclosures(
+            _verify_items(args), patient=args.patient, since=args.since, until=args.until, public_key=keys,
+            witness=witness, require_witness=expected, accept_recoveries=args.accept_recovery,
+            encryption_key=_cipher(args), progress=_progress,
+        )  # fmt: skip
+    except TrailNotVerified as exc:
+        print(file=sys.stderr)
+        _print_report(exc.report, False, sys.stderr)
+        print("error: the trail does not verify; no disclosures report is made from it", file=sys.stderr)
+        return EXIT_VERIFY_FAILED
+    print(file=sys.stderr)
+    text = render(report, args.format)
+    if args.out:
+        _write_private(Path(args.out), text)
+        print(
+            f"wrote the {args.format} report for {len(report.accesses)} accesses to {args.out}",
+            file=sys.stderr,
+        )
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+@_guarded
+def run_keygen(args: argparse.Namespace) -> int:
+    """``audit keygen``: a new signing key; prints its key id and where its public half is."""
+    from mcp_fhir.audit.crypto import key_id, load_or_create_signing_key
+
+    out = Path(args.out)
+    if out.exists():
+        raise ConfigError("cli.out", "the key file exists already (a rotation makes a NEW key)")
+    key, _ = load_or_create_signing_key(out)
+    print(f"key id {key_id(key.public_key())}: private {out} (0600), public {out}.pub")
+    return EXIT_OK
+
+
+@_guarded
+def run_init_postgres(args: argparse.Namespace) -> int:
+    """``audit init-postgres``: the schema, table, triggers and writer role (run once, as an admin)."""
+    from mcp_fhir.audit.sinks.postgres import WRITER_ROLE, setup_postgres_schema
+
+    value = os.environ.get(args.dsn_env or "")
+    if not value:
+        raise ConfigError("cli.dsn_env", "the named environment variable is empty or missing")
+    setup_postgres_schema(value, schema=args.schema, table=args.table)
+    print(f"ok: {args.schema}.{args.table} is append-only; writers run as role {WRITER_ROLE}")
+    return EXIT_OK
 
 
 def _print_report(report: VerifyReport, as_json: bool, out: TextIO) -> None:
@@ -216,7 +407,14 @@ def _print_report(report: VerifyReport, as_json: bool, out: TextIO) -> None:
         print(
             f"OK: {report.entries} entries ({report.records} records, {report.checkpoints} checkpoints, "
             f"{report.recoveries} recoveries), last seq {report.last_seq}, "
-            f"last checkpoint {report.last_checkpoint_seq}",
+            f"last checkpoint {report.last_checkpoint_seq}, keys {','.join(report.key_ids) or '-'}, "
+            f"witness {report.witness_seq if report.witness_checked else 'not checked'}",
+            file=out,
+        )
+    for gap in report.unvouched:
+        state = "accepted" if gap["accepted"] else "NOT accepted"
+        print(
+            f"unvouched: seqs {gap['from']}..{gap['to']} (recovery at seq {gap['recovery_seq']}, {state})",
             file=out,
         )
     for warning in report.warnings:
@@ -269,6 +467,14 @@ class _SkippedCounter:
             )
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Audit data leaves the trail only into files readable by their owner (0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
 def _after(entries: Iterable[dict[str, Any]], seq: int) -> Iterator[dict[str, Any]]:
     return (e for e in entries if int(e.get("seq", 0)) > seq)
 
@@ -293,7 +499,7 @@ def run_export(args: argparse.Namespace) -> int:
     else:
         text = "".join(json.dumps(r, sort_keys=True, separators=(",", ":")) + "\n" for r in rows)
     if args.out:
-        Path(args.out).write_text(text)
+        _write_private(Path(args.out), text)
         print(f"exported {len(rows)} records to {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(text)

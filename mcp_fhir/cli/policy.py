@@ -5,17 +5,21 @@
     mcp-fhir policy eval   [--policies DIR] (--input FILE | --input-json '{...}' | --tool T [--role R]
                            [--purpose P] [--patient ID] [--scope S]... [--break-glass REASON]
                            [--time RFC3339] [--claim k=v]...) [--json]
-    mcp-fhir policy diff   BASE HEAD [--replay TRAIL]... [--no-fixtures] [--no-grid]
+    mcp-fhir policy diff   BASE HEAD [--replay TRAIL]... [--no-fixtures] [--no-grid] [--full-grid]
                            [--approvals FILE] [--format md|json] [--out FILE] [--html FILE]
-                           [--fail-on-narrowing]
+                           [--full-md FILE] [--json-out FILE] [--max-chars N] [--fail-on-narrowing]
     mcp-fhir policy bundle --signing-key priv.pem [--verification-key pub.pem] -o bundle.tar.gz
                            [--revision R] [--policies DIR]
     mcp-fhir policy opa-config --verification-key pub.pem --service-url URL [--resource bundle.tar.gz]
 
-BASE and HEAD are git refs (``policies/`` is read at each with ``git archive``) or folders (a
-``policies/`` folder, or a folder that holds one). Exit codes: 0 ok; 1 a test, lint or signature
-failed, or the diff found an unapproved widening; 2 usage or configuration error. Progress goes
-to stderr; reports to stdout or ``--out``.
+BASE and HEAD are git refs (``policies/`` is read at each with ``git archive``), ``WORKTREE`` (the
+working tree's ``policies/``), or folders (a ``policies/`` folder, or a folder that holds one). A
+HEAD ref naming the checked-out commit while ``policies/`` has uncommitted changes is refused
+(exit 2): the diff would not see those edits; diff against ``WORKTREE`` instead. Approvals are read
+from BASE (the protected branch) unless ``--approvals`` names a file; a HEAD that edits
+``approvals.yaml`` is reported as a widening that needs review. Exit codes: 0 ok; 1 a test, lint
+or signature failed, or the diff found an unapproved widening or an approvals change; 2 usage or
+configuration error. Progress goes to stderr; reports to stdout or ``--out``.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ EXIT_FAILED = 1
 DEFAULT_POLICIES = Path("policies")
 DEFAULT_GIT_TIMEOUT = 60.0
 CLI_SUBJECT_ID = "policy-cli"
+WORKTREE = "WORKTREE"  # pseudo-ref: the working tree's policies/, committed or not
+PR_COMMENT_LIMIT = 65_536  # characters in a GitHub pull-request comment
+DEFAULT_MAX_CHARS = 60_000  # the markdown summary stays under the comment limit with room to spare
 
 
 def add_parser(subparsers: Any) -> None:
@@ -52,38 +59,46 @@ def add_parser(subparsers: Any) -> None:
     sub = policy.add_subparsers(dest="policy_command", required=True)
 
     test = sub.add_parser("test", help="run the Rego tests with coverage against the real OPA")
-    test.add_argument("--policies", type=Path, default=DEFAULT_POLICIES)
+    test.add_argument(
+        "--policies", type=Path, default=DEFAULT_POLICIES, help="policy folder (default policies/)"
+    )
     test.add_argument("--threshold", type=float, default=95.0, help="minimum coverage %% (default 95)")
-    test.add_argument("--json", action="store_true")
+    test.add_argument("--json", action="store_true", help="machine-readable output")
     test.set_defaults(func=run_test)
 
     lint = sub.add_parser("lint", help="opa fmt, opa check --strict, and Regal when installed")
-    lint.add_argument("--policies", type=Path, default=DEFAULT_POLICIES)
+    lint.add_argument(
+        "--policies", type=Path, default=DEFAULT_POLICIES, help="policy folder (default policies/)"
+    )
     lint.set_defaults(func=run_lint)
 
     ev = sub.add_parser(
         "eval", help="decide one input and show reasons, obligations and the rules that fired"
     )
-    ev.add_argument("--policies", type=Path, default=DEFAULT_POLICIES)
+    ev.add_argument(
+        "--policies", type=Path, default=DEFAULT_POLICIES, help="policy folder (default policies/)"
+    )
     ev.add_argument("--input", type=Path, help="a decision input JSON file")
     ev.add_argument("--input-json", help="a decision input as inline JSON")
     ev.add_argument("--tool", help="tool name (fills operation and resource type from the catalogue)")
     ev.add_argument("--resource-type", help="override the catalogue's (first) resource type")
     ev.add_argument("--role", action="append", default=[], help="a role claim value (repeatable)")
-    ev.add_argument("--purpose")
-    ev.add_argument("--patient")
+    ev.add_argument("--purpose", help="purpose of use code")
+    ev.add_argument("--patient", help="canonical patient id the call is about")
     ev.add_argument("--scope", action="append", default=[], help="a granted scope (repeatable)")
-    ev.add_argument("--break-glass", metavar="REASON")
+    ev.add_argument("--break-glass", metavar="REASON", help="claim break-glass with this reason")
     ev.add_argument("--time", help="RFC 3339 instant (default now)")
     ev.add_argument("--claim", action="append", default=[], metavar="K=V", help="an extra raw claim")
-    ev.add_argument("--authn", default="oauth", choices=["oauth", "api_key", "local"])
+    ev.add_argument(
+        "--authn", default="oauth", choices=["oauth", "api_key", "local"], help="how the caller authenticated"
+    )
     ev.add_argument("--all-rules", action="store_true", help="list private helper rules too")
-    ev.add_argument("--json", action="store_true")
+    ev.add_argument("--json", action="store_true", help="machine-readable output")
     ev.set_defaults(func=run_eval)
 
     diff = sub.add_parser("diff", help="replay decision inputs against two policy versions")
-    diff.add_argument("base", help="git ref or folder")
-    diff.add_argument("head", help="git ref or folder")
+    diff.add_argument("base", help="git ref, WORKTREE, or folder (approvals are read from here)")
+    diff.add_argument("head", help="git ref, WORKTREE (uncommitted edits included), or folder")
     diff.add_argument("--policies-path", default="policies", help="policies folder inside the repository")
     diff.add_argument("--repo", type=Path, default=Path("."), help="git repository for refs (default .)")
     diff.add_argument("--replay", type=Path, action="append", default=[], help="audit trail (repeatable)")
@@ -91,30 +106,40 @@ def add_parser(subparsers: Any) -> None:
     diff.add_argument("--encryption-key-env", help="NAME of the variable holding that key")
     diff.add_argument("--no-fixtures", action="store_true", help="skip policies/fixtures/*.json")
     diff.add_argument("--no-grid", action="store_true", help="skip the generated grid")
-    diff.add_argument("--approvals", type=Path, help="approvals file (default: HEAD's approvals.yaml)")
-    diff.add_argument("--format", choices=["md", "json"], default="md")
+    diff.add_argument("--full-grid", action="store_true", help="cross every claim and label dimension")
+    diff.add_argument("--approvals", type=Path, help="approvals file (default: BASE's approvals.yaml)")
+    diff.add_argument("--format", choices=["md", "json"], default="md", help="report format (default md)")
     diff.add_argument("--out", type=Path, help="write the report here instead of stdout")
+    diff.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS,
+                      help=f"size cap of the markdown summary (default {DEFAULT_MAX_CHARS}; a PR comment "
+                           f"holds {PR_COMMENT_LIMIT})")  # fmt: skip
+    diff.add_argument("--full-md", type=Path, help="also write the full markdown report (every group)")
+    diff.add_argument("--json-out", type=Path, help="also write the full JSON report")
     diff.add_argument("--html", type=Path, help="also write a self-contained HTML report")
     diff.add_argument("--fail-on-narrowing", action="store_true", help="exit 1 on narrowings too")
     diff.add_argument("--quiet", action="store_true", help="no progress on stderr")
     diff.set_defaults(func=run_diff)
 
     bundle = sub.add_parser("bundle", help="build a signed OPA bundle of policies/")
-    bundle.add_argument("--policies", type=Path, default=DEFAULT_POLICIES)
-    bundle.add_argument("--signing-key", type=Path, required=True)
+    bundle.add_argument(
+        "--policies", type=Path, default=DEFAULT_POLICIES, help="policy folder (default policies/)"
+    )
+    bundle.add_argument(
+        "--signing-key", type=Path, required=True, help="PEM private key that signs the bundle"
+    )
     bundle.add_argument("--verification-key", type=Path, help="check the signature after building")
-    bundle.add_argument("--signing-alg", default="RS256")
-    bundle.add_argument("--key-id", default="mcp-fhir-policy")
+    bundle.add_argument("--signing-alg", default="RS256", help="JWS algorithm (default RS256)")
+    bundle.add_argument("--key-id", default="mcp-fhir-policy", help="key id OPA verifies with")
     bundle.add_argument("--revision", help="default: git short sha, -dirty when policies/ has changes")
-    bundle.add_argument("-o", "--output", type=Path, required=True)
+    bundle.add_argument("-o", "--output", type=Path, required=True, help="bundle file to write (.tar.gz)")
     bundle.set_defaults(func=run_bundle)
 
     cfg = sub.add_parser("opa-config", help="print an OPA config that downloads and verifies the bundle")
-    cfg.add_argument("--verification-key", type=Path, required=True)
-    cfg.add_argument("--service-url", required=True)
-    cfg.add_argument("--resource", default="bundle.tar.gz")
-    cfg.add_argument("--signing-alg", default="RS256")
-    cfg.add_argument("--key-id", default="mcp-fhir-policy")
+    cfg.add_argument("--verification-key", type=Path, required=True, help="PEM public key OPA verifies with")
+    cfg.add_argument("--service-url", required=True, help="base URL the bundle is served from")
+    cfg.add_argument("--resource", default="bundle.tar.gz", help="bundle path under the service URL")
+    cfg.add_argument("--signing-alg", default="RS256", help="JWS algorithm (default RS256)")
+    cfg.add_argument("--key-id", default="mcp-fhir-policy", help="key id OPA verifies with")
     cfg.set_defaults(func=run_opa_config)
 
 
@@ -127,7 +152,8 @@ def run_test(args: argparse.Namespace) -> int:
     result = run_tests(args.policies, threshold=args.threshold)
     if args.json:
         print(json.dumps({"ok": result.ok, "passed": result.passed, "failed": result.failed,
-                          "errors": result.errors, "coverage": result.coverage,
+                          "errors": result.errors, "fixtures_failed": result.fixtures_failed,
+                          "coverage": result.coverage,
                           "threshold": result.threshold, "uncovered": result.uncovered}, indent=2))  # fmt: skip
     else:
         print(result.summary())
@@ -279,15 +305,39 @@ def _git(repo: Path, *args: str) -> bytes:
     return proc.stdout
 
 
+def _dirty(repo: Path, policies_path: str) -> bool:
+    status = _git(repo, "status", "--porcelain", "--untracked-files=all", "--", policies_path)
+    return bool(status.strip())
+
+
 @contextmanager
-def policies_at(spec: str, *, repo: Path, policies_path: str) -> Iterator[Path]:
-    """A folder holding `policies/` as at `spec`: a folder as is, or a git ref extracted to a temp dir."""
+def policies_at(spec: str, *, repo: Path, policies_path: str, head: bool = False) -> Iterator[Path]:
+    """A folder holding `policies/` as at `spec`: a folder as is, `WORKTREE` (the working tree's
+    policies/), or a git ref extracted to a temp dir.
+
+    For the head side, a ref that names the checked-out commit while `policies/` has uncommitted
+    changes is refused: the diff would silently miss those edits.
+    """
+    if spec == WORKTREE:
+        top = Path(_git(repo, "rev-parse", "--show-toplevel").decode().strip())
+        folder = top / policies_path
+        if not folder.is_dir():
+            raise ConfigError("policy.diff", f"the working tree has no {policies_path} folder")
+        yield folder
+        return
     folder = Path(spec)
     if folder.is_dir():
         nested = folder / "policies"
         yield nested if nested.is_dir() and not any(folder.glob("*.rego")) else folder
         return
-    _git(repo, "rev-parse", "--verify", "--quiet", f"{spec}^{{commit}}")
+    commit = _git(repo, "rev-parse", "--verify", "--quiet", f"{spec}^{{commit}}").strip()
+    if head and commit == _git(repo, "rev-parse", "--verify", "--quiet", "HEAD^{commit}").strip():
+        if _dirty(repo, policies_path):
+            raise ConfigError(
+                "policy.diff.head",
+                f"{policies_path}/ has uncommitted changes that {spec} does not hold: commit them, or "
+                f"diff against {WORKTREE} to include the working tree",
+            )
     archive = _git(repo, "archive", "--format=tar", spec, "--", policies_path)
     with tempfile.TemporaryDirectory(prefix="mcp-fhir-policy-") as tmp:
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
@@ -310,14 +360,22 @@ def _progress(quiet: bool) -> Any:
 
 def run_diff(args: argparse.Namespace) -> int:
     from mcp_fhir.audit.trail import load_cipher
-    from mcp_fhir.governance.diff import Approvals, BatchEvaluator, diff_cases, unique_cases
+    from mcp_fhir.governance.diff import (
+        Approvals,
+        BatchEvaluator,
+        approvals_changes,
+        diff_cases,
+        unique_cases,
+    )
     from mcp_fhir.governance.grid import fixture_cases, grid_cases, replay_cases, role_claim_name
     from mcp_fhir.governance.report import to_html, to_json, to_markdown
 
+    if not 1_000 <= args.max_chars <= PR_COMMENT_LIMIT:
+        raise ConfigError("policy.diff.max_chars", f"must be from 1000 to {PR_COMMENT_LIMIT}")
     progress = _progress(args.quiet)
     with (
         policies_at(args.base, repo=args.repo, policies_path=args.policies_path) as base_dir,
-        policies_at(args.head, repo=args.repo, policies_path=args.policies_path) as head_dir,
+        policies_at(args.head, repo=args.repo, policies_path=args.policies_path, head=True) as head_dir,
     ):
         base, head = BatchEvaluator(base_dir), BatchEvaluator(head_dir)
         configs = [_policy_config(head_dir), _policy_config(base_dir)]
@@ -329,33 +387,52 @@ def run_diff(args: argparse.Namespace) -> int:
         if not args.no_fixtures:
             cases += fixture_cases([head_dir / "fixtures", base_dir / "fixtures"])
         if not args.no_grid:
-            cases += grid_cases(configs)
+            cases += grid_cases(configs, full=args.full_grid)
         cases = unique_cases(cases)
         if not cases:
             raise ConfigError("policy.diff", "no decision inputs to replay")
         if not args.quiet:
             print(f"[policy diff] replaying {len(cases)} inputs", file=sys.stderr, flush=True)
-        approvals = Approvals.load(args.approvals or head_dir / "approvals.yaml")
+        # Approvals come from the base (the protected branch): a change cannot approve itself.
+        if args.approvals is not None and not args.approvals.is_file():
+            raise ConfigError("policy.diff.approvals", "no such file")
+        approvals_file = args.approvals or base_dir / "approvals.yaml"
+        approvals = Approvals.load(approvals_file)
+        changed_approvals = approvals_changes(base_dir / "approvals.yaml", head_dir / "approvals.yaml")
         report = diff_cases(
             cases, base, head, base_label=args.base, head_label=args.head, approvals=approvals,
+            approvals_changes=changed_approvals,
+            approvals_source=str(args.approvals) if args.approvals else f"{args.base}: approvals.yaml",
             role_claim=role_claim_name(configs[0]), progress=progress,
         )  # fmt: skip
-    text = to_markdown(report) if args.format == "md" else json.dumps(to_json(report), indent=2, default=str)
+    if args.format == "md":
+        text = to_markdown(report, max_chars=args.max_chars)
+    else:
+        text = json.dumps(to_json(report), indent=2, default=str)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
+        _write(args.out, text)
     else:
         sys.stdout.write(text)
+    if args.full_md:
+        _write(args.full_md, to_markdown(report, max_chars=None))
+    if args.json_out:
+        _write(args.json_out, json.dumps(to_json(report), indent=2, default=str))
     if args.html:
-        args.html.parent.mkdir(parents=True, exist_ok=True)
-        args.html.write_text(to_html(report), encoding="utf-8")
+        _write(args.html, to_html(report))
     if not args.quiet:
         print(f"[policy diff] {report.count('widening')} widening, {report.count('narrowing')} narrowing, "
-              f"{report.count('changed')} changed; {report.unapproved_widenings} unapproved "
-              f"({report.seconds:.1f}s)", file=sys.stderr)  # fmt: skip
+              f"{report.count('changed')} changed; {report.unapproved_widenings} unapproved; "
+              f"{len(report.approvals_needing_review)} approvals change(s) to review "
+              f"({report.seconds:.1f}s, {report.evaluated / max(report.seconds, 1e-9):.0f} inputs/s)",
+              file=sys.stderr)  # fmt: skip
     if not report.ok or (args.fail_on_narrowing and report.count("narrowing")):
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
 
 
 # -- bundle -----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Check-digit and format validation for Australian healthcare identifiers.
 
-Sources (see ``/work/shared/fixtures/vendor-samples/au_identifier_check_algorithms.md``):
+Sources (see ``tests/data/vendor-samples/au_identifier_check_algorithms.md``):
 
 * IHI / HPI-I / HPI-O: 16 digits, prefix ``800360`` / ``800361`` / ``800362``, last digit is an
   ISO/IEC 7812 Luhn check digit over the first 15 (AU Base invariants ``inv-ihi-value-0..2``).

@@ -7,6 +7,7 @@ breaker and read retries); `FakeEHRClient` is the in-package fake for unit tests
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -24,13 +25,21 @@ from mcp_fhir._exceptions import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
-from mcp_fhir.ehr.hl7_results import Hl7ResultsSource
+from mcp_fhir.ehr.hl7_results import HL7_RESOURCE_TYPES, Hl7ResultsSource
+from mcp_fhir.ehr.paging import Cursor, is_cursor, read_cursor
 from mcp_fhir.ehr.transport import EhrHttp, PooledFHIRClient, Response, send
 from mcp_fhir.resilience.cache import Cache, CacheKey
 
 Params = Mapping[str, str | Sequence[str]]
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
+# On a search that mixes sources, what marks a resource from the EHR's FHIR API (HL7 v2 results carry
+# `hl7v2.SOURCE_TAG`, same system).
+FHIR_SOURCE_TAG = {
+    "system": "urn:mcp-fhir:provenance",
+    "code": "fhir-api",
+    "display": "From the EHR's FHIR API",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,12 +56,19 @@ class FetchResult:
     stale: bool = False
     unmapped: tuple[str, ...] = ()
     created: bool | None = None
+    # Where each resource came from, by "Type/id", on a search that draws on more than the FHIR API:
+    # "fhir" (the EHR's FHIR API) or "hl7v2" (the backend's HL7 v2 results). Empty: all from the FHIR API.
+    sources: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def last_updated(self) -> str | None:
         """The newest `meta.lastUpdated` among the resources."""
         stamps = [r.get("meta", {}).get("lastUpdated") for r in self.resources]
         return max((s for s in stamps if isinstance(s, str)), default=None)
+
+    def source_of(self, resource: Mapping[str, Any]) -> str:
+        """ "fhir" or "hl7v2": where `resource` (one of `resources`) came from."""
+        return self.sources.get(f"{resource.get('resourceType')}/{resource.get('id')}", "fhir")
 
 
 class TokenProvider(Protocol):
@@ -148,6 +164,29 @@ def _bundle_resources(body: Any, resource_type: str) -> tuple[list[dict[str, Any
 Normaliser = Callable[[dict[str, Any]], dict[str, Any]]
 
 
+def _plain(params: Params) -> dict[str, str | list[str]]:
+    """Search parameters as JSON-ready values (a cursor carries them)."""
+    return {str(k): v if isinstance(v, str) else [str(i) for i in v] for k, v in params.items()}
+
+
+def _tagged(resources: list[dict[str, Any]], tag: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Copies of `resources` whose `meta.tag` holds `tag` (the cached originals are left alone)."""
+    out = []
+    for resource in resources:
+        meta = dict(resource.get("meta") or {})
+        # Any provenance tag the resource already carries is replaced: only the sidecar says where it came from.
+        tags = [
+            t for t in meta.get("tag") or [] if isinstance(t, Mapping) and t.get("system") != tag["system"]
+        ]
+        meta["tag"] = [*tags, dict(tag)]
+        out.append({**resource, "meta": meta})
+    return out
+
+
+def _sources(resources: list[dict[str, Any]], source: str) -> dict[str, str]:
+    return {f"{r.get('resourceType')}/{r.get('id')}": source for r in resources}
+
+
 def _inside(base_url: str, url: str) -> bool:
     """`url` lies under `base_url`: same prefix, and no dot segment (plain or %-encoded) that climbs out of it."""
     if not url.startswith(base_url + "/"):
@@ -185,6 +224,11 @@ class FhirEHRClient:
         self._hl7 = hl7_results
         self.fhir_version: str | None = None
         self.fhir = PooledFHIRClient(self.base_url, self._send)
+
+    @property
+    def token_provider(self) -> TokenProvider | None:
+        """Where this client gets its EHR tokens (the SMART client publishes its keys from it)."""
+        return self._tokens
 
     async def _request(self, method: str, url: str, body: Any, headers: Mapping[str, str]) -> Response:
         if self._tokens is None:
@@ -258,45 +302,111 @@ class FhirEHRClient:
         next_url: str | None = None,
         bypass_cache: bool = False,
     ) -> FetchResult:
-        if next_url is not None and not _inside(self.base_url, next_url):
-            raise UpstreamBadResponse("a continuation points outside the backend")
-        query: Any = None
-        path = next_url or resource_type
-        if self._check_query is not None and next_url is None:
-            self._check_query(resource_type, params)  # the vendor's rules, e.g. Oracle Health needs a patient
+        """One page of at most `page_size` resources: the EHR's first, then the backend's HL7 v2 results.
+
+        The HL7 v2 results (Observations and DiagnosticReports) obey the same filters as the EHR's (see
+        ``ehr/local_search.py``) and are paged after the EHR's last page; an EHR page larger than `page_size`
+        is trimmed, and the rest comes with the continuation (``ehr/paging.py``). On such a search every
+        resource says where it came from: a ``meta.tag`` (``urn:mcp-fhir:provenance``) and ``sources``.
+        """
+        size = max(1, min(page_size, MAX_PAGE_SIZE))
         if next_url is None:
-            count = max(1, min(page_size, MAX_PAGE_SIZE))
-            query = self.fhir.resources(resource_type).search(**dict(params)).limit(count).params
+            if self._check_query is not None:
+                self._check_query(
+                    resource_type, params
+                )  # the vendor's rules, e.g. Oracle Health needs a patient
+            cursor = Cursor(query=_plain(params), count=size)
+        elif is_cursor(self.base_url, next_url):
+            cursor = read_cursor(self.base_url, next_url)
+            if cursor.upstream is not None and not _inside(self.base_url, cursor.upstream):
+                raise UpstreamBadResponse("a continuation points outside the backend")
+        elif _inside(self.base_url, next_url):
+            cursor = Cursor(query=_plain(params), upstream=next_url, count=size)
+        else:
+            raise UpstreamBadResponse("a continuation points outside the backend")
+        merge = self._hl7 is not None and resource_type in HL7_RESOURCE_TYPES
+        if cursor.hl7 is not None:
+            if not merge:
+                raise UpstreamBadResponse("a continuation is malformed")
+            return self._hl7_page(resource_type, cursor, size, before=[], upstream=None)
+
+        page = await self._upstream_page(resource_type, cursor, patient, bypass_cache)
+        window = page.resources[cursor.skip : cursor.skip + size]
+        total = page.total if page.total is not None else cursor.total
+        nxt: str | None
+        if cursor.skip + size < len(page.resources):  # the EHR sent more than asked: trim, continue inside
+            nxt = replace(cursor, skip=cursor.skip + size, total=total).encode(self.base_url)
+        elif page.next_url and merge:
+            after = Cursor(query=cursor.query, upstream=page.next_url, count=cursor.count, total=total)
+            nxt = after.encode(self.base_url)
+        elif page.next_url or not merge:
+            nxt = page.next_url
+        else:  # the EHR's last page: the HL7 v2 results follow, from this page on
+            return self._hl7_page(resource_type, replace(cursor, hl7=0, total=total), size, window, page)
+        if merge:
+            local = len(self._hl7.search(resource_type, cursor.query)) if self._hl7 is not None else 0
+            return replace(
+                page,
+                resources=_tagged(window, FHIR_SOURCE_TAG),
+                next_url=nxt,
+                total=total + local if total is not None else None,
+                sources=_sources(window, "fhir"),
+            )
+        return replace(page, resources=window, next_url=nxt, total=total)
+
+    async def _upstream_page(
+        self, resource_type: str, cursor: Cursor, patient: str | None, bypass_cache: bool
+    ) -> FetchResult:
+        """The EHR page `cursor` is on: its first page (built from the query) or a link it gave."""
+        query: Any = None
+        path = cursor.upstream or resource_type
+        if cursor.upstream is None:
+            query = self.fhir.resources(resource_type).search(**cursor.query).limit(cursor.count).params
 
         async def fetch() -> FetchResult:
-            body = await self._guarded(lambda: self.fhir._fetch_resource(path, query), idempotent=True)
+            body = await self._guarded(
+                lambda: self.fhir.execute(path, method="get", params=query), idempotent=True
+            )
             resources, total, nxt = _bundle_resources(body, resource_type)
             return FetchResult(self._norm(resources), self.name, datetime.now(UTC), total=total, next_url=nxt)
 
         key = None
         if self._cache is not None:
-            canonical = json.dumps(query, sort_keys=True, default=str) if query is not None else next_url
+            canonical = json.dumps(query, sort_keys=True, default=str) if query is not None else path
             key = CacheKey.build(self.name, patient, resource_type, {"q": canonical or ""})
-        result = await self._cached(key, bypass_cache, fetch)
-        if self._hl7 is not None and resource_type == "Observation" and next_url is None:
-            result = self._with_hl7(result, params)
-        return result
+        return await self._cached(key, bypass_cache, fetch)
 
-    def _with_hl7(self, result: FetchResult, params: Params) -> FetchResult:
-        """Complete an Observation search with the HL7 v2 results for the same patient."""
-        patient = params.get("patient")
-        if not isinstance(patient, str):
-            return result
-        seen = {r.get("id") for r in result.resources}
-        extra = [o for o in self._hl7.observations_for(patient) if o.get("id") not in seen]  # type: ignore[union-attr]
-        return replace(result, resources=[*result.resources, *extra]) if extra else result
+    def _hl7_page(
+        self,
+        resource_type: str,
+        cursor: Cursor,
+        size: int,
+        before: list[dict[str, Any]],
+        upstream: FetchResult | None,
+    ) -> FetchResult:
+        """`before` (the EHR's last resources, if any), then HL7 v2 results from `cursor.hl7`, up to `size`."""
+        found = self._hl7.search(resource_type, cursor.query) if self._hl7 is not None else []
+        start = cursor.hl7 or 0
+        taken = found[start : start + size - len(before)]
+        seen = {r.get("id") for r in before}
+        extra = [copy.deepcopy(r) for r in taken if r.get("id") not in seen]
+        end = start + len(taken)
+        nxt = replace(cursor, hl7=end).encode(self.base_url) if end < len(found) else None
+        total = cursor.total + len(found) if cursor.total is not None else None
+        resources = [*_tagged(before, FHIR_SOURCE_TAG), *extra]
+        sources = {**_sources(before, "fhir"), **_sources(extra, "hl7v2")}
+        if upstream is not None:
+            return replace(upstream, resources=resources, next_url=nxt, total=total, sources=sources)
+        return FetchResult(
+            resources, self.name, datetime.now(UTC), total=total, next_url=nxt, sources=sources
+        )
 
     async def read(
         self, resource_type: str, resource_id: str, *, patient: str | None, bypass_cache: bool = False
     ) -> FetchResult:
         async def fetch() -> FetchResult:
             body = await self._guarded(
-                lambda: self.fhir._fetch_resource(f"{resource_type}/{resource_id}"), idempotent=True
+                lambda: self.fhir.execute(f"{resource_type}/{resource_id}", method="get"), idempotent=True
             )
             if not isinstance(body, Mapping) or body.get("resourceType") != resource_type:
                 raise UpstreamBadResponse("the EHR answered a read with the wrong resource type")
@@ -312,9 +422,7 @@ class FhirEHRClient:
         headers = {"If-None-Exist": if_none_exist} if if_none_exist else None
 
         async def call() -> Any:
-            return await self.fhir._do_request(
-                "post", rtype, data=resource, extra_headers=headers, returning_status=True
-            )
+            return await self.fhir.request("post", rtype, data=resource, headers=headers)
 
         # Writes are never retried blindly; the conditional create makes a client's own retry safe instead.
         body, status = await self._guarded(call, idempotent=False)
@@ -325,7 +433,7 @@ class FhirEHRClient:
         return FetchResult([dict(body)], self.name, datetime.now(UTC), created=status == 201)
 
     async def capability_statement(self) -> dict[str, Any]:
-        body = await self._guarded(lambda: self.fhir._fetch_resource("metadata"), idempotent=True)
+        body = await self._guarded(lambda: self.fhir.execute("metadata", method="get"), idempotent=True)
         if not isinstance(body, Mapping) or body.get("resourceType") != "CapabilityStatement":
             raise UpstreamBadResponse("the EHR's /metadata is not a CapabilityStatement")
         return dict(body)

@@ -1,7 +1,8 @@
-"""HL7 v2 ORU^R01 lab results → FHIR R4 Observations (for Australian GP systems and other v2 feeds).
+"""HL7 v2 ORU^R01 lab results → FHIR R4 Observations and DiagnosticReports (Australian GP systems, other feeds).
 
     parse_oru_r01(message, *, default_timezone=None) -> list[dict]        one Observation per OBX
-    parse_oru_r01_message(message, ...)            -> OruResult           + patient identifiers, control id
+    parse_oru_r01_message(message, ...)            -> OruResult           + one DiagnosticReport per OBR,
+                                                                            patient identifiers, control id
 
 Parsing: hl7apy (``VALIDATION_LEVEL.TOLERANT``, ``find_groups=False``) reads the segments; if hl7apy rejects a
 message that still starts with ``MSH`` (unknown version, odd structure) a permissive ER7 splitter takes over,
@@ -28,6 +29,23 @@ Mapping per OBX:
 * ``category`` laboratory; ``subject`` ``{"identifier": ...}`` from PID-3 (the MR identifier when there is
   one): the caller maps it through the ID map. ``meta.source`` names the message (MSH-10) and ``meta.tag``
   says it came from HL7 v2.
+
+Structure per OBR (what a microbiology report needs to stay whole; HL7 v2-to-FHIR mapping where it has one):
+
+* a ``DiagnosticReport``: ``code`` the ordered panel (OBR-4); ``identifier`` the filler (OBR-3, type FILL) and
+  placer (OBR-2, type PLAC) order numbers, and ``basedOn`` the order (a logical ServiceRequest reference by
+  those numbers); ``category`` LAB plus the diagnostic service section (OBR-24, table 0074, e.g. MB);
+  ``status`` from OBR-25; ``result`` its Observations;
+* the specimen, from SPM (v2.5+: SPM-2 ids, SPM-4 type, SPM-8 site, SPM-17/18 times) or else OBR-15 (with
+  OBR-7 collected, OBR-14 received), as a contained ``Specimen`` referenced by the report and by each
+  Observation (each carries its own copy, so an Observation read alone still names its specimen);
+* each Observation keeps the order (``basedOn`` with the panel as display) and the section as a category;
+* OBX-4 sub-IDs link Observations: the OBXs of one OBR that share a sub-ID (``1``, ``1.1``, ``1.2``) are one
+  group, e.g. an organism and its quantity, and the group's head ``hasMember`` the others, each of which is
+  ``derivedFrom`` the head. A child OBR (a sensitivity panel) for the same order (OBR-29, or the same placer or
+  filler number) links its results to the organism: the OBX its OBR-26 names, or else the head of the group
+  with the same sub-ID. Sub-IDs group only in a microbiology section or when they are not one value for the
+  whole OBR (some labs put ``1`` on every OBX of a chemistry panel).
 
 Bad input raises ``InvalidArgument("message", ...)``; nothing else escapes.
 """
@@ -57,6 +75,7 @@ UCUM = "http://unitsofmeasure.org"
 SNOMED = "http://snomed.info/sct"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
+V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
 OBS_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 DATA_ABSENT = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
 LOCAL_CS = "urn:mcp-fhir:hl7v2:cs:"
@@ -132,10 +151,12 @@ class OruResult:
     observations: list[dict[str, Any]]
     patient_identifiers: list[dict[str, Any]] = field(default_factory=list)
     control_id: str | None = None
+    reports: list[dict[str, Any]] = field(default_factory=list)  # one DiagnosticReport per OBR
 
     def __repr__(self) -> str:  # observations and identifiers are PHI
         return (
-            f"OruResult(observations={len(self.observations)}, identifiers={len(self.patient_identifiers)})"
+            f"OruResult(observations={len(self.observations)}, reports={len(self.reports)}, "
+            f"identifiers={len(self.patient_identifiers)})"
         )
 
 
@@ -454,6 +475,292 @@ def _fhir_id(*parts: str) -> str:
     return joined[-64:].lstrip("-.") or "obx"
 
 
+# -- orders, specimens and links (microbiology keeps its structure) --------------------------------------
+
+
+def _ei(enc: _Enc, parts: list[str], type_code: str) -> dict[str, Any] | None:
+    """An order number (EI: entity id, namespace id, universal id, universal id type) as an Identifier."""
+    parts = [*parts, "", "", "", ""]
+    value = enc.unescape(parts[0]).strip()
+    if not value:
+        return None
+    namespace = enc.unescape(parts[1]).strip()
+    universal, universal_type = parts[2].strip(), parts[3].strip().upper()
+    identifier: dict[str, Any] = {"type": {"coding": [{"system": V2_0203, "code": type_code}]}}
+    if universal and universal_type == "ISO":
+        identifier["system"] = f"urn:oid:{universal}"
+    elif namespace:
+        identifier["system"] = LOCAL_ID + urllib.parse.quote(namespace, safe="")
+    identifier["value"] = value
+    if namespace:
+        identifier["assigner"] = {"display": namespace}
+    return identifier
+
+
+@dataclass(frozen=True)
+class _Order:
+    """One OBR: its order numbers, panel, specimen and parent (for a child OBR such as a sensitivity panel)."""
+
+    index: int
+    placer: dict[str, Any] | None
+    filler: dict[str, Any] | None
+    panel: dict[str, Any] | None
+    specimen: dict[str, Any] | None
+    section: str  # OBR-24, the diagnostic service section (MB: microbiology)
+    parent_numbers: tuple[str, str]  # OBR-29: the parent order's placer and filler numbers
+    parent_result: tuple[str, str]  # OBR-26: the parent OBX's OBX-3 code and OBX-4 sub-ID
+
+    @property
+    def numbers(self) -> tuple[str, str]:
+        return (
+            str((self.placer or {}).get("value", "")),
+            str((self.filler or {}).get("value", "")),
+        )
+
+    def based_on(self) -> list[dict[str, Any]]:
+        """Logical references to the order (a ServiceRequest) by its placer and filler numbers."""
+        refs = []
+        for identifier in (self.placer, self.filler):
+            if identifier is not None:
+                ref: dict[str, Any] = {"type": "ServiceRequest", "identifier": dict(identifier)}
+                if self.panel and self.panel.get("text"):
+                    ref["display"] = self.panel["text"]
+                refs.append(ref)
+        return refs
+
+
+def _specimen(enc: _Enc, clock: _Clock, obr: _Segment, spm: _Segment | None) -> dict[str, Any] | None:
+    """The specimen: SPM (v2.5+) when present, else OBR-15 (specimen source), with OBR-7/OBR-14 times."""
+    specimen: dict[str, Any] = {"resourceType": "Specimen", "id": "specimen"}
+    collected = obr.get(7)
+    received = obr.get(14)
+    if spm is not None:
+        ids = [*enc.components(spm.get(2)), ""]
+        for number, type_code in ((0, "PLAC"), (1, "FILL")):
+            ident = _ei(enc, enc.subcomponents(ids[number]), type_code) if ids[number] else None
+            if ident:
+                specimen.setdefault("identifier", []).append(ident)
+        if kind := _concept(enc, spm.get(4)):
+            specimen["type"] = kind
+        if site := _concept(enc, spm.get(8)):
+            specimen["collection"] = {"bodySite": site}
+        collected = enc.components(spm.get(17))[0] or collected
+        received = spm.get(18) or received
+    elif obr.get(15):
+        source = enc.components(obr.get(15)) + [""] * 5
+        if kind := _concept(enc, enc.component.join(enc.subcomponents(source[0]))):
+            specimen["type"] = kind
+        if site := _concept(enc, enc.component.join(enc.subcomponents(source[3]))):
+            specimen["collection"] = {"bodySite": site}
+    else:
+        return None
+    when = clock.datetime(enc.components(collected)[0]) if collected else None
+    if when:
+        specimen.setdefault("collection", {})["collectedDateTime"] = when
+    got = clock.datetime(enc.components(received)[0]) if received else None
+    if got:
+        specimen["receivedTime"] = got
+    return specimen if len(specimen) > 2 else None
+
+
+def _order(enc: _Enc, clock: _Clock, index: int, obr: _Segment, spm: _Segment | None) -> _Order:
+    parent = [*enc.components(obr.get(29)), "", ""]
+    parent_result = [*enc.components(obr.get(26)), "", ""]
+    return _Order(
+        index=index,
+        placer=_ei(enc, enc.components(obr.get(2)), "PLAC"),
+        filler=_ei(enc, enc.components(obr.get(3)), "FILL"),
+        panel=_concept(enc, obr.get(4)),
+        specimen=_specimen(enc, clock, obr, spm),
+        section=enc.unescape(enc.components(obr.get(24))[0]).strip().upper(),
+        parent_numbers=(
+            enc.unescape(enc.subcomponents(parent[0])[0]).strip(),
+            enc.unescape(enc.subcomponents(parent[1])[0]).strip(),
+        ),
+        parent_result=(
+            enc.unescape(enc.subcomponents(parent_result[0])[0]).strip(),
+            enc.unescape(parent_result[1]).strip(),
+        ),
+    )
+
+
+def _link(head: dict[str, Any], member: dict[str, Any]) -> None:
+    """`member` belongs to `head` (e.g. an organism's quantity or susceptibility): hasMember and derivedFrom."""
+    if head is member:
+        return
+    to_member = {"reference": f"Observation/{member['id']}"}
+    to_head = {"reference": f"Observation/{head['id']}"}
+    if to_member not in head.setdefault("hasMember", []):
+        head["hasMember"].append(to_member)
+    if to_head not in member.setdefault("derivedFrom", []):
+        member["derivedFrom"].append(to_head)
+
+
+def _group_key(sub_id: str) -> str:
+    return sub_id.split(".", 1)[0].strip()
+
+
+_MICROBIOLOGY = frozenset({"MB", "MCB", "VR", "MYC", "PAR"})
+
+
+def _heads(entries: list[tuple[dict[str, Any], str, str]]) -> dict[str, dict[str, Any]]:
+    """The head of each OBX-4 group of one OBR: the OBX whose sub-ID is the group key itself, else the first."""
+    heads: dict[str, dict[str, Any]] = {}
+    for obs, sub_id, _code in entries:
+        if sub_id and sub_id == _group_key(sub_id):
+            heads.setdefault(sub_id, obs)
+    for obs, sub_id, _code in entries:
+        if key := _group_key(sub_id):
+            heads.setdefault(key, obs)
+    return heads
+
+
+def _grouped(order: _Order, entries: list[tuple[dict[str, Any], str, str]]) -> bool:
+    """Sub-IDs group this OBR's OBXs: a microbiology section, or sub-IDs that are not all one value.
+
+    Some labs put sub-ID 1 on every OBX of a chemistry panel; that says nothing about structure.
+    """
+    sub_ids = {sub_id for _obs, sub_id, _code in entries}
+    return order.section in _MICROBIOLOGY or len(sub_ids) > 1
+
+
+def _link_groups(orders: list[_Order], entries: dict[int, list[tuple[dict[str, Any], str, str]]]) -> None:
+    """OBX-4 sub-IDs, OBR-26 and OBR-29 turned into hasMember/derivedFrom links between Observations.
+
+    * Within one OBR, the OBXs that share a sub-ID (``1``, or ``1.1``/``1.2`` under ``1``) are one group,
+      e.g. an organism and its quantity: the group's head has the others as members.
+    * A child OBR (a sensitivity panel) that names its parent result (OBR-26: OBX-3 code and OBX-4 sub-ID)
+      has all its OBXs linked to that OBX of the parent order (OBR-29, else the same order numbers).
+    * A child OBR without OBR-26, for the same order (OBR-29, or the same placer or filler number as an
+      earlier OBR), links each OBX to the head of the group with the same sub-ID there (AS 4700.2 practice).
+    """
+    heads = {order.index: _heads(entries.get(order.index, [])) for order in orders}
+    grouped = {order.index: _grouped(order, entries.get(order.index, [])) for order in orders}
+    to_parent: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (parent OBX, child OBX)
+    for position, order in enumerate(orders):
+        numbers = order.parent_numbers if any(order.parent_numbers) else order.numbers
+        parents = [
+            earlier
+            for earlier in reversed(orders[:position])
+            if any(a and a == b for a, b in zip(numbers, earlier.numbers, strict=True))
+        ]
+        code, parent_sub = order.parent_result
+        if not parents and parent_sub:  # OBR-26 without matching order numbers: the nearest earlier OBR
+            parents = list(reversed(orders[:position]))
+        for obs, sub_id, _code in entries.get(order.index, []):
+            for parent in parents:
+                head = None
+                if parent_sub:  # OBR-26 names the parent OBX
+                    key = _group_key(parent_sub)
+                    named = [
+                        o
+                        for o, s, c in entries.get(parent.index, [])
+                        if _group_key(s) == key and (not code or c == code)
+                    ]
+                    head = named[0] if named else None
+                elif grouped[order.index] and grouped[parent.index] and _group_key(sub_id):
+                    head = heads[parent.index].get(_group_key(sub_id))
+                if head is not None:
+                    to_parent.append((head, obs))
+                    break
+    claimed = {id(child) for _head, child in to_parent}
+    for order in orders:  # what no parent claimed groups within its own OBR
+        if not grouped[order.index]:
+            continue
+        for obs, sub_id, _code in entries.get(order.index, []):
+            key = _group_key(sub_id)
+            if key and id(obs) not in claimed and id(heads[order.index][key]) not in claimed:
+                _link(heads[order.index][key], obs)
+    for head, child in to_parent:
+        _link(head, child)
+
+
+_REPORT_STATUS = {
+    "O": "registered",
+    "I": "registered",
+    "S": "registered",
+    "A": "partial",
+    "P": "preliminary",
+    "R": "preliminary",
+    "C": "corrected",
+    "F": "final",
+    "X": "cancelled",
+}
+_SECTIONS = {
+    "LAB": "Laboratory",
+    "MB": "Microbiology",
+    "CH": "Chemistry",
+    "HM": "Hematology",
+    "SR": "Serology",
+    "IMM": "Immunology",
+    "SP": "Surgical Pathology",
+    "CP": "Cytopathology",
+    "BLB": "Blood Bank",
+    "VR": "Virology",
+    "MYC": "Mycology",
+    "PAR": "Parasitology",
+}
+
+
+def _section(code: str) -> dict[str, Any]:
+    coding = {"system": V2_0074, "code": code}
+    if code in _SECTIONS:
+        coding["display"] = _SECTIONS[code]
+    return {"coding": [coding]}
+
+
+def _with_order(obs: dict[str, Any], order: _Order) -> None:
+    """An Observation keeps its order: placer/filler numbers and panel (basedOn), specimen, section."""
+    if based_on := order.based_on():
+        obs["basedOn"] = based_on
+    if order.section and order.section != "LAB":
+        obs["category"].append(_section(order.section))
+    if order.specimen is not None:
+        obs["contained"] = [dict(order.specimen)]
+        obs["specimen"] = {"reference": "#specimen"}
+
+
+def _report(
+    enc: _Enc,
+    clock: _Clock,
+    obr: _Segment,
+    order: _Order,
+    meta: dict[str, Any],
+    report_id: str,
+    results: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """One OBR as a DiagnosticReport: panel, order numbers, specimen, and its Observations as `result`."""
+    report: dict[str, Any] = {
+        "resourceType": "DiagnosticReport",
+        "id": report_id,
+        "meta": {**meta, "tag": [dict(t) for t in meta["tag"]]},
+    }
+    if order.specimen is not None:
+        report["contained"] = [dict(order.specimen)]
+    identifiers = [dict(i) for i in (order.filler, order.placer) if i is not None]
+    if identifiers:
+        report["identifier"] = identifiers
+    if based_on := order.based_on():
+        report["basedOn"] = based_on
+    report["status"] = _REPORT_STATUS.get(enc.components(obr.get(25))[0].strip().upper(), "unknown")
+    section = order.section
+    report["category"] = [_section("LAB")] + ([_section(section)] if section and section != "LAB" else [])
+    report["code"] = order.panel or {"text": "unknown"}
+    if results and "subject" in results[0]:
+        report["subject"] = dict(results[0]["subject"])
+    effective = clock.datetime(enc.components(obr.get(7))[0]) if obr.get(7) else None
+    if effective:
+        report["effectiveDateTime"] = effective
+    issued = clock.datetime(enc.components(obr.get(22))[0], instant=True) if obr.get(22) else None
+    if issued:
+        report["issued"] = issued
+    if order.specimen is not None:
+        report["specimen"] = [{"reference": "#specimen"}]
+    if results:
+        report["result"] = [{"reference": f"Observation/{o['id']}"} for o in results]
+    return report
+
+
 # -- the conversion --------------------------------------------------------------------------------------
 
 
@@ -494,6 +801,16 @@ def _convert(segments: list[_Segment], enc: _Enc, zone: ZoneInfo | None) -> OruR
     if control_id:
         meta["source"] = "urn:mcp-fhir:hl7v2:msh-10:" + urllib.parse.quote(control_id, safe="")
 
+    obrs: dict[int, _Segment] = {}
+    spms: dict[int, _Segment] = {}
+    for seg in segments:
+        if seg.name == "OBR":
+            obrs[len(obrs) + 1] = seg
+        elif seg.name == "SPM" and obrs:
+            spms.setdefault(len(obrs), seg)  # the first SPM after an OBR is its specimen
+    orders = {i: _order(enc, clock, i, seg, spms.get(i)) for i, seg in obrs.items()}
+    entries: dict[int, list[tuple[dict[str, Any], str, str]]] = {}
+
     observations: list[dict[str, Any]] = []
     for obr, obr_index, obx in _observation_groups(segments):
         if len(observations) >= MAX_OBSERVATIONS:
@@ -524,8 +841,27 @@ def _convert(segments: list[_Segment], enc: _Enc, zone: ZoneInfo | None) -> OruR
             obs["interpretation"] = interpretation
         if reference_range := _reference_range(enc, obx.get(7), units):
             obs["referenceRange"] = reference_range
+        if (order := orders.get(obr_index)) is not None:
+            _with_order(obs, order)
+            code = enc.unescape(enc.components(obx.get(3))[0]).strip()
+            entries.setdefault(obr_index, []).append((obs, enc.unescape(obx.get(4)).strip(), code))
         observations.append(obs)
-    return OruResult(observations=observations, patient_identifiers=identifiers, control_id=control_id)
+    _link_groups(list(orders.values()), entries)
+    reports = [
+        _report(
+            enc,
+            clock,
+            obrs[i],
+            order,
+            meta,
+            _fhir_id(control_id or "msg", str(i), "report"),
+            [obs for obs, _sub, _code in entries.get(i, [])],
+        )
+        for i, order in orders.items()
+    ]
+    return OruResult(
+        observations=observations, patient_identifiers=identifiers, control_id=control_id, reports=reports
+    )
 
 
 def parse_oru_r01_message(message: str | bytes, *, default_timezone: str | None = None) -> OruResult:

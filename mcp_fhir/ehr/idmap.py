@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import sqlite3
 import threading
@@ -231,11 +232,13 @@ class SqliteIdMap(_IdMapBase):
         self._lock = asyncio.Lock()
         self._db_lock = threading.Lock()
         try:
+            if str(path) != ":memory:":  # PHI: create it 0600 first; SQLite gives -wal/-shm the same mode
+                os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
             self._conn = sqlite3.connect(str(path), timeout=timeout, check_same_thread=False)
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute(_SCHEMA.format(table="idmap"))
             self._conn.commit()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise ConfigError("idmap.sqlite.path", "cannot open or initialise the database") from exc
 
     def _run(self, sql: str, params: Sequence[Any], *, write: bool = False) -> list[tuple[Any, ...]]:

@@ -234,6 +234,23 @@ class PooledFHIRClient(AsyncFHIRClient):
         super().__init__(url)
         self._sender = sender
 
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        data: dict | None = None,
+        params: dict | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[Any, int]:
+        """One FHIR interaction through the pooled sender: the parsed body and the HTTP status."""
+        url = self._build_request_url(path, params)
+        sent = {"Content-Type": "application/fhir+json"} if data is not None else {}
+        sent.update(headers or {})
+        response = await self._sender(method.upper(), url, data, sent)
+        # Plain dicts, not fhirpy's AttrDict: we read bundles ourselves and skip a second parse.
+        return response.body, response.status
+
     async def _do_request(  # type: ignore[override]
         self,
         method: str,
@@ -244,9 +261,6 @@ class PooledFHIRClient(AsyncFHIRClient):
         *,
         returning_status: bool = False,
     ) -> Any:
-        url = self._build_request_url(path, params)
-        headers = {"Content-Type": "application/fhir+json"} if data is not None else {}
-        headers.update(extra_headers or {})
-        response = await self._sender(method.upper(), url, data, headers)
-        # Plain dicts, not fhirpy's AttrDict: we read bundles ourselves and skip a second parse.
-        return (response.body, response.status) if returning_status else response.body
+        # fhirpy's own calls (searches, `execute`) come through here; ours use `request`.
+        body, status = await self.request(method, path, data=data, params=params, headers=extra_headers)
+        return (body, status) if returning_status else body

@@ -3,12 +3,21 @@
     sources (grid, fixtures, audit replay) ──▶ BatchEvaluator(base) ─┐
                                            └─▶ BatchEvaluator(head) ─┴─▶ classify ─▶ DiffReport
 
-Both sides are evaluated by the real OPA in batch (`opa eval` over a file of inputs, in
-parallel chunks), so thousands of inputs take seconds. A change is a *widening* when the head
+Both sides are evaluated by the real OPA in batch: one `opa eval` per chunk of 2,000 inputs, with a
+wrapper query (`{i: d | some i, x in input.cases; d := decision with input as x}`) that decides
+every input of the chunk in one process, compact output (`--format raw`), and the Go garbage
+collector relaxed (`GOGC=400`: a short-lived process whose heap the chunk bounds). Chunks of both
+sides run in parallel, a bounded window ahead of the classifier, so a trail of any length is
+replayed in bounded memory. What is left per input is OPA's own evaluation of the policy (see the
+Replay section of docs/performance.md). A change is a *widening* when the head
 grants more than the base did (deny→allow, fewer excluded labels, more categories, a removed
 redaction, a longer lookback, a higher max_results), a *narrowing* when it grants less, and
 *changed* otherwise (different deny reasons, different audit alerts). Widenings must be approved
-in `policies/approvals.yaml` (see `Approvals`), or the diff fails.
+in the BASE side's `policies/approvals.yaml` (see `Approvals`), or the diff fails: a pull request
+cannot approve its own widening, and a change to `approvals.yaml` itself (an approval added or
+edited, or a file that no longer parses) is reported by `approvals_changes` as a widening that
+needs review. Changes whose access is the same (*changed*) are grouped by what changed, not by
+role, tool and purpose, so that a new reason code on many denies is one row, not hundreds.
 
 Python never decides here either: it compares two decisions OPA made. Role, tool and purpose
 are read from the input only to group the report.
@@ -20,8 +29,9 @@ import json
 import os
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -37,17 +47,21 @@ __all__ = [
     "DEFAULT_EVAL_TIMEOUT",
     "DEFAULT_EXAMPLES_PER_GROUP",
     "Approval",
+    "ApprovalChange",
     "Approvals",
     "BatchEvaluator",
     "Case",
     "Change",
     "DiffReport",
     "Group",
+    "approvals_changes",
     "classify",
     "diff_cases",
+    "evaluate_pairs",
 ]
 
-DEFAULT_CHUNK_SIZE = 400  # inputs per `opa eval` process
+DEFAULT_CHUNK_SIZE = 2_000  # inputs per `opa eval` process: compile once per 2,000 decisions
+OPA_GOGC = "400"  # the Go GC runs a quarter as often: 25-30 % less CPU per decision in `opa eval`
 DEFAULT_EVAL_TIMEOUT = 300.0  # seconds for one chunk
 DEFAULT_EXAMPLES_PER_GROUP = 3
 DECISION_QUERY = "data.mcp_fhir.authz.decision"
@@ -99,8 +113,8 @@ class BatchEvaluator:
         self.workers = workers or max(1, (os.cpu_count() or 2) // 2)
         self.timeout = timeout
 
-    def _command(self, input_file: Path, query: str) -> list[str]:
-        cmd = [self.binary, "eval", "--format", "json", "-d", str(self.policies), "-i", str(input_file)]
+    def _command(self, input_file: Path, query: str, fmt: str = "json") -> list[str]:
+        cmd = [self.binary, "eval", "--format", fmt, "-d", str(self.policies), "-i", str(input_file)]
         for name in NON_POLICY_FILES:
             cmd += ["--ignore", name]
         return [*cmd, query]
@@ -113,8 +127,9 @@ class BatchEvaluator:
             return _first_value(self._run(self._command(empty, query)))
 
     def _run(self, cmd: list[str]) -> Any:
+        env = {**os.environ, "GOGC": os.environ.get("MCP_FHIR_OPA_GOGC", OPA_GOGC)}
         try:
-            proc = subprocess.run(cmd, capture_output=True, timeout=self.timeout, check=False)
+            proc = subprocess.run(cmd, capture_output=True, timeout=self.timeout, check=False, env=env)
         except subprocess.TimeoutExpired as exc:
             raise PolicyUnavailable("opa eval did not finish in time") from exc
         if proc.returncode != 0:
@@ -125,29 +140,74 @@ class BatchEvaluator:
         except json.JSONDecodeError as exc:
             raise PolicyUnavailable("opa eval answered with something that is not JSON") from exc
 
-    def _chunk(self, inputs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any] | None]:
+    def decide_chunk(self, inputs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any] | None]:
+        """One decision (or None when undefined) per input, in order, from one `opa eval`."""
         query = f"{{i: d | some i, x in input.cases; d := {DECISION_QUERY} with input as x}}"
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "cases.json"
             path.write_text(json.dumps({"cases": list(inputs)}), encoding="utf-8")
-            value = _first_value(self._run(self._command(path, query))) or {}
+            # raw: the compact JSON of the value only
+            value = self._run(self._command(path, query, fmt="raw")) if inputs else {}
+        if not isinstance(value, Mapping):
+            raise PolicyUnavailable("opa eval answered with something that is not a decision map")
         # Keys come back as strings; a missing key is an undefined decision (a deny, fail closed).
         return [value.get(str(i)) for i in range(len(inputs))]
+
+    def chunks(self, inputs: Sequence[Mapping[str, Any]]) -> list[Sequence[Mapping[str, Any]]]:
+        return [inputs[i : i + self.chunk_size] for i in range(0, len(inputs), self.chunk_size)]
 
     def evaluate(
         self, inputs: Sequence[Mapping[str, Any]], progress: Callable[[int], None] | None = None
     ) -> list[dict[str, Any] | None]:
         """One decision (or None when undefined) per input, in order."""
-        chunks = [inputs[i : i + self.chunk_size] for i in range(0, len(inputs), self.chunk_size)]
         out: list[dict[str, Any] | None] = []
-        done = 0
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            for result in pool.map(self._chunk, chunks):
+            for result in pool.map(self.decide_chunk, self.chunks(inputs)):
                 out.extend(result)
-                done += len(result)
                 if progress is not None:
-                    progress(done)
+                    progress(len(out))
         return out
+
+
+def evaluate_pairs(
+    inputs: Sequence[Mapping[str, Any]],
+    base: BatchEvaluator,
+    head: BatchEvaluator,
+    progress: Progress | None = None,
+) -> Iterator[tuple[int, list[dict[str, Any] | None], list[dict[str, Any] | None]]]:
+    """(offset, base decisions, head decisions) chunk by chunk, in order.
+
+    Both sides' chunks run at once on one pool (each side's `workers`), at most a window of chunks
+    ahead of the consumer: memory stays bounded by the window, not by the length of the trail.
+    """
+    b_chunks = base.chunks(inputs)  # both sides decide the same chunks
+    workers = base.workers + head.workers
+    window = 2 * workers
+    total = len(inputs)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque[tuple[int, Future[Any], Future[Any]]] = deque()
+        offset = 0
+        next_chunk = 0
+        done = 0
+        while next_chunk < len(b_chunks) or pending:
+            while next_chunk < len(b_chunks) and len(pending) < window:
+                chunk = b_chunks[next_chunk]
+                pending.append(
+                    (
+                        offset,
+                        pool.submit(base.decide_chunk, chunk),
+                        pool.submit(head.decide_chunk, chunk),
+                    )
+                )
+                offset += len(chunk)
+                next_chunk += 1
+            start, b_future, h_future = pending.popleft()
+            b_results, h_results = b_future.result(), h_future.result()
+            done += len(b_results)
+            if progress is not None:
+                progress("base", done, total)
+                progress("head", done, total)
+            yield start, b_results, h_results
 
 
 def _first_value(body: Any) -> Any:
@@ -367,12 +427,79 @@ class Approvals:
         return next((a for a in self.entries if a.covers(change, today)), None)
 
 
+@dataclass(frozen=True, slots=True)
+class ApprovalChange:
+    """How the head's `approvals.yaml` differs from the base's, one approval (or the file) at a time.
+
+    `added`, `modified` and `invalid` widen what is approved: they need review (they fail the diff).
+    `removed` narrows it and is only reported.
+    """
+
+    kind: str  # added | modified | removed | invalid
+    id: str
+    detail: str = ""
+
+    @property
+    def needs_review(self) -> bool:
+        return self.kind != "removed"
+
+
+def _approvals_text(path: Path | None) -> str | None:
+    if path is None or not path.is_file():
+        return None
+    return path.read_text(encoding="utf-8")
+
+
+def _parse_approvals(text: str | None) -> Approvals:
+    if text is None:
+        return Approvals()
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError("approvals", "not valid YAML") from exc
+    return Approvals.from_mapping(raw)
+
+
+def approvals_changes(base_file: Path | None, head_file: Path | None) -> list[ApprovalChange]:
+    """Every approval the head adds, edits or removes relative to the base (comments are ignored)."""
+    base = _parse_approvals(_approvals_text(base_file))
+    try:
+        head = _parse_approvals(_approvals_text(head_file))
+    except ConfigError as exc:
+        return [ApprovalChange("invalid", "approvals.yaml", f"{exc.key}: {exc.rule}")]
+    before = {a.id: a for a in base.entries}
+    after = {a.id: a for a in head.entries}
+    out = []
+    for key in sorted(set(before) | set(after)):
+        if key not in before:
+            a = after[key]
+            out.append(
+                ApprovalChange("added", key, f"{a.role}/{a.tool}/{a.purpose}/{a.kind} by {a.reviewer}")
+            )
+        elif key not in after:
+            out.append(ApprovalChange("removed", key))
+        elif before[key] != after[key]:
+            fields = [n for n in Approval.__slots__ if getattr(before[key], n) != getattr(after[key], n)]
+            out.append(ApprovalChange("modified", key, "changed " + ", ".join(fields)))
+    return out
+
+
 # -- the report -------------------------------------------------------------------------------
+
+
+VARIOUS = "*"  # a `changed` group spans several roles, tools or purposes: see `roles`, `tools`, `purposes`
 
 
 @dataclass
 class Group:
-    """Changes that share a class, role, tool, purpose and reason code."""
+    """Changes that share a class, role, tool, purpose and reason code.
+
+    `reason` is the deny reason code(s) behind the change: for a widening, the codes the base denied
+    with (which the head no longer gives); for a narrowing, the codes the head now denies with; for a
+    `changed` group, `base codes → head codes`; `-` when both sides allow (only obligations or audit
+    differ). `changed` groups (same access, other reasons or audit) are keyed by their kinds and
+    reason only: role, tool and purpose are `*` there, and `roles`, `tools`, `purposes` list them.
+    """
 
     classification: str
     role: str
@@ -384,6 +511,9 @@ class Group:
     examples: list[Change] = field(default_factory=list)
     approved_by: set[str] = field(default_factory=set)
     unapproved: int = 0
+    roles: set[str] = field(default_factory=set)
+    tools: set[str] = field(default_factory=set)
+    purposes: set[str] = field(default_factory=set)
 
     @property
     def key(self) -> tuple[str, str, str, str, str]:
@@ -402,14 +532,20 @@ class DiffReport:
     groups: list[Group] = field(default_factory=list)
     unapproved_widenings: int = 0
     expired_approvals: list[str] = field(default_factory=list)
+    approvals_changes: list[ApprovalChange] = field(default_factory=list)
+    approvals_source: str = ""
     seconds: float = 0.0
 
     def count(self, classification: str) -> int:
         return sum(1 for c in self.changes if c.classification == classification)
 
     @property
+    def approvals_needing_review(self) -> list[ApprovalChange]:
+        return [c for c in self.approvals_changes if c.needs_review]
+
+    @property
     def ok(self) -> bool:
-        return self.unapproved_widenings == 0
+        return self.unapproved_widenings == 0 and not self.approvals_needing_review
 
 
 def _role_of(inp: Mapping[str, Any], role_claim: str) -> str:
@@ -423,6 +559,9 @@ def _role_of(inp: Mapping[str, Any], role_claim: str) -> str:
 def _group_reason(classification: str, base: Mapping[str, Any], head: Mapping[str, Any]) -> str:
     if not base.get("allow") and head.get("allow"):
         return ",".join(_codes(base)) or "-"
+    if classification == "changed" and not base.get("allow") and not head.get("allow"):
+        before, after = ",".join(_codes(base)) or "-", ",".join(_codes(head)) or "-"
+        return before if before == after else f"{before} → {after}"
     if not head.get("allow"):
         return ",".join(_codes(head)) or "-"
     return "-"
@@ -436,29 +575,29 @@ def diff_cases(
     base_label: str,
     head_label: str,
     approvals: Approvals | None = None,
+    approvals_changes: Sequence[ApprovalChange] = (),
+    approvals_source: str = "",
     role_claim: str = "roles",
     today: date | None = None,
     examples_per_group: int = DEFAULT_EXAMPLES_PER_GROUP,
     progress: Progress | None = None,
 ) -> DiffReport:
-    """Evaluate every case on both sides and report each decision that changed."""
+    """Evaluate every case on both sides and report each decision that changed.
+
+    `approvals` must come from the base (the protected branch), never from the change under review;
+    `approvals_changes` (from `approvals_changes(base_file, head_file)`) are carried into the report.
+    """
     started = datetime.now(UTC)
     today = today or started.date()
     inputs = [c.input for c in cases]
-    total = len(inputs)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        b_future = pool.submit(
-            base.evaluate, inputs, (lambda n: progress("base", n, total)) if progress else None
-        )
-        h_future = pool.submit(
-            head.evaluate, inputs, (lambda n: progress("head", n, total)) if progress else None
-        )
-        b_results, h_results = b_future.result(), h_future.result()
-    report = DiffReport(base_label=base_label, head_label=head_label, evaluated=total)
+    report = DiffReport(
+        base_label=base_label, head_label=head_label, evaluated=len(inputs),
+        approvals_changes=list(approvals_changes), approvals_source=approvals_source,
+    )  # fmt: skip
     for c in cases:
         report.by_source[c.source] = report.by_source.get(c.source, 0) + 1
     groups: dict[tuple[str, ...], Group] = {}
-    for case, b_raw, h_raw in zip(cases, b_results, h_results, strict=True):
+    for case, b_raw, h_raw in _decided(cases, inputs, base, head, progress):
         verdict = classify(b_raw, h_raw)
         if verdict is None:
             continue
@@ -472,10 +611,18 @@ def diff_cases(
             purpose=str(context.get("purpose") or "(none)"), reason=_group_reason(classification, b, h),
         )  # fmt: skip
         report.changes.append(change)
-        key = (classification, change.role, change.tool, change.purpose, change.reason)
-        group = groups.setdefault(key, Group(*key))
+        if classification == "changed":
+            names = (classification, VARIOUS, VARIOUS, VARIOUS, change.reason)
+            key: tuple[str, ...] = (*names, *sorted(set(change.kinds)))
+        else:
+            names = (classification, change.role, change.tool, change.purpose, change.reason)
+            key = names
+        group = groups.setdefault(key, Group(*names))
         group.count += 1
         group.kinds.update(change.kinds)
+        group.roles.add(change.role)
+        group.tools.add(change.tool)
+        group.purposes.add(change.purpose)
         if len(group.examples) < examples_per_group:
             group.examples.append(change)
         if classification == "widening":
@@ -492,6 +639,18 @@ def diff_cases(
     report.expired_approvals = [a.id for a in (approvals.entries if approvals else ()) if not a.active(today)]
     report.seconds = (datetime.now(UTC) - started).total_seconds()
     return report
+
+
+def _decided(
+    cases: Sequence[Case],
+    inputs: Sequence[Mapping[str, Any]],
+    base: BatchEvaluator,
+    head: BatchEvaluator,
+    progress: Progress | None,
+) -> Iterator[tuple[Case, dict[str, Any] | None, dict[str, Any] | None]]:
+    for offset, b_results, h_results in evaluate_pairs(inputs, base, head, progress):
+        for i, (b_raw, h_raw) in enumerate(zip(b_results, h_results, strict=True)):
+            yield cases[offset + i], b_raw, h_raw
 
 
 def unique_cases(cases: Iterable[Case]) -> list[Case]:

@@ -1,8 +1,11 @@
 """Where the diff's decision inputs come from: a generated grid, the fixture corpus, an audit trail.
 
-* `grid_cases(configs)` — role, tool (each of its resource types), purpose, scope and sensitivity, all combined,
-  with roles, purposes and tools read from the policy data of every side given (their union), so a
-  role or tool that exists on one side only is still exercised on both.
+* `grid_cases(configs)` — role, tool (each of its resource types), purpose, scope and break-glass, all
+  combined, plus every other input the policy data names: each claim of `config.claims` (patient
+  binding on/off, the bound purpose, any other claim such as `research_consent` true/false) and each
+  category label a purpose names, varied against that core. Roles, purposes, tools, claims and
+  categories are read from the policy data of every side given (their union), so a role, tool or claim
+  that exists on one side only is still exercised on both.
 * `fixture_cases(folders)` — every `input` of `policies/fixtures/*.json` (a list of
   `{"note", "input", "expect"}`), from each side, duplicates dropped.
 * `replay_cases(path)` — the `decision_input` of every `access` record in an audit trail (JSON lines
@@ -14,6 +17,7 @@ carry them (through the policy's own claim name and role map), and OPA decides.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -29,6 +33,7 @@ __all__ = [
     "GRID_TIME",
     "SCOPE_VARIANTS",
     "SENSITIVITY_VARIANTS",
+    "claim_variants",
     "fixture_cases",
     "grid_cases",
     "replay_cases",
@@ -36,6 +41,7 @@ __all__ = [
 ]
 
 GRID_PATIENT = "grid-patient-1"
+GRID_OTHER_PATIENT = "grid-patient-2"
 GRID_TIME = "2026-03-03T01:00:00Z"  # a Tuesday, 12:00 in Sydney: inside business hours
 GRID_BREAK_GLASS_REASON = "grid: emergency access"
 SCOPE_VARIANTS = ("wildcard", "exact", "none")
@@ -82,8 +88,70 @@ def _scopes(variant: str, rtype: str, operation: str, config: Mapping[str, Any])
     return {"wildcard": ["user/*.cruds"], "exact": [f"user/{rtype}.{letter}"], "none": []}[variant]
 
 
-def grid_cases(configs: Sequence[Mapping[str, Any]]) -> list[Case]:
-    """Every combination of role, tool/resource type, purpose (and none), scope variant and sensitivity."""
+def _claim_names(configs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Every claim the policy data names (`claims.<key>: <claim name>`, string values), from both sides."""
+    names: dict[str, str] = {}
+    for cfg in configs:
+        claims = cfg.get("claims")
+        for key, value in (claims if isinstance(claims, Mapping) else {}).items():
+            if isinstance(value, str) and value.strip():
+                names.setdefault(str(key), value)
+    return names
+
+
+def _categories(configs: Sequence[Mapping[str, Any]], rtype: str) -> list[str]:
+    """Every category code a purpose of either side names for `rtype`."""
+    out: set[str] = set()
+    for cfg in configs:
+        for purpose in (cfg.get("purposes") or {}).values():
+            if not isinstance(purpose, Mapping):
+                continue
+            entry = (purpose.get("resource_types") or {}).get(rtype)
+            if isinstance(entry, Mapping):
+                out.update(str(c) for c in entry.get("categories") or [])
+    return sorted(out)
+
+
+Variant = tuple[str, dict[str, Any], dict[str, Any]]  # (label, claims to add, params to add)
+
+
+def claim_variants(configs: Sequence[Mapping[str, Any]], purposes: Sequence[str]) -> list[list[Variant]]:
+    """One list of variants per claim the policy data names, besides the roles claim.
+
+    * the patient claim (`claims.patient`): bound to the requested patient, bound to another one;
+    * the purpose claim (`claims.purpose`): bound to each purpose of either side;
+    * every other claim (e.g. `claims.research_consent: research_consent`): `true` and `false`.
+
+    Absent is each dimension's baseline (the core grid). The keys `patient` and `purpose` are the
+    policy data's own names for those claims; the values are facts, and OPA decides.
+    """
+    dims: list[list[Variant]] = []
+    for key, claim in sorted(_claim_names(configs).items()):
+        if key == "roles":
+            continue
+        if key == "patient":
+            dims.append([
+                (f"{claim}=bound", {claim: GRID_PATIENT}, {}),
+                (f"{claim}=other", {claim: GRID_OTHER_PATIENT}, {}),
+            ])  # fmt: skip
+        elif key == "purpose":
+            dims.append([(f"{claim}={p}", {claim: p}, {}) for p in purposes])
+        else:
+            dims.append([(f"{claim}=true", {claim: True}, {}), (f"{claim}=false", {claim: False}, {})])
+    return dims
+
+
+def grid_cases(configs: Sequence[Mapping[str, Any]], *, full: bool = False) -> list[Case]:
+    """Decision inputs derived from everything the policy data names.
+
+    The core grid is every role, tool/resource type, purpose (and none), scope variant and
+    break-glass off/on, all combined. Then every other input the policy reads is varied against the core with the
+    least-privilege (`exact`) scope: each claim the data names (`claim_variants`: patient binding on
+    and off, the bound purpose, any other claim true/false) and each category label a purpose names for
+    the resource type (`resource.params.category`). Each of those dimensions is varied on its own (the
+    others at their baseline: absent); `full=True` crosses them all with each other and with every
+    scope variant (many more inputs).
+    """
     if not configs:
         return []
     first = configs[0]
@@ -91,19 +159,41 @@ def grid_cases(configs: Sequence[Mapping[str, Any]]) -> list[Case]:
     non_patient: set[str] = set()
     for cfg in configs:
         non_patient.update((cfg.get("defaults") or {}).get("non_patient_resource_types") or [])
-    purposes: list[str | None] = [*_union_keys(configs, "purposes"), None]
+    named_purposes = _union_keys(configs, "purposes")
+    purposes: list[str | None] = [*named_purposes, None]
+    dims = claim_variants(configs, named_purposes)
+    baseline: Variant = ("", {}, {})
     cases = []
     for role in _union_keys(configs, "roles"):
-        claims = {role_claim: [_claim_value_for(role, first)]}
+        role_claims = {role_claim: [_claim_value_for(role, first)]}
         for tool, operation, rtype in _tools(configs):
+            rtype_dims = [*dims]
+            categories = _categories(configs, rtype)
+            if categories:
+                rtype_dims.append([(f"category={c}", {}, {"category": c}) for c in categories])
+            if full:
+                combos: list[tuple[str, list[Variant]]] = [
+                    (scope, list(extra))
+                    for scope in SCOPE_VARIANTS
+                    for extra in itertools.product(*[[baseline, *d] for d in rtype_dims])
+                ]
+            else:
+                combos = [(scope, [baseline]) for scope in SCOPE_VARIANTS]
+                combos += [("exact", [variant]) for d in rtype_dims for variant in d]
             for purpose in purposes:
-                for scope in SCOPE_VARIANTS:
+                for scope, extra in combos:
+                    claims: dict[str, Any] = dict(role_claims)
+                    params: dict[str, Any] = {}
+                    for _, more_claims, more_params in extra:
+                        claims.update(more_claims)
+                        params.update(more_params)
+                    tags = " ".join(label for label, _, _ in extra if label)
                     for sensitivity in SENSITIVITY_VARIANTS:
                         label = f"{role} {tool}/{rtype} purpose={purpose or '-'} scopes={scope} {sensitivity}"
                         cases.append(
                             Case(
                                 "grid",
-                                label,
+                                f"{label} {tags}" if tags else label,
                                 {
                                     "subject": {
                                         "id": f"grid-{role}",
@@ -115,7 +205,7 @@ def grid_cases(configs: Sequence[Mapping[str, Any]]) -> list[Case]:
                                     "action": {"tool": tool, "operation": operation, "resource_type": rtype},
                                     "resource": {
                                         "patient": None if rtype in non_patient else GRID_PATIENT,
-                                        "params": {},
+                                        "params": params,
                                     },
                                     "context": {
                                         "purpose": purpose,

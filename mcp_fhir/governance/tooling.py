@@ -1,7 +1,10 @@
 """The OPA toolchain behind `mcp-fhir policy test|lint|eval`, as small runners with typed results.
 
-* `run_tests`  — `opa test --format json` (results) and `opa test --coverage --format json`
-  (coverage, uncovered lines per file), `--fail-on-empty`, a coverage threshold.
+* `run_tests`  — `opa test --format json` (results, with what each failing test printed) and
+  `opa test --coverage --format json` (coverage, uncovered lines per file), `--fail-on-empty`, a
+  coverage threshold; then every case of `fixtures/*.json` is decided by the real OPA and each one
+  that disagrees with its `expect` is named (file, index, note, what differs), because the Rego
+  corpus test can only say that *some* fixture failed.
 * `run_lint`   — `opa fmt --fail -l`, `opa check --strict`, and Regal when installed.
 * `explain`    — `opa eval --explain=full --format json`: the decision plus the rules whose bodies
   succeeded (trace `Exit` events of rule nodes), with file:line. Checked on OPA 1.22.3: the JSON
@@ -11,6 +14,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 import shutil
@@ -31,6 +36,7 @@ __all__ = [
     "FiredRule",
     "LintResult",
     "TestResult",
+    "check_fixtures",
     "explain",
     "find_regal",
     "run_lint",
@@ -63,17 +69,28 @@ class TestResult:
     coverage: float = 0.0
     threshold: float = DEFAULT_COVERAGE_THRESHOLD
     uncovered: dict[str, list[int]] = field(default_factory=dict)
+    fixtures_failed: list[str] = field(default_factory=list)
+    coverage_note: str = ""
 
     @property
     def ok(self) -> bool:
-        return self.passed > 0 and not self.failed and not self.errors and self.coverage >= self.threshold
+        return (
+            self.passed > 0
+            and not self.failed
+            and not self.errors
+            and not self.fixtures_failed
+            and self.coverage >= self.threshold
+        )
 
     def summary(self) -> str:
         lines = [
             f"tests: {self.passed} passed, {len(self.failed)} failed",
-            f"coverage: {self.coverage:.2f}% (threshold {self.threshold:g}%)",
+            f"coverage: {self.coverage_note}"
+            if self.coverage_note
+            else f"coverage: {self.coverage:.2f}% (threshold {self.threshold:g}%)",
         ]
         lines += [f"  FAIL {name}" for name in self.failed]
+        lines += [f"  FAIL fixture {name}" for name in self.fixtures_failed]
         lines += [f"  ERROR {e}" for e in self.errors]
         for path, rows in sorted(self.uncovered.items()):
             lines.append(f"  uncovered {path}: lines {', '.join(str(r) for r in rows)}")
@@ -108,14 +125,22 @@ def run_tests(
         name = f"{case.get('package', '')}.{case.get('name', '')}"
         loc = case.get("location") or {}
         if case.get("fail") or case.get("error"):
-            result.failed.append(f"{name} ({loc.get('file')}:{loc.get('row')})")
+            printed = _printed(case.get("output"))
+            result.failed.append(
+                f"{name} ({loc.get('file')}:{loc.get('row')})" + (f" printed: {printed}" if printed else "")
+            )
         elif not case.get("skip"):
             result.passed += 1
+    result.fixtures_failed = check_fixtures(policies, binary=opa, timeout=timeout)
     cov = _exec([*base, "--coverage"], timeout)
     try:
         report = json.loads(cov.stdout)
     except json.JSONDecodeError:
-        result.errors.append("opa test --coverage did not answer with JSON")
+        if result.failed or result.fixtures_failed:
+            # OPA prints the failures instead of a coverage report while any test fails.
+            result.coverage_note = "not measured: OPA reports coverage only when every test passes"
+        else:
+            result.errors.append("opa test --coverage did not answer with JSON")
         return result
     result.coverage = float(report.get("coverage") or 0.0)
     for path, info in (report.get("files") or {}).items():
@@ -123,6 +148,81 @@ def run_tests(
         if rows:
             result.uncovered[path] = rows
     return result
+
+
+def _printed(output: Any, limit: int = 400) -> str:
+    """What a test printed (`opa test --format json` carries it base64-encoded), on one line."""
+    if not isinstance(output, str) or not output:
+        return ""
+    try:
+        text = base64.b64decode(output, validate=True).decode("utf-8", "replace")
+    except (binascii.Error, ValueError):
+        text = output
+    text = " | ".join(line.strip() for line in text.splitlines() if line.strip())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _fixture_mismatch(decision: Mapping[str, Any] | None, expect: Mapping[str, Any]) -> list[str]:
+    """What differs between a decision and a fixture's `expect` (the fields the corpus test compares)."""
+    got = decision or {"allow": False, "reasons": [{"code": "opa_undefined"}], "obligations": {}, "audit": {}}
+    out = []
+    if got.get("allow") != expect.get("allow"):
+        out.append(f"allow expected {json.dumps(expect.get('allow'))}, got {json.dumps(got.get('allow'))}")
+    codes = sorted(str(r.get("code")) for r in got.get("reasons") or [] if isinstance(r, Mapping))
+    if "reasons" in expect and codes != expect.get("reasons"):
+        out.append(f"reasons expected {json.dumps(expect.get('reasons'))}, got {json.dumps(codes)}")
+    if expect.get("obligations") and got.get("obligations") != expect["obligations"]:
+        keys = sorted(
+            k
+            for k in set(expect["obligations"]) | set(got.get("obligations") or {})
+            if (got.get("obligations") or {}).get(k) != expect["obligations"].get(k)
+        )
+        out.append("obligations differ: " + ", ".join(keys))
+    alerts = (got.get("audit") or {}).get("alerts")
+    if expect.get("alerts") and alerts != expect["alerts"]:
+        out.append(f"alerts expected {json.dumps(expect['alerts'])}, got {json.dumps(alerts)}")
+    return out
+
+
+def check_fixtures(
+    policies: Path, *, binary: str | None = None, timeout: float = DEFAULT_TOOL_TIMEOUT
+) -> list[str]:
+    """`file[index] "note": what differs` for every case of `<policies>/fixtures/*.json` the policy
+    decides otherwise than its `expect` says (allow, sorted reason codes, and obligations and alerts
+    when the case gives them). An unreadable fixture file is one entry too.
+    """
+    from mcp_fhir.governance.diff import BatchEvaluator
+
+    folder = policies / "fixtures"
+    if not folder.is_dir():
+        return []
+    cases: list[tuple[str, Mapping[str, Any], Mapping[str, Any]]] = []
+    failures = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            items = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            failures.append(f"fixtures/{path.name}: not readable JSON")
+            continue
+        if not isinstance(items, list):
+            failures.append(f"fixtures/{path.name}: must be a list of cases")
+            continue
+        for i, item in enumerate(items):
+            if not (isinstance(item, Mapping) and isinstance(item.get("input"), Mapping)
+                    and isinstance(item.get("expect"), Mapping)):  # fmt: skip
+                failures.append(f"fixtures/{path.name}[{i}]: needs an `input` and an `expect` object")
+                continue
+            cases.append(
+                (f'fixtures/{path.name}[{i}] "{item.get("note") or ""}"', item["input"], item["expect"])
+            )
+    if cases:
+        evaluator = BatchEvaluator(policies, binary=binary, timeout=timeout, workers=1)
+        decisions = evaluator.evaluate([inp for _, inp, _ in cases])
+        for (name, _, expect), decision in zip(cases, decisions, strict=True):
+            diff = _fixture_mismatch(decision, expect)
+            if diff:
+                failures.append(f"{name}: {'; '.join(diff)}")
+    return failures
 
 
 def find_regal() -> str | None:

@@ -3,18 +3,19 @@
 `Decision.parse` is the only place an OPA result is interpreted. Anything that does not
 match the contract in `policies/README.md` is a `PolicyMalformed` (fail closed), never a
 guess. `FakePolicyEngine` is the in-package fake for unit tests of other modules.
+
+Obligations that only some tools carry (today `audit_patients`, on `search_audit_log`) are
+parsed when present and remembered as absent otherwise; the decide step
+(`policy/decide.py`) fails closed when a tool that needs one gets an allow without it.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from mcp_fhir._exceptions import PolicyError, PolicyMalformed, PolicyUnavailable, PolicyUndefined
-
-log = logging.getLogger("mcp_fhir.policy")
+from mcp_fhir._exceptions import PolicyError, PolicyMalformed, PolicyUndefined
 
 OBLIGATION_KEYS = (
     "exclude_security_labels",
@@ -23,6 +24,8 @@ OBLIGATION_KEYS = (
     "max_lookback_days",
     "max_results",
 )
+# Obligations only some tools' decisions carry; `Obligations.present` says which ones came back.
+TOOL_OBLIGATION_KEYS = ("audit_patients",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,15 +37,26 @@ class Obligations:
     redact: tuple[str, ...] = ()
     max_lookback_days: int | None = None
     max_results: int | None = None
+    # `null` (None) = events about any patient; a set = only events about those patients.
+    audit_patients: frozenset[str] | None = None
+    present: frozenset[str] = frozenset()  # which of TOOL_OBLIGATION_KEYS the decision carried
+
+    def __repr__(self) -> str:
+        # audit_patients holds patient ids: a repr shows only how many.
+        scope = "any" if self.audit_patients is None else len(self.audit_patients)
+        return f"Obligations(max_results={self.max_results!r}, audit_patients={scope})"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "exclude_security_labels": sorted(self.exclude_security_labels),
             "allowed_categories": {k: sorted(v) for k, v in sorted(self.allowed_categories.items())},
             "redact": list(self.redact),
             "max_lookback_days": self.max_lookback_days,
             "max_results": self.max_results,
         }
+        if "audit_patients" in self.present:
+            out["audit_patients"] = None if self.audit_patients is None else sorted(self.audit_patients)
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +160,9 @@ def _parse_obligations(raw: Any, *, required: bool, decision_id: str | None) -> 
     categories = raw.get("allowed_categories", {})
     if not isinstance(categories, Mapping):
         raise PolicyMalformed("obligations.allowed_categories is not an object", decision_id=decision_id)
+    audit_patients = raw.get("audit_patients")
+    if audit_patients is not None:
+        audit_patients = frozenset(_str_list(audit_patients, "audit_patients", decision_id))
     return Obligations(
         exclude_security_labels=frozenset(
             _str_list(raw.get("exclude_security_labels", []), "exclude_security_labels", decision_id)
@@ -157,18 +174,9 @@ def _parse_obligations(raw: Any, *, required: bool, decision_id: str | None) -> 
         redact=tuple(_str_list(raw.get("redact", []), "redact", decision_id)),
         max_lookback_days=_limit(raw.get("max_lookback_days"), "max_lookback_days", decision_id),
         max_results=_limit(raw.get("max_results"), "max_results", decision_id),
+        audit_patients=audit_patients,
+        present=frozenset(k for k in TOOL_OBLIGATION_KEYS if k in raw),
     )
-
-
-async def evaluate_failing_closed(engine: PolicyEngine, decision_input: Mapping[str, Any]) -> Decision:
-    """`engine.evaluate`, where every failure (even an engine bug) is a deny with its own reason code."""
-    try:
-        return await engine.evaluate(decision_input)
-    except PolicyError as exc:
-        return Decision.denied_by(exc)
-    except Exception as exc:  # an engine bug must deny, never allow, and never break the call path
-        log.error("policy engine failed unexpectedly: %s", type(exc).__name__)
-        return Decision.denied_by(PolicyUnavailable("the policy engine failed"))
 
 
 class PolicyEngine(Protocol):
@@ -178,6 +186,10 @@ class PolicyEngine(Protocol):
 
     async def visible_tools(self, subject_input: Mapping[str, Any]) -> frozenset[str]: ...
 
+    async def policy_data(self, path: str) -> Any:
+        """A document under `data.` (e.g. `mcp_fhir/config/purposes`), for publishing; never for deciding."""
+        ...
+
 
 class FakePolicyEngine:
     """An in-package fake for unit tests: answers with a function of the input, records every call."""
@@ -186,12 +198,18 @@ class FakePolicyEngine:
         self,
         decide: Callable[[Mapping[str, Any]], Decision] | None = None,
         visible: frozenset[str] = frozenset(),
+        data: Mapping[str, Any] | None = None,
     ) -> None:
         self._decide = decide or (
             lambda _i: Decision(allow=False, reasons=({"code": "FAKE_DENY", "message": ""},))
         )
         self._visible = visible
+        self._data = dict(data or {})
         self.calls: list[Mapping[str, Any]] = []
+
+    def answer_with(self, decide: Callable[[Mapping[str, Any]], Decision]) -> None:
+        """Change the answer from now on."""
+        self._decide = decide
 
     async def evaluate(self, decision_input: Mapping[str, Any]) -> Decision:
         self.calls.append(decision_input)
@@ -199,3 +217,6 @@ class FakePolicyEngine:
 
     async def visible_tools(self, subject_input: Mapping[str, Any]) -> frozenset[str]:
         return self._visible
+
+    async def policy_data(self, path: str) -> Any:
+        return self._data.get(path)

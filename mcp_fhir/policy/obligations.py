@@ -27,6 +27,7 @@ CLINICAL_DATE_PATHS: Mapping[str, tuple[str, ...]] = {
     "Procedure": ("performedDateTime", "performedPeriod.start"),
     "AllergyIntolerance": ("recordedDate", "onsetDateTime"),
     "DocumentReference": ("date", "context.period.start"),
+    "Immunization": ("occurrenceDateTime", "recorded"),
 }
 # Types whose records are not events in time: a lookback does not apply to them.
 UNDATED_TYPES = frozenset({"Patient"})

@@ -120,6 +120,14 @@ class OpaPolicyEngine:
             raise PolicyMalformed("visible_tools is not a list of tool names")
         return frozenset(result)
 
+    async def policy_data(self, path: str) -> Any:
+        """The document at `data.<path>` (slash-separated), or None when it is undefined."""
+        package, _, rule = path.replace("/", ".").rpartition(".")
+        with _translate():
+            async with asyncio.timeout(DEFAULT_HEALTH_TIMEOUT):
+                body = await self._client.query_rule({}, package_path=package, rule_name=rule)
+        return body.get("result") if isinstance(body, Mapping) else None
+
     async def active_revision(self) -> str | None:
         """The active bundle revisions from OPA's status API, or None when OPA runs from files."""
         try:

@@ -11,6 +11,20 @@ import pytest
 from mcp_fhir.audit.record import AuditRecord
 from mcp_fhir.audit.settings import AuditSettings
 from mcp_fhir.audit.trail import AuditTrail, build_trail
+from mcp_fhir.audit.witness import FileWitness
+
+
+def public_key_of(settings: AuditSettings) -> bytes:
+    """The public half of the trail's signing key, as the operator pins it."""
+    key = settings.signing_key_path
+    return key.with_name(key.name + ".pub").read_bytes()
+
+
+def witness_of(settings: AuditSettings) -> dict[str, Any] | None:
+    """The witnessed head of a file or SQLite trail."""
+    path = settings.witness_file("unused")
+    assert path is not None
+    return FileWitness(path).read()
 
 
 def make_record(n: int = 0, **overrides: Any) -> AuditRecord:
@@ -56,7 +70,6 @@ def file_settings(tmp_path: Path) -> AuditSettings:
         sink="file",
         path=str(tmp_path / "audit" / "audit.jsonl"),
         writer_id="test-writer",
-        checkpoint_every=10,
     )
 
 

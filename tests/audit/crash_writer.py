@@ -27,7 +27,7 @@ async def worker(trail, n: int) -> None:  # type: ignore[no-untyped-def]
 async def main() -> None:
     path = sys.argv[1]
     workers = int(sys.argv[2]) if len(sys.argv) > 2 else 16
-    trail = build_trail(AuditSettings(path=path, writer_id="crash", checkpoint_every=25))
+    trail = build_trail(AuditSettings(path=path, writer_id="crash"))
     await trail.start()
     await asyncio.gather(*(worker(trail, n) for n in range(workers)))
 

@@ -18,19 +18,32 @@ from .conftest import make_record
 
 
 async def _write_log(path: Path, n: int = 20, **settings) -> None:
-    trail = build_trail(AuditSettings(path=str(path), writer_id="cli", checkpoint_every=5, **settings))
+    trail = build_trail(AuditSettings(path=str(path), writer_id="cli", **settings))
     await trail.start()
     for i in range(n):
         await trail.record(make_record(i, result="denied" if i % 4 == 0 else "allowed"))
     await trail.close()
 
 
-async def test_verify_passes_on_a_good_log_using_the_public_key_beside_it(tmp_path: Path, capsys) -> None:
+def _pub(path: Path) -> str:
+    key = AuditSettings(path=str(path)).signing_key_path
+    return str(key.with_name(key.name + ".pub"))
+
+
+async def test_verify_passes_on_a_good_log_with_the_pinned_public_key(tmp_path: Path, capsys) -> None:
     path = tmp_path / "a.jsonl"
     await _write_log(path)
-    assert main(["audit", "verify", "--path", str(path), "--json"]) == 0
+    assert main(["audit", "verify", "--path", str(path), "--public-key", _pub(path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["ok"] and report["signatures_checked"]
+    assert report["ok"] and report["signatures_checked"] and report["witness_checked"]
+
+
+async def test_verify_without_a_pinned_public_key_exits_non_zero(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "a.jsonl"
+    await _write_log(path)
+    assert not list(path.parent.glob("*.pub"))  # nothing beside the trail to be tempted by
+    assert main(["audit", "verify", "--path", str(path)]) == 2
+    assert "config_invalid" in capsys.readouterr().err
 
 
 async def test_verify_fails_and_prints_where(tmp_path: Path, capsys) -> None:
@@ -39,15 +52,57 @@ async def test_verify_fails_and_prints_where(tmp_path: Path, capsys) -> None:
     lines = path.read_text().splitlines()
     del lines[3]
     path.write_text("\n".join(lines) + "\n")
-    assert main(["audit", "verify", "--path", str(path)]) == 1
+    assert main(["audit", "verify", "--path", str(path), "--public-key", _pub(path)]) == 1
     out = capsys.readouterr().out
     assert out.startswith("FAILED: deleted at seq 4, line 4")
+
+
+async def test_verify_finds_a_cut_end_through_the_witness_without_operator_input(
+    tmp_path: Path, capsys
+) -> None:
+    path = tmp_path / "a.jsonl"
+    await _write_log(path)
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-6]))
+    assert main(["audit", "verify", "--path", str(path), "--public-key", _pub(path), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["problem"]["kind"] == "truncated"
+
+
+async def test_verify_fails_when_the_witness_was_removed_too(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "a.jsonl"
+    await _write_log(path)
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-6]))
+    witness = AuditSettings(path=str(path)).witness_file("cli")
+    assert witness is not None
+    witness.unlink()
+    assert main(["audit", "verify", "--path", str(path), "--public-key", _pub(path), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["problem"]["kind"] == "witness_missing"
+    assert main(["audit", "verify", "--path", str(path), "--public-key", _pub(path), "--no-witness"]) == 0
+
+
+async def test_verify_reads_sink_keys_and_witness_from_the_config(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "audit" / "a.jsonl"
+    await _write_log(path, public_key_files=())
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "auth:\n  local: {id: local-dev, claims: {roles: [clinician]}}\n"
+        "backends:\n  b:\n    base_url: http://127.0.0.1:9/fhir\n"
+        f"audit:\n  path: {path}\n  writer_id: cli\n  public_key_files: [{_pub(path)}]\n"
+    )
+    assert main(["audit", "verify", "--config", str(config), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["witness_checked"] and report["records"] == 20
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-2]))
+    assert main(["audit", "verify", "--config", str(config), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["problem"]["kind"] == "truncated"
 
 
 async def test_verify_fails_when_the_log_is_shorter_than_expected(tmp_path: Path, capsys) -> None:
     path = tmp_path / "a.jsonl"
     await _write_log(path)
-    assert main(["audit", "verify", "--path", str(path), "--expect-min-seq", "1000", "--json"]) == 1
+    assert main(["audit", "verify", "--path", str(path), "--public-key", _pub(path),
+                 "--expect-min-seq", "1000", "--json"]) == 1  # fmt: skip
     assert json.loads(capsys.readouterr().out)["problem"]["kind"] == "truncated"
 
 
@@ -87,7 +142,8 @@ async def test_export_of_an_encrypted_log_needs_and_uses_the_key(tmp_path: Path,
                  "--encryption-key-env", "CLI_AUDIT_KEY"]) == 0  # fmt: skip
     events = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert len(events) == 4 and events[0]["entity"][0]["what"]["reference"] == "Patient/pat-0"
-    assert main(["audit", "verify", "--path", str(path), "--encryption-key-env", "CLI_AUDIT_KEY"]) == 0
+    assert main(["audit", "verify", "--path", str(path), "--public-key", _pub(path),
+                 "--encryption-key-env", "CLI_AUDIT_KEY"]) == 0  # fmt: skip
 
 
 def test_a_missing_path_is_a_usage_error_with_its_code(tmp_path: Path, capsys) -> None:

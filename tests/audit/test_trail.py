@@ -17,7 +17,7 @@ from mcp_fhir.audit.settings import AuditSettings
 from mcp_fhir.audit.trail import AuditTrail, build_trail
 from mcp_fhir.audit.verify import verify_file
 
-from .conftest import make_record
+from .conftest import make_record, public_key_of, witness_of
 
 CONCURRENT_CALLS = 2000
 GATHER_BATCH = 250
@@ -50,10 +50,10 @@ async def test_two_thousand_concurrent_records_are_all_stored_and_the_chain_veri
     records = [e for e in _entries(path) if "record" in e]
     assert len(records) == CONCURRENT_CALLS
     assert len(set(ids)) == CONCURRENT_CALLS
-    report = verify_file(path, public_key=Path(str(path) + ".signing.pem.pub").read_bytes())
+    report = verify_file(path, public_key=public_key_of(file_settings), witness=witness_of(file_settings))
     assert report.ok, report.problem
     assert report.records == CONCURRENT_CALLS
-    assert report.checkpoints >= 1
+    assert 1 <= report.checkpoints == trail.sink.commit_count
 
 
 async def test_concurrent_records_share_fewer_fsyncs_than_records(file_trail: AuditTrail) -> None:
@@ -73,7 +73,8 @@ async def test_a_vanished_log_directory_makes_record_fail_and_check_recovers_aft
     tmp_path: Path,
 ) -> None:
     folder = tmp_path / "audit"
-    trail = build_trail(AuditSettings(path=str(folder / "audit.jsonl"), writer_id="w", checkpoint_every=100))
+    settings = AuditSettings(path=str(folder / "audit.jsonl"), writer_id="w")
+    trail = build_trail(settings)
     await trail.start()
     await trail.record(make_record(1))
     assert await trail.check()
@@ -93,7 +94,9 @@ async def test_a_vanished_log_directory_makes_record_fail_and_check_recovers_aft
     assert await trail.check()
     await trail.record(make_record(4))
     await trail.close()
-    report = verify_file(folder / "audit.jsonl")
+    report = verify_file(
+        folder / "audit.jsonl", public_key=public_key_of(settings), witness=witness_of(settings)
+    )
     assert report.ok, report.problem
     assert [e["record"]["request_id"] for e in _entries(folder / "audit.jsonl") if "record" in e] == [
         "req-1",
@@ -135,40 +138,47 @@ async def test_a_restarted_trail_resumes_the_chain(file_settings: AuditSettings)
         await trail.start()
         await asyncio.gather(*(trail.record(make_record(batch * 10 + n)) for n in range(10)))
         await trail.close()
-    report = verify_file(Path(str(file_settings.path)))
+    report = verify_file(
+        Path(str(file_settings.path)),
+        public_key=public_key_of(file_settings),
+        witness=witness_of(file_settings),
+    )
     assert report.ok, report.problem
     assert report.records == 30
+    assert report.recoveries == 0
 
 
-async def test_close_writes_a_final_checkpoint(file_settings: AuditSettings) -> None:
+async def test_close_leaves_the_trail_sealed_by_a_signed_checkpoint(file_settings: AuditSettings) -> None:
     trail = build_trail(file_settings)
     await trail.start()
     await trail.record(make_record(1))
     await trail.close()
-    assert "checkpoint" in _entries(Path(str(file_settings.path)))[-1]
+    last = _entries(Path(str(file_settings.path)))[-1]
+    assert "checkpoint" in last and last["checkpoint"]["kid"] == last["pub"] == trail.key_id
 
 
-async def test_a_checkpoint_is_written_once_the_interval_has_passed(tmp_path: Path) -> None:
-    now = [0.0]
-    settings = AuditSettings(
-        path=str(tmp_path / "a.jsonl"), checkpoint_every=1000, checkpoint_interval_seconds=30
-    )
-    trail = build_trail(settings, clock=lambda: now[0])
-    await trail.start()
-    await trail.record(make_record(1))
-    now[0] = 31.0
-    await trail.record(make_record(2))
-    entries = _entries(tmp_path / "a.jsonl")
-    assert "checkpoint" in entries[-1] and entries[-1]["checkpoint"]["seq"] == 2
-    await trail.close()
+async def test_every_group_commit_ends_with_a_signed_checkpoint_before_any_record_is_released(
+    file_trail: AuditTrail, file_settings: AuditSettings
+) -> None:
+    path = Path(str(file_settings.path))
+    for n in range(3):
+        rid = await file_trail.record(make_record(n))
+        entries = _entries(path)  # read at the moment record() returned
+        seq = int(rid.split(":")[0])
+        assert entries[-1]["checkpoint"]["seq"] == seq  # the signature over this record is already durable
+        assert witness_of(file_settings)["seq"] == entries[-1]["seq"]  # and the witness holds it
+    await asyncio.gather(*(file_trail.record(make_record(n)) for n in range(100)))
+    entries = _entries(path)
+    kinds = ["checkpoint" if "checkpoint" in e else "record" for e in entries]
+    assert kinds[-1] == "checkpoint"
+    assert kinds.count("checkpoint") == file_trail.sink.commit_count
 
 
 async def test_an_encrypted_trail_hides_the_patient_and_still_verifies(tmp_path: Path, monkeypatch) -> None:
     key = base64.b64encode(os.urandom(32)).decode()
     monkeypatch.setenv("TEST_AUDIT_KEY", key)
     path = tmp_path / "enc.jsonl"
-    settings = AuditSettings(path=str(path), encryption_key_env="TEST_AUDIT_KEY", encryption_key_id="k1",
-                             checkpoint_every=5)  # fmt: skip
+    settings = AuditSettings(path=str(path), encryption_key_env="TEST_AUDIT_KEY", encryption_key_id="k1")
     trail = build_trail(settings)
     await trail.start()
     for n in range(12):
@@ -180,12 +190,13 @@ async def test_an_encrypted_trail_hides_the_patient_and_still_verifies(tmp_path:
     raw = path.read_bytes()
     assert b"secret-patient" not in raw and b"req-3" not in raw
     assert all(e.get("kid") == "k1" for e in _entries(path) if "ct" in e)
-    blind = verify_file(path)
+    pub = public_key_of(settings)
+    blind = verify_file(path, public_key=pub)
     assert blind.ok and not blind.contents_checked
     assert any("encrypted, contents not checked" in w for w in blind.warnings)
-    keyed = verify_file(path, encryption_key=base64.b64decode(key))
+    keyed = verify_file(path, public_key=pub, encryption_key=base64.b64decode(key))
     assert keyed.ok and keyed.contents_checked and keyed.encrypted == 12
-    wrong = verify_file(path, encryption_key=os.urandom(32))
+    wrong = verify_file(path, public_key=pub, encryption_key=os.urandom(32))
     assert not wrong.ok and wrong.problem.kind == "decrypt_failed"
 
 
@@ -195,15 +206,14 @@ async def test_an_encrypted_entry_moved_to_another_place_does_not_decrypt(
     key = os.urandom(32)
     monkeypatch.setenv("TEST_AUDIT_KEY", base64.b64encode(key).decode())
     path = tmp_path / "enc.jsonl"
-    trail = build_trail(
-        AuditSettings(path=str(path), encryption_key_env="TEST_AUDIT_KEY", encryption_key_id="k1")
-    )
+    settings = AuditSettings(path=str(path), encryption_key_env="TEST_AUDIT_KEY", encryption_key_id="k1")
+    trail = build_trail(settings)
     await trail.start()
     for n in range(3):
         await trail.record(make_record(n))
     await trail.close()
     entries = _entries(path)
-    entries[0]["ct"], entries[0]["nonce"] = entries[1]["ct"], entries[1]["nonce"]
+    entries[0]["ct"], entries[0]["nonce"] = entries[2]["ct"], entries[2]["nonce"]  # [1] is a checkpoint
     from mcp_fhir.audit.chain import entry_hash
 
     for i, e in enumerate(entries):
@@ -211,7 +221,7 @@ async def test_an_encrypted_entry_moved_to_another_place_does_not_decrypt(
             e["prev"] = entries[i - 1]["hash"]
         e["hash"] = entry_hash(e)
     path.write_text("".join(json.dumps(e) + "\n" for e in entries))
-    report = verify_file(path, encryption_key=key)
+    report = verify_file(path, public_key=public_key_of(settings), encryption_key=key)
     assert (report.problem.kind, report.problem.seq) == ("decrypt_failed", 1)
 
 

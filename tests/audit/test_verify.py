@@ -1,4 +1,8 @@
-"""Tamper tests: every kind of change to a stored chain is caught, with its seq, line and kind."""
+"""Tamper tests: every kind of change to a stored chain is caught, with its seq, line and kind.
+
+Sequential writes: every record is its own group commit, and every group commit ends with a signed
+checkpoint, so record n sits at seq 2n+1 and its checkpoint at seq 2n+2 (line = seq).
+"""
 
 from __future__ import annotations
 
@@ -9,22 +13,27 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from mcp_fhir._exceptions import ConfigError
 from mcp_fhir.audit.chain import entry_hash
 from mcp_fhir.audit.crypto import CheckpointSigner
 from mcp_fhir.audit.settings import AuditSettings
 from mcp_fhir.audit.trail import build_trail
 from mcp_fhir.audit.verify import verify_file
 
-from .conftest import make_record
+from .conftest import make_record, public_key_of, witness_of
 
 RECORDS = 50
-CHECKPOINT_EVERY = 10  # sequential writes: checkpoints land at seq 11, 22, 33, 44, 55
+LAST_SEQ = 2 * RECORDS
+
+
+def _settings(path: Path) -> AuditSettings:
+    return AuditSettings(path=str(path), writer_id="w1")
 
 
 @pytest.fixture
 async def log(tmp_path: Path) -> Path:
     path = tmp_path / "audit.jsonl"
-    trail = build_trail(AuditSettings(path=str(path), writer_id="w1", checkpoint_every=CHECKPOINT_EVERY))
+    trail = build_trail(_settings(path))
     await trail.start()
     for n in range(RECORDS):
         await trail.record(make_record(n))
@@ -33,7 +42,15 @@ async def log(tmp_path: Path) -> Path:
 
 
 def _pub(log: Path) -> bytes:
-    return Path(str(log) + ".signing.pem.pub").read_bytes()
+    return public_key_of(_settings(log))
+
+
+def _witness(log: Path) -> dict[str, Any] | None:
+    return witness_of(_settings(log))
+
+
+def _verify(log: Path, **kw: Any) -> Any:
+    return verify_file(log, public_key=_pub(log), witness=_witness(log), **kw)
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:
@@ -53,18 +70,20 @@ def _rechain(entries: list[dict[str, Any]], start: int, signer: CheckpointSigner
         if "checkpoint" in e:
             e["checkpoint"]["hash"] = e["prev"]
             if signer is not None:
+                e["checkpoint"]["kid"] = signer.key_id
                 e["sig"] = signer.sign(e["checkpoint"])
                 e["pub"] = signer.key_id
         e["hash"] = entry_hash(e)
 
 
-def test_an_untouched_log_verifies_with_its_checkpoints(log: Path) -> None:
-    report = verify_file(log, public_key=_pub(log))
-    assert report.ok
+def test_an_untouched_log_verifies_with_a_signature_on_every_group_commit(log: Path) -> None:
+    report = _verify(log)
+    assert report.ok, report.problem
     assert report.records == RECORDS
-    assert report.checkpoints == 5
-    assert report.last_seq == 55
-    assert report.signatures_checked
+    assert report.checkpoints == RECORDS
+    assert report.last_seq == LAST_SEQ
+    assert report.signatures_checked and report.witness_checked and report.witness_seq == LAST_SEQ
+    assert report.after_last_checkpoint == 0
 
 
 def test_an_edited_record_is_named_by_seq_and_line(log: Path) -> None:
@@ -121,14 +140,68 @@ def test_an_inserted_record_with_an_invented_seq_is_named(log: Path) -> None:
     assert (report.problem.kind, report.problem.seq, report.problem.line) == ("inserted", 900, 25)
 
 
-def test_truncation_is_caught_against_the_expected_seq(log: Path) -> None:
-    entries = _lines(log)
-    _write(log, entries[:30])
-    unanchored = verify_file(log, public_key=_pub(log))
-    assert unanchored.ok  # the honest limit: a cut end is invisible to the chain alone...
-    assert unanchored.after_last_checkpoint == 8
-    report = verify_file(log, public_key=_pub(log), expect_min_seq=55)  # ...but not to a known count
+def test_cutting_the_last_record_is_caught_against_the_witness_without_operator_input(log: Path) -> None:
+    _write(log, _lines(log)[:-1])
+    report = _verify(log)
+    assert (report.problem.kind, report.problem.seq, report.problem.line) == ("truncated", LAST_SEQ, LAST_SEQ)
+
+
+def test_cutting_several_records_is_caught_against_the_witness(log: Path) -> None:
+    _write(log, _lines(log)[:30])
+    report = _verify(log)
     assert (report.problem.kind, report.problem.seq, report.problem.line) == ("truncated", 31, 31)
+
+
+def test_a_torn_last_line_is_caught_when_the_witness_saw_it_signed(log: Path) -> None:
+    log.write_bytes(log.read_bytes()[:-20])
+    report = _verify(log)
+    assert (report.problem.kind, report.problem.seq, report.problem.line) == ("truncated", LAST_SEQ, LAST_SEQ)
+
+
+def test_a_cut_that_also_rewrites_the_last_entry_disagrees_with_the_witness(log: Path) -> None:
+    entries = _lines(log)
+    entries[-2]["record"]["result"] = "denied"
+    _rechain(entries, len(entries) - 2)
+    _write(log, entries)
+    report = _verify(log)
+    assert report.problem.kind in ("bad_checkpoint_signature", "witness_mismatch")
+    assert report.problem.seq == LAST_SEQ
+
+
+def test_the_expected_seq_still_catches_a_cut_without_a_witness(log: Path) -> None:
+    _write(log, _lines(log)[:30])
+    report = verify_file(log, public_key=_pub(log), expect_min_seq=LAST_SEQ)
+    assert (report.problem.kind, report.problem.seq, report.problem.line) == ("truncated", 31, 31)
+
+
+def test_records_forged_after_the_last_signature_with_the_chain_recomputed_are_an_unsigned_tail(
+    log: Path,
+) -> None:
+    entries = _lines(log)
+    for n in range(3):
+        forged = {
+            "seq": entries[-1]["seq"] + 1,
+            "prev": entries[-1]["hash"],
+            "record": make_record(900 + n).to_dict(),
+        }
+        forged["hash"] = entry_hash(forged)
+        entries.append(forged)
+    _write(log, entries)
+    report = _verify(log)
+    assert (report.problem.kind, report.problem.seq, report.problem.line) == (
+        "unsigned_tail", LAST_SEQ + 1, LAST_SEQ + 1,
+    )  # fmt: skip
+
+
+def test_an_edited_record_before_the_last_signature_with_the_chain_recomputed_fails_the_signature(
+    log: Path,
+) -> None:
+    entries = _lines(log)
+    entries[-2]["record"]["patient"] = "someone-else"  # the last record, just before the last checkpoint
+    _rechain(entries, len(entries) - 2)
+    _write(log, entries)
+    report = verify_file(log, public_key=_pub(log))
+    assert (report.problem.kind, report.problem.seq) == ("bad_checkpoint_signature", LAST_SEQ)
 
 
 def test_a_rewritten_tail_with_forged_checkpoints_fails_the_signature_check(log: Path) -> None:
@@ -136,12 +209,27 @@ def test_a_rewritten_tail_with_forged_checkpoints_fails_the_signature_check(log:
     entries[24]["record"]["patient"] = "someone-else"
     _rechain(entries, 24, CheckpointSigner(Ed25519PrivateKey.generate()))
     _write(log, entries)
+    report = _verify(log)
+    assert (report.problem.kind, report.problem.seq, report.problem.line) == (
+        "bad_checkpoint_signature",
+        26,
+        26,
+    )
+
+
+def test_a_trail_re_signed_whole_with_another_key_fails_against_the_pinned_key(log: Path) -> None:
+    entries = _lines(log)
+    entries[0]["record"]["patient"] = "someone-else"
+    attacker = CheckpointSigner(Ed25519PrivateKey.generate())
+    _rechain(entries, 0, attacker)
+    _write(log, entries)
     report = verify_file(log, public_key=_pub(log))
     assert (report.problem.kind, report.problem.seq, report.problem.line) == (
         "bad_checkpoint_signature",
-        33,
-        33,
+        2,
+        2,
     )
+    assert verify_file(log, public_key=attacker.public_key()).ok  # only the pinned key tells them apart
 
 
 def test_a_checkpoint_that_keeps_its_old_signature_over_a_new_hash_fails(log: Path) -> None:
@@ -149,17 +237,27 @@ def test_a_checkpoint_that_keeps_its_old_signature_over_a_new_hash_fails(log: Pa
     entries[24]["record"]["patient"] = "someone-else"
     _rechain(entries, 24)
     _write(log, entries)
+    report = _verify(log)
+    assert (report.problem.kind, report.problem.seq) == ("bad_checkpoint_signature", 26)
+
+
+def test_a_signature_moved_to_a_checkpoint_naming_another_key_fails(log: Path) -> None:
+    entries = _lines(log)
+    entries[33]["checkpoint"]["kid"] = "0" * 16
+    entries[33]["hash"] = entry_hash(entries[33])
+    _rechain(entries, 34)
+    _write(log, entries)
     report = verify_file(log, public_key=_pub(log))
-    assert (report.problem.kind, report.problem.seq) == ("bad_checkpoint_signature", 33)
+    assert (report.problem.kind, report.problem.seq) == ("bad_checkpoint_signature", 34)
 
 
 def test_a_checkpoint_that_covers_the_wrong_entry_is_caught(log: Path) -> None:
     entries = _lines(log)
-    entries[32]["checkpoint"]["seq"] = 5
-    _rechain(entries, 32)
+    entries[33]["checkpoint"]["seq"] = 5
+    _rechain(entries, 33)
     _write(log, entries)
-    report = verify_file(log, public_key=_pub(log))
-    assert (report.problem.kind, report.problem.seq) == ("bad_checkpoint", 33)
+    report = _verify(log)
+    assert (report.problem.kind, report.problem.seq) == ("bad_checkpoint", 34)
 
 
 def test_a_garbage_line_is_reported_as_malformed(log: Path) -> None:
@@ -170,14 +268,24 @@ def test_a_garbage_line_is_reported_as_malformed(log: Path) -> None:
     assert (report.problem.kind, report.problem.seq, report.problem.line) == ("malformed", 10, 10)
 
 
-def test_without_the_public_key_signatures_are_reported_unchecked(log: Path) -> None:
-    report = verify_file(log)
-    assert report.ok
-    assert not report.signatures_checked
-    assert any("not checked" in w for w in report.warnings)
+def test_verification_without_a_pinned_public_key_is_refused(log: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        verify_file(log)
+    assert caught.value.code == "config_invalid"
+
+
+def test_a_wrong_witness_is_a_mismatch(log: Path) -> None:
+    entries = _lines(log)
+    report = verify_file(log, public_key=_pub(log), witness={**entries[-1], "hash": "f" * 64})
+    assert (report.problem.kind, report.problem.seq) == ("witness_mismatch", LAST_SEQ)
+
+
+def test_a_missing_witness_fails_when_one_was_expected(log: Path) -> None:
+    report = verify_file(log, public_key=_pub(log), witness=None, require_witness=True)
+    assert (report.problem.kind, report.problem.seq) == ("witness_missing", LAST_SEQ)
 
 
 def test_progress_is_reported(log: Path) -> None:
     seen: list[int] = []
-    verify_file(log, progress=seen.append)
-    assert seen[-1] == 55
+    _verify(log, progress=seen.append)
+    assert seen[-1] == LAST_SEQ

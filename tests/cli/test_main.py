@@ -9,8 +9,9 @@ import pytest
 
 from mcp_fhir import config
 from mcp_fhir._exceptions import ConfigError
-from mcp_fhir.cli.main import _tls_context, uvicorn_options
+from mcp_fhir.cli.main import DRAIN_TIMEOUT, _tls_context, uvicorn_options
 from mcp_fhir.config import ServerSettings, Settings
+from mcp_fhir.http_app import H11HeaderLimited, HttptoolsHeaderLimited
 
 
 def _settings(**server: Any) -> Settings:
@@ -23,15 +24,21 @@ def _settings(**server: Any) -> Settings:
     )
 
 
-def test_serve_lets_uvicorn_pick_the_fastest_installed_loop_and_parser_by_default():
+def test_serve_lets_uvicorn_pick_the_fastest_installed_loop_and_the_header_limited_httptools_by_default():
     options = uvicorn_options(_settings())
-    assert (options["loop"], options["http"]) == ("auto", "auto")
+    assert (options["loop"], options["http"]) == ("auto", HttptoolsHeaderLimited)
     assert "ssl_certfile" not in options
 
 
-def test_serve_hands_uvicorn_the_configured_loop_and_parser():
+def test_serve_hands_uvicorn_the_configured_loop_and_the_header_limited_parser():
     options = uvicorn_options(_settings(event_loop="asyncio", http_parser="h11", port=9001))
-    assert (options["loop"], options["http"], options["port"]) == ("asyncio", "h11", 9001)
+    assert (options["loop"], options["http"], options["port"]) == ("asyncio", H11HeaderLimited, 9001)
+
+
+def test_serve_bounds_the_drain_and_logs_uvicorn_through_the_json_handler():
+    options = uvicorn_options(_settings())
+    assert options["timeout_graceful_shutdown"] == DRAIN_TIMEOUT
+    assert options["log_config"] is None
 
 
 def test_serve_hands_uvicorn_the_tls_files_and_the_context_floor(tmp_path):

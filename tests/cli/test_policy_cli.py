@@ -11,6 +11,14 @@ import pytest
 import yaml
 
 from mcp_fhir.cli.main import main
+from tests.governance.minipolicy import (
+    APPROVAL,
+    commit,
+    git,
+    new_repo,
+    research_reads_observations,
+    write_policies,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 POLICIES = REPO / "policies"
@@ -51,6 +59,24 @@ def test_policy_test_fails_on_a_failing_rego_test(tmp_path, capsys, opa_binary):
     )
     assert main(["policy", "test", "--policies", str(policies)]) == 1
     assert "test_always_fails" in capsys.readouterr().out
+
+
+def test_policy_test_names_the_failing_fixture_and_what_differs(tmp_path, capsys, opa_binary):
+    policies = copy_policies(tmp_path)
+    corpus = policies / "fixtures" / "decisions.json"
+    cases = json.loads(corpus.read_text(encoding="utf-8"))
+    index = next(i for i, c in enumerate(cases) if c["expect"]["allow"] is True)
+    cases[index]["expect"]["allow"] = False
+    corpus.write_text(json.dumps(cases), encoding="utf-8")
+    assert main(["policy", "test", "--policies", str(policies), "--json"]) == 1
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["fixtures_failed"] == [
+        f'fixtures/decisions.json[{index}] "{cases[index]["note"]}": allow expected false, got true'
+    ]
+    assert main(["policy", "test", "--policies", str(policies)]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL fixture fixtures/decisions.json[{index}]" in out
+    assert "coverage: not measured" in out
 
 
 def test_policy_test_fails_below_the_coverage_threshold(tmp_path, opa_binary):
@@ -115,19 +141,82 @@ def test_a_narrowing_passes_unless_narrowings_are_configured_to_fail(tmp_path, o
     assert diff(base, POLICIES, "--fail-on-narrowing") == 1
 
 
-def test_an_approval_in_the_heads_approvals_file_lets_the_widening_pass(tmp_path, opa_binary):
-    head = widen(copy_policies(tmp_path))
-    (head / "approvals.yaml").write_text(yaml.safe_dump({"approvals": [{
-        "id": "APR-7", "role": "nurse", "tool": "search_medication_statements", "purpose": "treatment",
-        "kind": "deny_to_allow", "reviewer": "privacy.officer@example.org", "ticket": "SEC-7",
-    }]}), encoding="utf-8")  # fmt: skip
+def test_an_approval_in_the_bases_approvals_file_lets_the_widening_pass(tmp_path, opa_binary):
+    repo = new_repo(tmp_path / "repo", approvals=[APPROVAL])
+    git(repo, "checkout", "-q", "-b", "pr")
+    write_policies(repo / "policies", research_reads_observations(), approvals=[APPROVAL])
+    commit(repo, "research reads observations")
     out = tmp_path / "report.md"
-    assert diff(POLICIES, head, "--out", str(out)) == 0
-    assert "APR-7 (privacy.officer@example.org, SEC-7)" in out.read_text()
+    assert main(["policy", "diff", "main", "pr", "--repo", str(repo), "--quiet", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "APR-9 (privacy.officer@example.org, SEC-9)" in text
+    assert "Approvals read from `main: approvals.yaml`" in text
+
+
+def test_a_pull_request_that_widens_and_approves_itself_is_still_flagged(tmp_path, opa_binary):
+    repo = new_repo(tmp_path / "repo")
+    git(repo, "checkout", "-q", "-b", "pr")
+    write_policies(repo / "policies", research_reads_observations(), approvals=[APPROVAL])
+    commit(repo, "research reads observations, approved by the same change")
+    out = tmp_path / "report.json"
+    code = main(["policy", "diff", "main", "pr", "--repo", str(repo), "--quiet", "--format", "json",
+                 "--out", str(out)])  # fmt: skip
+    report = json.loads(out.read_text())
+    assert code == 1
+    assert report["unapproved_widenings"] > 0  # the PR's own APR-9 approves nothing
+    assert report["approvals_changes"] == [
+        {"kind": "added", "id": "APR-9", "detail": "*/search_observations/research/deny_to_allow by "
+         "privacy.officer@example.org", "needs_review": True}
+    ]  # fmt: skip
+
+
+def test_a_change_to_the_approvals_alone_fails_the_diff(tmp_path, opa_binary):
+    repo = new_repo(tmp_path / "repo")
+    git(repo, "checkout", "-q", "-b", "pr")
+    write_policies(repo / "policies", approvals=[APPROVAL])
+    commit(repo, "approve APR-9")
+    out = tmp_path / "report.md"
+    assert main(["policy", "diff", "main", "pr", "--repo", str(repo), "--quiet", "--out", str(out)]) == 1
+    text = out.read_text()
+    assert "1 change(s) to approvals.yaml need review" in text and "No decision changed." in text
+
+
+def test_uncommitted_policy_edits_are_refused_for_head_and_included_by_worktree(tmp_path, capsys, opa_binary):
+    repo = new_repo(tmp_path / "repo")
+    write_policies(repo / "policies", research_reads_observations())  # edited, not committed
+    assert main(["policy", "diff", "main", "HEAD", "--repo", str(repo), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "config_invalid" in err and "policy.diff.head" in err and "WORKTREE" in err
+    out = tmp_path / "report.json"
+    assert main(["policy", "diff", "main", "WORKTREE", "--repo", str(repo), "--quiet", "--format", "json",
+                 "--out", str(out)]) == 1  # fmt: skip
+    assert json.loads(out.read_text())["counts"]["widening"] > 0
+    # a committed HEAD with a clean tree is diffed as before
+    commit(repo, "research reads observations")
+    assert main(["policy", "diff", "HEAD~1", "HEAD", "--repo", str(repo), "--quiet"]) == 1
+
+
+def test_the_summary_fits_a_pull_request_comment_and_the_full_report_keeps_every_group(tmp_path, opa_binary):
+    head = copy_policies(tmp_path)
+    defaults = head / "mcp_fhir" / "config" / "defaults" / "data.yaml"
+    text = defaults.read_text(encoding="utf-8")
+    assert "max_results: 100 " in text, "the defaults' max_results line changed shape; update this test"
+    defaults.write_text(text.replace("max_results: 100 ", "max_results: 1000 "), encoding="utf-8")
+    widen(head)
+    summary, full, js = tmp_path / "summary.md", tmp_path / "full.md", tmp_path / "full.json"
+    assert main(["policy", "diff", str(POLICIES), str(head), "--quiet", "--out", str(summary), "--max-chars",
+                 "4000", "--full-md", str(full), "--json-out", str(js)]) == 1  # fmt: skip
+    short, long = summary.read_text(), full.read_text()
+    assert len(short) <= 4_000 < len(long)
+    assert "unapproved widening" in short and "more group(s)" in short and "`policy-report` artifact" in short
+    report = json.loads(js.read_text())
+    assert len(report["groups"]) > short.count("\n| ")
+    assert main(["policy", "diff", str(POLICIES), str(head), "--quiet", "--max-chars", "70000"]) == 2
 
 
 def test_diff_accepts_git_refs(tmp_path, capsys, opa_binary):
-    assert main(["policy", "diff", "HEAD", "HEAD", "--repo", str(REPO), "--no-grid", "--quiet"]) == 0
+    repo = new_repo(tmp_path / "repo")  # not this checkout: its policies/ may hold uncommitted edits
+    assert main(["policy", "diff", "main", "HEAD", "--repo", str(repo), "--quiet"]) == 0
     assert "No decision changed." in capsys.readouterr().out
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from fhir.resources.R4B.observation import Observation
 from hypothesis import given, settings
@@ -11,8 +9,9 @@ from hypothesis import strategies as st
 
 from mcp_fhir._exceptions import ConfigError, InvalidArgument, MCPFhirError
 from mcp_fhir.ehr.hl7v2 import parse_oru_r01, parse_oru_r01_message
+from tests.data import VENDOR_SAMPLES
 
-SAMPLES = Path("/work/shared/fixtures/vendor-samples")
+SAMPLES = VENDOR_SAMPLES
 LOINC = "http://loinc.org"
 
 

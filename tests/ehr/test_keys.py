@@ -3,7 +3,7 @@
 Golden source: HL7 SMART App Launch IG 2.x (HL7/smart-app-launch @2494e060) sample keys
 ``input/images/{RS384,ES384}.{public,private}.json`` and the signed examples in
 ``client-confidential-asymmetric.md`` / ``authorization-example-jwks-and-signatures.md`` /
-``example-backend-services.md``, copied to /work/shared/fixtures/vendor-samples/ (see SOURCES.md §7).
+``example-backend-services.md``, copied to tests/data/vendor-samples/ (see its SOURCES.md §7).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from mcp_fhir._exceptions import ConfigError
 from mcp_fhir.ehr.keys import load_signing_key, public_jwks, signing_key_from_pem
+from tests.data import VENDOR_SAMPLES
 
-SAMPLES = Path("/work/shared/fixtures/vendor-samples")
+SAMPLES = VENDOR_SAMPLES
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
 
 

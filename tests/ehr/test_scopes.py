@@ -54,6 +54,7 @@ def test_all_tools_in_v2_request_one_scope_per_patient_type() -> None:
             "system/Condition.rs",
             "system/DocumentReference.crs",
             "system/Encounter.rs",
+            "system/Immunization.rs",
             "system/MedicationRequest.rs",
             "system/MedicationStatement.rs",
             "system/Observation.rs",

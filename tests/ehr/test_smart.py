@@ -29,8 +29,9 @@ from mcp_fhir.ehr.smart import (
     with_token_retry,
 )
 from mcp_fhir.metrics import REGISTRY
+from tests.data import VENDOR_SAMPLES
 
-SAMPLES = Path("/work/shared/fixtures/vendor-samples")
+SAMPLES = VENDOR_SAMPLES
 TOKEN_URL = "https://ehr.example.org/oauth2/token"
 FHIR_URL = "https://ehr.example.org/fhir/r4"
 SECRET = "s3cr3t value/with:odd&chars"

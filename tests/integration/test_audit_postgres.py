@@ -1,4 +1,5 @@
-"""The PostgreSQL audit sink against a real server: concurrency, append-only role, failure and recovery."""
+"""The PostgreSQL audit sink against a real server: concurrency, append-only role, failure and recovery,
+the schema made on first start, and the PostgreSQL and Redis witnesses that catch a cut chain."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from mcp_fhir.audit.settings import AuditSettings
 from mcp_fhir.audit.sinks.postgres import WRITER_ROLE, PostgresSink, setup_postgres_schema
 from mcp_fhir.audit.trail import AuditTrail, build_trail
 from mcp_fhir.audit.verify import verify_postgres
+from mcp_fhir.audit.witness import PostgresWitness, RedisWitness
+from tests.conftest import require_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
@@ -49,7 +52,7 @@ def schema(dsn: str) -> Iterator[str]:
 def _trail(dsn: str, schema: str, tmp_path: Path, writer: str = "pg-writer", **kw) -> AuditTrail:
     key, _ = load_or_create_signing_key(tmp_path / "signing.pem")
     sink = PostgresSink(dsn, writer, schema=schema, role=WRITER_ROLE)
-    return AuditTrail(sink, signer=CheckpointSigner(key), writer_id=writer, checkpoint_every=100, **kw)
+    return AuditTrail(sink, signer=CheckpointSigner(key), writer_id=writer, **kw)
 
 
 def _pub(tmp_path: Path) -> bytes:
@@ -74,7 +77,7 @@ async def test_two_thousand_concurrent_records_land_in_postgres_and_verify(
     assert count == CONCURRENT_CALLS
     report = verify_postgres(dsn, "pg-writer", schema=schema, public_key=_pub(tmp_path))
     assert report.ok, report.problem
-    assert report.records == CONCURRENT_CALLS and report.checkpoints >= 1
+    assert report.records == CONCURRENT_CALLS and 1 <= report.checkpoints == trail.sink.commit_count
 
 
 async def test_a_restarted_writer_resumes_its_own_chain(dsn: str, schema: str, tmp_path: Path) -> None:
@@ -90,7 +93,7 @@ async def test_a_restarted_writer_resumes_its_own_chain(dsn: str, schema: str, t
     report = verify_postgres(dsn, "pg-writer", schema=schema, public_key=_pub(tmp_path))
     assert report.ok, report.problem
     assert report.records == 40
-    assert verify_postgres(dsn, "other-writer", schema=schema).records == 1
+    assert verify_postgres(dsn, "other-writer", schema=schema, public_key=_pub(tmp_path)).records == 1
 
 
 async def test_the_writer_role_cannot_update_delete_or_truncate(
@@ -114,7 +117,7 @@ async def test_the_writer_role_cannot_update_delete_or_truncate(
     # Belt and braces: even the table owner is stopped by the trigger.
     with psycopg.connect(dsn) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
         conn.execute(sql.SQL("UPDATE {} SET hash = 'x'").format(table))
-    assert verify_postgres(dsn, "pg-writer", schema=schema).ok
+    assert verify_postgres(dsn, "pg-writer", schema=schema, public_key=_pub(tmp_path)).ok
 
 
 async def test_revoking_insert_makes_record_fail_and_granting_it_back_recovers(
@@ -145,11 +148,103 @@ async def test_build_trail_reads_the_dsn_from_the_named_environment_variable(
 ) -> None:
     monkeypatch.setenv("TEST_AUDIT_DSN", dsn)
     settings = AuditSettings(sink="postgres", dsn_env="TEST_AUDIT_DSN", pg_schema=schema, pg_role=WRITER_ROLE,
-                             writer_id="from-settings", signing_key_file=str(tmp_path / "k.pem"))  # fmt: skip
+                             writer_id="from-settings", signing_key_file=str(tmp_path / "k.pem"),
+                             witness_path=str(tmp_path / "witness.json"))  # fmt: skip
     trail = build_trail(settings)
     assert dsn not in repr(trail)
     await trail.start()
     await trail.record(_record(1))
     assert await trail.check()
     await trail.close()
-    assert verify_postgres(dsn, "from-settings", schema=schema).records == 1
+    pub = (tmp_path / "k.pem.pub").read_bytes()
+    assert verify_postgres(dsn, "from-settings", schema=schema, public_key=pub).records == 1
+
+
+@pytest.fixture
+def fresh_schema(dsn: str) -> Iterator[str]:
+    name = f"audit_fresh_{uuid.uuid4().hex[:12]}"
+    yield name
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+async def test_the_audit_schema_is_created_on_first_start_when_missing(
+    dsn: str, fresh_schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_AUDIT_DSN", dsn)
+    settings = AuditSettings(sink="postgres", dsn_env="TEST_AUDIT_DSN", pg_schema=fresh_schema,
+                             pg_role=WRITER_ROLE, signing_key_file=str(tmp_path / "k.pem"),
+                             witness="none", writer_state_dir=str(tmp_path))  # fmt: skip
+    trails = [build_trail(settings) for _ in range(2)]  # two replicas starting together
+    await asyncio.gather(*(t.start() for t in trails))
+    await asyncio.gather(*(t.record(_record(n)) for n, t in enumerate(trails)))
+    assert trails[0].writer_id != trails[1].writer_id  # per-process writer ids: no collision
+    for t in trails:
+        await t.close()
+    table = sql.SQL("{}.audit_log").format(sql.Identifier(fresh_schema))
+    with psycopg.connect(dsn) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute(sql.SQL("DELETE FROM {}").format(table))  # append-only, as init-postgres makes it
+    pub = (tmp_path / "k.pem.pub").read_bytes()
+    for t in trails:
+        assert verify_postgres(dsn, t.writer_id, schema=fresh_schema, public_key=pub).ok
+
+
+async def test_without_schema_creation_a_missing_table_fails_closed(
+    dsn: str, fresh_schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_AUDIT_DSN", dsn)
+    settings = AuditSettings(sink="postgres", dsn_env="TEST_AUDIT_DSN", pg_schema=fresh_schema,
+                             pg_create_schema=False, signing_key_file=str(tmp_path / "k.pem"),
+                             witness="none", writer_state_dir=str(tmp_path))  # fmt: skip
+    trail = build_trail(settings)
+    with pytest.raises(AuditUnavailable):
+        await trail.start()
+    await trail.close()
+
+
+def _cut_chain(dsn: str, schema: str, writer: str, keep: int) -> None:
+    """What the database owner can do: drop the trigger and delete the end of a chain."""
+    table = sql.SQL("{}.audit_log").format(sql.Identifier(schema))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER USER").format(table))
+        conn.execute(sql.SQL("DELETE FROM {} WHERE writer = %s AND seq > %s").format(table), (writer, keep))
+
+
+@pytest.mark.parametrize("kind", ["postgres", "redis"])
+async def test_a_chain_cut_by_the_database_owner_is_caught_against_an_outside_witness(
+    dsn: str, schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    monkeypatch.setenv("TEST_AUDIT_DSN", dsn)
+    writer = f"w-{uuid.uuid4().hex[:8]}"
+    if kind == "redis":
+        monkeypatch.setenv("TEST_WITNESS_URL", require_env("MCP_FHIR_TEST_REDIS_URL"))
+        extra = {"witness": "redis", "witness_url_env": "TEST_WITNESS_URL",
+                 "witness_key_prefix": f"test-{uuid.uuid4().hex[:8]}:"}  # fmt: skip
+    else:
+        extra = {"witness": "postgres", "witness_dsn_env": "TEST_AUDIT_DSN", "witness_pg_schema": schema}
+    settings = AuditSettings(sink="postgres", dsn_env="TEST_AUDIT_DSN", pg_schema=schema, writer_id=writer,
+                             signing_key_file=str(tmp_path / "k.pem"), **extra)  # fmt: skip
+    trail = build_trail(settings)
+    await trail.start()
+    for n in range(5):
+        await trail.record(_record(n))
+    await trail.close()
+    witness: PostgresWitness | RedisWitness
+    if kind == "redis":
+        witness = RedisWitness(
+            require_env("MCP_FHIR_TEST_REDIS_URL"), f"{extra['witness_key_prefix']}{writer}"
+        )
+    else:
+        witness = PostgresWitness(dsn, writer, schema=schema)
+    seen = witness.read()
+    assert seen is not None and seen["seq"] == 10
+    pub = (tmp_path / "k.pem.pub").read_bytes()
+    assert verify_postgres(dsn, writer, schema=schema, public_key=pub, witness=seen).ok
+    _cut_chain(dsn, schema, writer, keep=6)
+    report = verify_postgres(dsn, writer, schema=schema, public_key=pub, witness=witness.read())
+    witness.close()
+    assert (report.problem.kind, report.problem.seq) == ("truncated", 7)
+    restarted = build_trail(settings)
+    with pytest.raises(AuditUnavailable):
+        await restarted.start()  # and the writer will not sign over the cut
+    await restarted.close()

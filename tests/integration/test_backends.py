@@ -11,6 +11,7 @@ from mcp import Client
 from mcp_fhir import config
 from mcp_fhir.backends import open_backends
 from mcp_fhir.server import build_server
+from tests.data import VENDOR_SAMPLES
 from tests.testbed import data
 from tests.testbed.fhir import start_fhir_server
 from tests.testbed.sidecar import CLINICIAN, sidecar_config
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 # Source: PeterPiper TestSetOfMsg.dat (angusmillar/PeterPiper), a Queensland SuperLIS pathology ORU^R01.
 QLD_ORU = Path("oru_r01_au_pathology_qld_superlis_egfr_trop_fbc.hl7")
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "vendor-samples"
+SHARED = VENDOR_SAMPLES
 
 
 def qld_message() -> str:
@@ -91,3 +92,57 @@ async def test_hl7_v2_results_of_another_patient_are_never_served(tmp_path, fhir
         (r.get("meta") or {}).get("source", "").startswith("urn:mcp-fhir:hl7v2")
         for r in result.structured_content["resources"]
     )
+
+
+# Source: PeterPiper TestMessage.cs (angusmillar/PeterPiper), a Queensland AUSLAB urine M/C/S of 2014-05-27.
+AU_MICRO = "oru_r01_au_microbiology_qld_auslab_urine_mcs.hl7"
+
+
+async def test_hl7_v2_results_obey_the_dates_code_page_size_and_continuation_of_the_search(
+    tmp_path, fhir_server
+):
+    drop = tmp_path / "hl7"
+    drop.mkdir()
+    pid = f"{data.AU_PATIENT_ID}^^^PCH".encode()
+    (drop / "chemistry.hl7").write_bytes((SHARED / QLD_ORU.name).read_bytes().replace(b"123456^^^PCH", pid))
+    (drop / "micro.hl7").write_bytes(
+        (SHARED / AU_MICRO)
+        .read_bytes()
+        .replace(b"PA3000\\R\\0004^^^^MR", b"%s^^^^MR" % data.AU_PATIENT_ID.encode())
+    )
+    cfg = sidecar_config(tmp_path, fhir_server.base_url, identity=CLINICIAN)
+    cfg["backends"]["testbed"].update(
+        {"profile": "best_practice", "hl7v2_results_dir": str(drop), "timezone": "Australia/Brisbane"}
+    )
+    may = {
+        "patient_id": data.AU_PATIENT_ID,
+        "purpose": "treatment",
+        "date_from": "2014-05-01",
+        "date_to": "2014-05-31",
+    }
+    async with Client(build_server(config.from_mapping(cfg))) as client:
+        pages, continuation = [], None
+        while True:
+            args = {**may, "page_size": 5, **({"continuation": continuation} if continuation else {})}
+            result = await client.call_tool("search_observations", args)
+            assert not result.is_error, result.content[0].text
+            pages.append(result.structured_content["resources"])
+            continuation = result.structured_content.get("continuation")
+            if not continuation or len(pages) > 10:
+                break
+        organism = await client.call_tool("search_observations", {**may, "code": "ORG", "page_size": 5})
+        march = await client.call_tool(
+            "search_observations",
+            {**may, "date_from": "2014-03-01", "date_to": "2014-03-31", "page_size": 100},
+        )
+    assert [len(p) for p in pages] == [5, 5, 5, 3]  # the 18 results of 27 May, never the March chemistry
+    ids = [r["id"] for p in pages for r in p]
+    assert len(set(ids)) == 18
+    assert all(r["effectiveDateTime"].startswith("2014-05-27") for p in pages for r in p)
+    assert all(
+        any(t["code"] == "hl7v2-oru-r01" for t in r["meta"]["tag"]) for p in pages for r in p
+    )  # each says it came from HL7 v2
+    (org,) = organism.structured_content["resources"]
+    assert org["valueCodeableConcept"]["text"] == "E. coli (ESBL Producer)"
+    assert org["hasMember"]  # its quantity, linked
+    assert {r["effectiveDateTime"][:7] for r in march.structured_content["resources"]} == {"2014-03"}

@@ -100,4 +100,4 @@ def test_status_reports_an_unreachable_server_with_exit_status_2(capsys):
     from mcp_fhir.policy.managed_opa import free_port
 
     assert main(["status", "--url", f"http://127.0.0.1:{free_port()}"]) == 2
-    assert capsys.readouterr().out.startswith("not reachable")
+    assert capsys.readouterr().err.startswith("not reachable")  # an error: on stderr, like every CLI error

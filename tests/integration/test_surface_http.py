@@ -214,11 +214,11 @@ async def test_the_tool_catalogue_resource_lists_only_the_callers_visible_tools(
 async def test_the_patient_summary_template_is_listed_and_read_under_policy(sidecar):
     async with mcp_client(sidecar.url, sidecar.headers("clinician"), mode="legacy") as client:
         templates = (await client.list_resource_templates()).resource_templates
-        result = await client.read_resource(f"fhir-summary://patient/{data.AU_PATIENT_ID}")
+        with pytest.raises(MCPError) as caught:
+            await client.read_resource(f"fhir-summary://patient/{data.AU_PATIENT_ID}")
     assert [t.uri_template for t in templates] == ["fhir-summary://patient/{patient_id}"]
-    text = result.contents[0].text
-    # An API key binds no purpose, so the policy withholds the summary and says why.
-    body = json.loads(text)
+    # An API key binds no purpose, so the policy withholds the summary: an error, never content (#18 §5).
+    body = caught.value.error.data
     assert body["code"] == "policy_denied"
     assert "PURPOSE_REQUIRED" in body["reasons"] and body["decision_id"]
 

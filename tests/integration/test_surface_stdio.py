@@ -82,15 +82,16 @@ async def test_a_clinician_over_stdio_uses_resources_and_prompts(tmp_path, fhir_
         tools = {t.name for t in (await client.list_tools()).tools}
         catalogue = json.loads((await client.read_resource("mcp-fhir://tools")).contents[0].text)
         templates = [t.uri_template for t in (await client.list_resource_templates()).resource_templates]
-        summary = await client.read_resource(f"fhir-summary://patient/{data.AU_PATIENT_ID}")
+        with pytest.raises(MCPError) as summary:  # a local identity binds no purpose: a denial, as an error
+            await client.read_resource(f"fhir-summary://patient/{data.AU_PATIENT_ID}")
         prompts = {p.name for p in (await client.list_prompts()).prompts}
         prompt = await client.get_prompt("medication_reconciliation", {"patient_id": data.AU_PATIENT_ID})
         with pytest.raises(MCPError) as unknown_tool:
             await client.call_tool("no_such_tool", {})
     assert set(catalogue) == tools and "create_clinical_note" in tools
     assert templates == ["fhir-summary://patient/{patient_id}"]
-    body = json.loads(summary.contents[0].text)  # a local identity binds no purpose: withheld, with reasons
-    assert body["code"] == "policy_denied" and "PURPOSE_REQUIRED" in body["reasons"]
+    denial = summary.value.error.data
+    assert denial["code"] == "policy_denied" and "PURPOSE_REQUIRED" in denial["reasons"]
     assert "medication_reconciliation" in prompts
     assert data.AU_PATIENT_ID in prompt.messages[0].content.text
     assert unknown_tool.value.error.code == -32602

@@ -57,6 +57,9 @@ def test_a_missing_result_is_undefined():
         allow(max_results=True),
         allow(max_lookback_days=1.5),
         {"result": {"allow": True, "obligations": OBLIGATIONS, "audit": {"alerts": "after_hours"}}},
+        allow(audit_patients="pat-1"),
+        allow(audit_patients=[1, 2]),
+        allow(audit_patients={"pat-1": True}),
     ],
     ids=lambda b: str(b)[:60],
 )
@@ -64,3 +67,26 @@ def test_an_off_contract_answer_is_malformed_and_never_an_allow(body):
     with pytest.raises(PolicyMalformed) as err:
         Decision.parse(body)
     assert err.value.code == "opa_malformed"
+
+
+def test_audit_patients_null_means_any_patient_and_is_remembered_as_present():
+    ob = Decision.parse(allow(audit_patients=None)).obligations
+    assert (ob.audit_patients, "audit_patients" in ob.present) == (None, True)
+    assert ob.to_dict()["audit_patients"] is None
+
+
+def test_audit_patients_as_a_list_is_the_set_of_patients_whose_events_may_be_seen():
+    ob = Decision.parse(allow(audit_patients=["pat-2", "pat-1"])).obligations
+    assert ob.audit_patients == {"pat-1", "pat-2"}
+    assert ob.to_dict()["audit_patients"] == ["pat-1", "pat-2"]
+
+
+def test_a_decision_without_audit_patients_says_so_and_its_dict_is_unchanged():
+    ob = Decision.parse(allow()).obligations
+    assert "audit_patients" not in ob.present
+    assert "audit_patients" not in ob.to_dict()
+
+
+def test_the_obligations_repr_never_shows_a_patient_id():
+    ob = Decision.parse(allow(audit_patients=["pat-secret-9"])).obligations
+    assert "pat-secret-9" not in repr(ob) and "pat-secret-9" not in repr(Decision(allow=True, obligations=ob))

@@ -124,3 +124,26 @@ def test_the_visible_tools_input_holds_the_subject_and_context_only():
     assert built["subject"] == SUBJECT.to_input()
     assert built["context"]["backend"] == "default"
     assert RFC3339_UTC_MS.fullmatch(built["context"]["time"])
+
+
+def test_the_typed_input_is_what_opa_receives_and_its_repr_holds_no_patient_params_or_reason():
+    from mcp_fhir.policy.input import DecisionInput
+
+    typed = DecisionInput(
+        subject=SUBJECT,
+        tool="search_observations",
+        operation="search",
+        resource_type="Observation",
+        patient="p1-secret",
+        params={"code": "4548-4"},
+        purpose="treatment",
+        break_glass_reason="Unconscious patient in resus",
+        backend="default",
+        request_id="req-1",
+        time=utc_now_rfc3339(NOW),
+    )
+    assert typed.to_opa() == _build(
+        patient="p1-secret", params={"code": "4548-4"}, break_glass_reason="Unconscious patient in resus"
+    )
+    for text in (repr(typed), str(typed)):
+        assert "p1-secret" not in text and "4548-4" not in text and "Unconscious" not in text

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from mcp_fhir.policy.engine import Obligations
 from mcp_fhir.policy.obligations import clinical_date, enforce, parse_fhir_datetime, redact, security_codes
+from tests.data import VENDOR_SAMPLES
 
-VENDOR = Path("/work/shared/fixtures/vendor-samples")
+VENDOR = VENDOR_SAMPLES
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 ACT = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 

@@ -1,8 +1,8 @@
 """A call-path harness over the in-package fakes: no OPA, EHR, database or network.
 
-`Harness` holds a `FakePolicyEngine`, a `FakeEHRClient`, an in-memory audit sink that logs what
-it wrote (and can fail or be held open), and the `AppContext` over them. `harness.ctx` is the
-minimal stand-in for an MCP `Context` that the tool functions read their app from.
+`Harness` holds a `FakePolicyEngine`, a `FakeEHRClient`, a `FakeAuditTrail` (which can fail or be
+held open), and the `AppContext` over them. `harness.run(tool_name, **arguments)` runs one call
+through `CallPath.run`, as the server does.
 """
 
 from __future__ import annotations
@@ -10,17 +10,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any, Final
 
 import pytest
+from mcp.types import CallToolResult
 
 from mcp_fhir.agent_auth.subject import Subject
-from mcp_fhir.audit.record import AuditRecord
+from mcp_fhir.audit.fake import FakeAuditTrail
 from mcp_fhir.catalog import CATALOGUE
 from mcp_fhir.context import AppContext, IdentityIds
 from mcp_fhir.ehr.client import FakeEHRClient
+from mcp_fhir.policy.decide import Decider
 from mcp_fhir.policy.engine import Decision, FakePolicyEngine, Obligations
+from mcp_fhir.tools import CallPath, Tool, all_tools
 
 PATIENT: Final = "pat-1"
 OTHER_PATIENT: Final = "pat-2"
@@ -40,51 +42,19 @@ def deny_with(*codes: str, decision_id: str = "d-deny") -> Decision:
 
 
 @dataclass
-class RecordingSink:
-    """An audit sink in memory. `fail` makes writes fail; `gate` (when set) holds each write until it opens."""
-
-    records: list[AuditRecord] = field(default_factory=list)
-    fail: bool = False
-    gate: asyncio.Event | None = None
-    waiting: int = 0
-    stored: list[dict[str, Any]] = field(default_factory=list)  # what `query` answers
-    queries: list[dict[str, Any]] = field(default_factory=list)
-
-    async def record(self, rec: AuditRecord) -> str:
-        if self.gate is not None:
-            self.waiting += 1
-            await self.gate.wait()
-        if self.fail:
-            raise OSError("disk full")
-        self.records.append(rec)
-        return str(len(self.records))
-
-    async def check(self) -> bool:
-        return not self.fail
-
-    async def query(
-        self, f: Any, *, limit: int, cursor: str | None
-    ) -> tuple[list[dict[str, Any]], str | None]:
-        self.queries.append({"filter": f, "limit": limit, "cursor": cursor})
-        return [dict(r) for r in self.stored[:limit]], None
-
-    async def close(self) -> None:
-        return None
-
-
-@dataclass
 class Harness:
     engine: FakePolicyEngine
     ehr: FakeEHRClient
-    sink: RecordingSink
+    sink: FakeAuditTrail
     app: AppContext
-
-    @property
-    def ctx(self) -> Any:
-        return SimpleNamespace(request_context=SimpleNamespace(lifespan_context=self.app))
+    tools: dict[str, Tool] = field(default_factory=lambda: {t.name: t for t in all_tools()})
 
     def set_decision(self, decide: Callable[[Mapping[str, Any]], Decision]) -> None:
-        self.engine._decide = decide
+        self.engine.answer_with(decide)
+
+    async def run(self, tool: str, **arguments: Any) -> CallToolResult:
+        """One call of `tool`, through the whole call path."""
+        return await CallPath(self.app).run(self.tools[tool], arguments)
 
 
 def make_harness(
@@ -97,7 +67,9 @@ def make_harness(
     """A harness whose engine answers `decide` (allow by default), or is `engine` when given."""
     fake = FakePolicyEngine(decide or (lambda _i: allow_with()), visible=frozenset(CATALOGUE))
     ehr = FakeEHRClient(resources=list(resources or []))
-    sink = RecordingSink()
+    sink = FakeAuditTrail()
+    shadow = app_overrides.pop("shadow_engine", None)
+    decider = Decider(engine or fake, audit=sink.record, candidate=shadow)
     options: dict[str, Any] = {
         "idmap": IdentityIds(),
         "local_subject": SUBJECT,
@@ -105,9 +77,7 @@ def make_harness(
         "enabled_tools": frozenset(CATALOGUE),
         **app_overrides,
     }
-    app = AppContext(
-        engine=engine or fake, backends={"fake": ehr}, default_backend="fake", audit=sink, **options
-    )
+    app = AppContext(decider=decider, backends={"fake": ehr}, default_backend="fake", audit=sink, **options)
     return Harness(fake, ehr, sink, app)
 
 
@@ -128,24 +98,3 @@ def observation(rid: str, patient: str = PATIENT, **extra: Any) -> dict[str, Any
 @pytest.fixture
 def harness() -> Harness:
     return make_harness()
-
-
-class _Capture:
-    """Collects the tool functions a module registers, so tests can call them directly."""
-
-    def __init__(self) -> None:
-        self.tools: dict[str, Any] = {}
-
-    def tool(self, name: str | None = None, **_kw: Any) -> Any:
-        def deco(fn: Any) -> Any:
-            self.tools[name or fn.__name__] = fn
-            return fn
-
-        return deco
-
-
-def registered_tools(register: Any) -> dict[str, Any]:
-    """The tool functions `register(server)` would add, by name."""
-    capture = _Capture()
-    register(capture)
-    return capture.tools

@@ -1,22 +1,24 @@
 """Clinical tools: the patient binding of every resource, the upstream query, enforcement counts,
-continuations through `search_tool`, and `patient_summary` with some or all sections denied."""
+continuations through the call path, `patient_summary` with some or all sections denied (one audit
+record per call), and `search_immunizations`."""
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from mcp_fhir._exceptions import InvalidArgument, PolicyDenied
+from mcp_fhir.audit.query import AuditQuery
 from mcp_fhir.catalog import SUMMARY_SECTIONS
 from mcp_fhir.ehr.client import FetchResult
 from mcp_fhir.policy.engine import Decision, Obligations
-from mcp_fhir.tools.clinical import enforce_page, references_patient, search_tool, summary, upstream_query
+from mcp_fhir.tools.callpath import enforce_resources, references_patient
+from mcp_fhir.tools.clinical import SEARCH_TOOLS, upstream_query
 from mcp_fhir.tools.results import make_continuation
+from tests.data import VENDOR_SAMPLES
 from tests.tools.conftest import (
     KEY,
     OTHER_PATIENT,
@@ -27,7 +29,7 @@ from tests.tools.conftest import (
     observation,
 )
 
-VENDOR = Path("/work/shared/fixtures/vendor-samples")
+VENDOR = VENDOR_SAMPLES
 OWN = f"Patient/{PATIENT}"
 FOREIGN = f"Patient/{OTHER_PATIENT}"
 
@@ -155,11 +157,7 @@ def test_each_family_uses_its_own_date_parameter():
     assert "authoredon" in _query(Obligations(), rtype="MedicationRequest", date_to=date(2020, 1, 1))
 
 
-def _fetch(*resources: dict[str, Any]) -> FetchResult:
-    return FetchResult(list(resources), "fake", datetime.now(UTC))
-
-
-def test_enforce_page_counts_foreign_resources_as_over_limit_and_each_obligation_by_cause():
+def test_enforcement_counts_foreign_resources_as_over_limit_and_each_obligation_by_cause():
     label = {"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "PSY"}]}
     ob = Obligations(
         exclude_security_labels=frozenset({"PSY"}),
@@ -168,18 +166,18 @@ def test_enforce_page_counts_foreign_resources_as_over_limit_and_each_obligation
         max_results=1,
     )
     lab = [{"coding": [{"code": "laboratory"}]}]
-    fetch = _fetch(
+    resources = [
         observation("own-1", category=lab, note=[{"text": "n"}]),
         observation("own-2", category=lab),
         observation("labelled", category=lab, meta=label),
         observation("social", category=[{"coding": [{"code": "social-history"}]}]),
         observation("foreign", OTHER_PATIENT, category=lab),
-    )
-    call = SimpleNamespace(backend_patient=PATIENT, decision=Decision(allow=True, obligations=ob))
-    kept, withheld = enforce_page(call, fetch)  # type: ignore[arg-type]
+    ]
+    enforced = enforce_resources(resources, PATIENT, ob)
+    kept = enforced.resources
     assert [r["id"] for r in kept] == ["own-1"]
     assert "note" not in kept[0]
-    assert withheld.model_dump() == {
+    assert enforced.withheld.model_dump() == {
         "security_label": 1,
         "category": 1,
         "lookback": 0,
@@ -208,16 +206,8 @@ class PagingEHR:
         )
 
 
-async def _search(h: Any, **kwargs: Any) -> Any:
-    return await search_tool(
-        h.ctx,
-        tool="search_observations",
-        rtype="Observation",
-        patient_id=PATIENT,
-        purpose="treatment",
-        break_glass_reason=None,
-        **kwargs,
-    )
+async def _search(h: Any, tool: str = "search_observations", **kwargs: Any) -> Any:
+    return await h.run(tool, patient_id=PATIENT, purpose="treatment", **kwargs)
 
 
 async def test_a_continuation_from_one_page_fetches_exactly_the_next_upstream_link():
@@ -239,6 +229,7 @@ async def test_a_continuation_for_another_tool_or_patient_is_refused_before_the_
     with pytest.raises(InvalidArgument) as caught:
         await _search(h, continuation=token)
     assert (caught.value.code, caught.value.argument) == ("invalid_argument", "continuation")
+    assert [(r.result, r.error_code) for r in h.sink.records] == [("error", "invalid_argument")]
     assert h.engine.calls == [] and h.ehr.calls == []
 
 
@@ -250,30 +241,102 @@ def _by_type(denied: set[str]) -> Any:
     return decide
 
 
-async def test_a_summary_with_some_sections_denied_shows_the_rest_and_audits_every_section():
+async def test_a_summary_with_some_sections_denied_shows_the_rest_in_one_audit_record():
     h = make_harness(
         _by_type({"Condition", "MedicationStatement"}),
         resources=[{"resourceType": "Patient", "id": PATIENT, "birthDate": "1950-01-01"}, observation("o1")],
     )
-    result = await summary(h.ctx, PATIENT, "treatment", None)
+    result = await h.run("patient_summary", patient_id=PATIENT, purpose="treatment")
     sections = {s["resource_type"]: s for s in result.structured_content["sections"]}
     assert {k for k, s in sections.items() if not s["allowed"]} == {"Condition", "MedicationStatement"}
     assert sections["Condition"]["reasons"] == ["ROLE_NOT_PERMITTED"]
     assert sections["Condition"]["decision_id"] == "d-Condition"
     assert (sections["Observation"]["count"], sections["Patient"]["count"]) == (1, 1)
-    assert sorted((r.resource_type, r.result) for r in h.sink.records) == sorted(
-        (t, "denied" if t in {"Condition", "MedicationStatement"} else "allowed") for t in SUMMARY_SECTIONS
+    [record] = h.sink.records
+    assert (record.result, record.tool, record.patient, record.returned_count) == (
+        "allowed",
+        "patient_summary",
+        PATIENT,
+        2,
     )
+    assert [(s["resource_type"], s["result"]) for s in record.extra["sections"]] == [
+        (t, "denied" if t in {"Condition", "MedicationStatement"} else "allowed") for t in SUMMARY_SECTIONS
+    ]
+    assert record.reason_codes == ("ROLE_NOT_PERMITTED",)
+    assert [s.get("cache") for s in record.extra["sections"]] == [
+        None if t in {"Condition", "MedicationStatement"} else "miss" for t in SUMMARY_SECTIONS
+    ]
     assert {op for op, _t in h.ehr.calls} <= {"read", "search"}
     assert {t for _op, t in h.ehr.calls} == set(SUMMARY_SECTIONS) - {"Condition", "MedicationStatement"}
     assert "withheld by policy" in result.content[0].text
 
 
-async def test_a_summary_with_every_section_denied_is_a_denial_audited_once_per_section():
+async def test_a_summary_with_every_section_denied_is_one_denial_audited_once():
     h = make_harness(_by_type(set(SUMMARY_SECTIONS)))
     with pytest.raises(PolicyDenied) as caught:
-        await summary(h.ctx, PATIENT, "treatment", None)
-    assert caught.value.audited
+        await h.run("patient_summary", patient_id=PATIENT, purpose="treatment")
     assert caught.value.reasons == ["ROLE_NOT_PERMITTED"]
-    assert len(h.sink.records) == len(SUMMARY_SECTIONS)
+    assert [(r.result, r.tool) for r in h.sink.records] == [("denied", "patient_summary")]
+    assert len(h.engine.calls) == len(SUMMARY_SECTIONS)
     assert h.ehr.calls == []
+
+
+async def test_a_summarys_alerts_are_the_union_of_its_sections_alerts_in_its_one_record():
+    def decide(i: Any) -> Decision:
+        rtype = i["action"]["resource_type"]
+        alerts = ("after_hours", "sensitive_access") if rtype == "Condition" else ("after_hours",)
+        return Decision(allow=True, alerts=alerts, decision_id=f"d-{rtype}")
+
+    h = make_harness(decide, resources=[{"resourceType": "Patient", "id": PATIENT}])
+    await h.run("patient_summary", patient_id=PATIENT, purpose="treatment")
+    [record] = h.sink.records
+    assert record.alerts == ("after_hours", "sensitive_access")
+    [found], _cursor = await h.sink.query(AuditQuery(alert="sensitive_access"), limit=10, cursor=None)
+    assert found["request_id"] == record.request_id
+
+
+def immunization(rid: str, patient: str = PATIENT, when: str = "2026-10-01") -> dict[str, Any]:
+    return {
+        "resourceType": "Immunization",
+        "id": rid,
+        "status": "completed",
+        "vaccineCode": {"coding": [{"system": "http://hl7.org/fhir/sid/cvx", "code": "140"}]},
+        "patient": {"reference": f"Patient/{patient}"},
+        "occurrenceDateTime": when,
+    }
+
+
+def test_search_immunizations_is_declared_like_every_other_search_family():
+    [tool] = [t for t in SEARCH_TOOLS if t.name == "search_immunizations"]
+    assert (tool.operation, tool.resource_type) == ("search", "Immunization")
+
+
+async def test_search_immunizations_returns_only_the_patients_immunizations_and_audits_them():
+    h = make_harness(resources=[immunization("i1"), immunization("i2", OTHER_PATIENT)])
+    result = await _search(h, "search_immunizations", code="http://hl7.org/fhir/sid/cvx|140")
+    body = result.structured_content
+    assert [r["id"] for r in body["resources"]] == ["i1"]
+    assert body["withheld"]["over_limit"] == 1
+    [d_input] = h.engine.calls
+    assert d_input["action"]["resource_type"] == "Immunization"
+    assert d_input["resource"]["params"] == {"code": "http://hl7.org/fhir/sid/cvx|140"}
+    assert [(r.result, r.tool, r.returned_count) for r in h.sink.records] == [
+        ("allowed", "search_immunizations", 1)
+    ]
+
+
+def test_the_immunization_query_uses_its_date_and_vaccine_code_parameters():
+    query = _query(Obligations(max_lookback_days=7), rtype="Immunization", code="140")
+    assert query["vaccine-code"] == "140"
+    assert query["date"] in _days_ago(7)
+
+
+async def test_a_lookback_keeps_recent_immunizations_and_withholds_old_ones():
+    recent = (datetime.now(UTC).date() - timedelta(days=3)).isoformat()
+    h = make_harness(
+        lambda _i: allow_with(Obligations(max_lookback_days=30)),
+        resources=[immunization("new", when=recent), immunization("old", when="2001-01-01")],
+    )
+    body = (await _search(h, "search_immunizations")).structured_content
+    assert [r["id"] for r in body["resources"]] == ["new"]
+    assert body["withheld"]["lookback"] == 1

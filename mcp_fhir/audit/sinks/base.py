@@ -59,3 +59,7 @@ class AuditSink(ABC):
     def reader(self, after_seq: int = 0) -> Iterator[dict[str, Any]]:
         """A blocking iterator over stored entries with ``seq > after_seq``, in order (run it in a thread)."""
         raise SinkError(f"the {self.name} sink cannot be read back")
+
+    def reverse_reader(self) -> Iterator[dict[str, Any]]:
+        """Stored entries from the last one backwards (blocking). Recovery reads only as far as it needs."""
+        return iter(reversed(list(self.reader())))

@@ -31,7 +31,7 @@ from typing import Any
 from mcp_fhir.audit.chain import ChainHead, canonical_json
 from mcp_fhir.audit.sinks.base import AuditSink, Opened, SinkError
 
-__all__ = ["FileSink", "iter_file_lines"]
+__all__ = ["FileSink", "iter_file_lines", "iter_file_lines_reversed"]
 
 FILE_MODE = 0o600
 TAIL_CHUNK = 64 * 1024
@@ -47,6 +47,29 @@ def iter_file_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
         for line_no, raw in enumerate(fh, start=1):
             terminated = raw.endswith(b"\n")
             yield line_no, raw[:-1] if terminated else raw, terminated
+
+
+def iter_file_lines_reversed(path: Path) -> Iterator[bytes]:
+    """Complete (newline-terminated) lines from the end of the file backwards; a torn tail is skipped."""
+    with path.open("rb") as fh:
+        end = fh.seek(0, os.SEEK_END)
+        carry = b""
+        first = True
+        while end > 0:
+            start = max(0, end - TAIL_CHUNK)
+            fh.seek(start)
+            data = fh.read(end - start) + carry
+            end = start
+            parts = data.split(b"\n")
+            if first:
+                parts.pop()  # text after the last newline: empty, or a torn line
+                first = False
+            carry = parts.pop(0) if end > 0 else b""
+            for raw in reversed(parts):
+                if raw:
+                    yield raw
+        if carry:
+            yield carry
 
 
 class FileSink(AuditSink):
@@ -184,6 +207,10 @@ class FileSink(AuditSink):
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
+
+    def reverse_reader(self) -> Iterator[dict[str, Any]]:
+        for raw in iter_file_lines_reversed(self.path):
+            yield json.loads(raw)
 
     def reader(self, after_seq: int = 0) -> Iterator[dict[str, Any]]:
         for _line_no, raw, terminated in iter_file_lines(self.path):

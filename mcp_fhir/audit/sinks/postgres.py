@@ -1,6 +1,8 @@
 """The PostgreSQL sink: one append-only table, a chain per writer, one transaction per batch.
 
-Table (``setup_postgres_schema`` creates it; the writer never needs DDL rights)::
+Table (``setup_postgres_schema`` creates it: on the sink's first start when ``audit.pg_create_schema``
+is true, the default, under an advisory lock so that replicas starting together do not race; or once,
+by an administrator, with ``mcp-fhir audit init-postgres``, after which the writer needs no DDL rights)::
 
     audit_log(writer text, seq bigint, prev text, hash text, entry jsonb, PRIMARY KEY (writer, seq))
 
@@ -16,6 +18,7 @@ decoded entry, which is stable for the strings, integers, booleans and nulls rec
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,6 +35,7 @@ __all__ = ["WRITER_ROLE", "PostgresSink", "iter_postgres_entries", "setup_postgr
 WRITER_ROLE = "mcp_fhir_audit_writer"
 CONNECT_TIMEOUT_SECONDS = 5
 READ_BATCH_ROWS = 1000
+SETUP_LOCK_KEY = 0x6D6366_6175  # an arbitrary constant: serialises schema creation across replicas
 
 
 def _table(schema: str, table: str) -> sql.Composed:
@@ -73,6 +77,7 @@ def setup_postgres_schema(
     ]
     with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS) as conn:
         with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (SETUP_LOCK_KEY,))  # replicas starting together
             for stmt in statements:
                 conn.execute(stmt)
 
@@ -85,16 +90,18 @@ def iter_postgres_entries(
     table: str = "audit_log",
     role: str | None = None,
     after_seq: int = 0,
+    newest_first: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Every entry of one writer's chain with ``seq > after_seq``, in order (blocking, server-side cursor)."""
+    order = sql.SQL("DESC" if newest_first else "ASC")
     with psycopg.connect(dsn, connect_timeout=CONNECT_TIMEOUT_SECONDS) as conn:
         if role:
             conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
         with conn.cursor(name="mcp_fhir_audit_read") as cur:
             cur.itersize = READ_BATCH_ROWS
             cur.execute(
-                sql.SQL("SELECT entry FROM {} WHERE writer = %s AND seq > %s ORDER BY seq").format(
-                    _table(schema, table)
+                sql.SQL("SELECT entry FROM {} WHERE writer = %s AND seq > %s ORDER BY seq {}").format(
+                    _table(schema, table), order
                 ),
                 (writer, after_seq),
             )
@@ -115,9 +122,11 @@ class PostgresSink(AuditSink):
         schema: str = "public",
         table: str = "audit_log",
         role: str | None = None,
+        create_schema: bool = False,
     ) -> None:
         super().__init__()
         self._dsn = Secret(dsn)  # it may hold a password: every printed form is [secret]
+        self.create_schema = create_schema
         self.writer = writer
         self.schema = schema
         self.table = table
@@ -133,6 +142,18 @@ class PostgresSink(AuditSink):
             self._dsn.reveal(), autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS
         )
         try:
+            cur = await conn.execute("SELECT to_regclass(%s)", (f'"{self.schema}"."{self.table}"',))
+            found = await cur.fetchone()
+            if not found or found[0] is None:
+                if not self.create_schema:
+                    raise SinkError(
+                        "the audit table does not exist: run `mcp-fhir audit init-postgres` "
+                        "or set audit.pg_create_schema"
+                    )
+                await asyncio.to_thread(
+                    setup_postgres_schema, self._dsn.reveal(), schema=self.schema, table=self.table,
+                    role=self.role or WRITER_ROLE,
+                )  # fmt: skip
             if self.role:
                 await conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(self.role)))
             cur = await conn.execute(
@@ -191,4 +212,14 @@ class PostgresSink(AuditSink):
             table=self.table,
             role=self.role,
             after_seq=after_seq,
+        )
+
+    def reverse_reader(self) -> Iterator[dict[str, Any]]:
+        return iter_postgres_entries(
+            self._dsn.reveal(),
+            self.writer,
+            schema=self.schema,
+            table=self.table,
+            role=self.role,
+            newest_first=True,
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from mcp_fhir.audit.sinks.base import AuditSink, Opened, SinkError
 __all__ = ["SQLiteSink", "iter_sqlite_entries"]
 
 BUSY_TIMEOUT_SECONDS = 5.0
+FILE_MODE = 0o600
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit_log (
     seq   INTEGER PRIMARY KEY,
@@ -30,11 +32,15 @@ CREATE TABLE IF NOT EXISTS audit_log (
 """
 
 
-def iter_sqlite_entries(path: Path, after_seq: int = 0) -> Iterator[dict[str, Any]]:
+def iter_sqlite_entries(
+    path: Path, after_seq: int = 0, *, newest_first: bool = False
+) -> Iterator[dict[str, Any]]:
     """Every stored entry with ``seq > after_seq``, in seq order (read-only connection)."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_SECONDS)
+    order = "DESC" if newest_first else "ASC"
     try:
-        for (text,) in conn.execute("SELECT entry FROM audit_log WHERE seq > ? ORDER BY seq", (after_seq,)):
+        query = f"SELECT entry FROM audit_log WHERE seq > ? ORDER BY seq {order}"  # noqa: S608 (fixed text)
+        for (text,) in conn.execute(query, (after_seq,)):
             yield json.loads(text)
     finally:
         conn.close()
@@ -61,6 +67,8 @@ class SQLiteSink(AuditSink):
         with self._lock:
             self._close_conn()
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, FILE_MODE)  # audit data: 0600 before SQLite
+            os.close(fd)  # opens it; SQLite gives the -wal and -shm files the database file's mode
             conn = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
             )
@@ -124,3 +132,6 @@ class SQLiteSink(AuditSink):
 
     def reader(self, after_seq: int = 0) -> Iterator[dict[str, Any]]:
         return iter_sqlite_entries(self.path, after_seq)
+
+    def reverse_reader(self) -> Iterator[dict[str, Any]]:
+        return iter_sqlite_entries(self.path, 0, newest_first=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 from mcp_fhir.audit.chain import ChainHead, canonical_json
@@ -49,3 +50,6 @@ class StdoutSink(AuditSink):
 
     async def close(self) -> None:
         return None
+
+    def reverse_reader(self) -> Iterator[dict[str, Any]]:
+        return iter(())  # the stream is gone; every run starts a new chain

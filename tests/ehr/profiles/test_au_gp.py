@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from fhir.resources.R4B.patient import Patient
 
 from mcp_fhir.ehr.profiles import get_profile
+from tests.data import VENDOR_SAMPLES
 
-SAMPLES = Path("/work/shared/fixtures/vendor-samples")
+SAMPLES = VENDOR_SAMPLES
 
 
 def _patient() -> dict:

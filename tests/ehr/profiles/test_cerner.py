@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
 from mcp_fhir._exceptions import InvalidArgument
 from mcp_fhir.ehr.profiles import get_profile
+from tests.data import VENDOR_SAMPLES
 
-SAMPLES = Path("/work/shared/fixtures/vendor-samples")
+SAMPLES = VENDOR_SAMPLES
 CERNER = get_profile("cerner")
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 from fhir.resources.R4B import get_fhir_model_class
 
 from mcp_fhir.ehr.profiles import get_profile
+from tests.data import VENDOR_SAMPLES
 
-SAMPLES = Path("/work/shared/fixtures/vendor-samples")
+SAMPLES = VENDOR_SAMPLES
 EPIC = get_profile("epic")
 
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from mcp_fhir._exceptions import ConfigError, InvalidArgument, UpstreamBadResponse
 from mcp_fhir.ehr.profiles import PROFILES, detect_fhir_version, get_profile, profile_for_version
+from tests.data import VENDOR_SAMPLES
 
-SAMPLES = Path("/work/shared/fixtures/vendor-samples")
+SAMPLES = VENDOR_SAMPLES
 
 
 def test_every_documented_profile_is_registered() -> None:

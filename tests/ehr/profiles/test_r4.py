@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from mcp_fhir.ehr.profiles import get_profile
+from tests.data import VENDOR_SAMPLES
 
-SAMPLES = Path("/work/shared/fixtures/vendor-samples")
+SAMPLES = VENDOR_SAMPLES
 
 
 @pytest.mark.parametrize(

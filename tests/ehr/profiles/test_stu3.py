@@ -4,7 +4,6 @@ and their R4 twins from fhir_models @d5a09480) and §1 (Epic STU3 MedicationStat
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
@@ -13,8 +12,9 @@ from hypothesis import strategies as st
 
 from mcp_fhir._exceptions import UpstreamBadResponse
 from mcp_fhir.ehr.profiles import get_profile
+from tests.data import VENDOR_SAMPLES
 
-SAMPLES = Path("/work/shared/fixtures/vendor-samples")
+SAMPLES = VENDOR_SAMPLES
 STU3 = get_profile("stu3")
 
 

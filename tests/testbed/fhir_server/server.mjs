@@ -6,7 +6,7 @@
 //   {"ready":true,"port":12345,"base":"http://127.0.0.1:12345/fhir/R4","fhirVersion":"4.0.1"}
 // and logs nothing else to stdout. Data is loaded by POSTing transaction/batch Bundles to the base.
 //
-// What this file adds on top of Medplum (see /work/shared/notes/packages.md):
+// What this file adds on top of Medplum (the package notes of the build machine, not part of the repo):
 //   - GET /metadata: a CapabilityStatement (fhirVersion 4.0.1, or whatever --fhir-version says);
 //   - paging: a default page size, a maximum, and self/first/previous/next links on search Bundles;
 //   - patient=X (or Patient/X) rewritten to subject=Patient/X for types whose `patient` parameter is
