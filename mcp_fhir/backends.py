@@ -7,18 +7,19 @@ need, and tools whose scopes the EHR did not grant are reported unavailable.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
 from typing import Any
 
-from mcp_fhir._exceptions import (
-    MCPFhirError,
-)
+from mcp_fhir._exceptions import MCPFhirError, UpstreamBadResponse
+from mcp_fhir._secret import secret_from_env
+from mcp_fhir.activity import ActivityCounters, MemoryActivity, RedisActivity
 from mcp_fhir.catalog import CATALOGUE, LOCAL_TYPES
-from mcp_fhir.config import IdMapSettings, Settings, breaker_settings
-from mcp_fhir.ehr.client import FhirEHRClient
+from mcp_fhir.config import ActivitySettings, ConsentSettings, IdMapSettings, Settings, breaker_settings
+from mcp_fhir.consent import ConsentReader, EhrConsentSource, PostgresConsentStore, SqliteConsentStore
+from mcp_fhir.ehr.client import EHRClient, FhirEHRClient
 from mcp_fhir.ehr.hl7_results import Hl7ResultsSource
-from mcp_fhir.ehr.idmap import PostgresIdMap, SqliteIdMap, load_idmap_yaml
+from mcp_fhir.ehr.idmap import PostgresIdMap, SqliteIdMap, load_idmap_yaml, seed_idmap
 from mcp_fhir.ehr.profiles import detect_fhir_version, get_profile
 from mcp_fhir.ehr.scopes import required_scopes, unavailable_tools
 from mcp_fhir.ehr.smart import SmartBackendAuth, SmartSettings
@@ -29,8 +30,11 @@ from mcp_fhir.resilience.breaker import BreakerSettings, CircuitBreaker
 from mcp_fhir.resilience.cache import Cache
 from mcp_fhir.resilience.guard import BackendGuard
 from mcp_fhir.resilience.ratelimit import RateLimiter
+from mcp_fhir.resilience.stores import redis_from_env
 
 log = logging.getLogger("mcp_fhir.ehr")
+
+MAX_CONSENTS = 100  # Consent resources read for one patient (one page)
 
 
 def _normaliser(profile_name: str) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
@@ -57,18 +61,37 @@ def breaker_for(backend: str, raw: BreakerSettings | Mapping[str, Any] | None) -
     return CircuitBreaker(backend, breaker_settings(backend, raw))
 
 
+# Not a tool: the consent reader's own need, when consent is read from the EHR (`consent.source: ehr`).
+CONSENT_READER = "(consent)"
+_CONSENT_NEED = {CONSENT_READER: ("search", ("Consent",))}
+
+
+def smart_scopes(tools: Iterable[str], syntax: Any, *, consent_from_ehr: bool = False) -> list[str]:
+    """The SMART scopes to request: the enabled EHR tools' needs, and Consent's own scope
+    (`system/Consent.rs`, or `.read` in v1) only when consent is read from the EHR."""
+    ehr_tools = [t for t in tools if not set(CATALOGUE[t][1]) <= LOCAL_TYPES]
+    if consent_from_ehr:
+        return required_scopes(
+            [*ehr_tools, CONSENT_READER], syntax=syntax, catalogue={**CATALOGUE, **_CONSENT_NEED}
+        )
+    return required_scopes(ehr_tools, syntax=syntax, catalogue=CATALOGUE)
+
+
 async def _smart(
     stack: AsyncExitStack,
     name: str,
     smart_settings: SmartSettings | None,
     tools: tuple[str, ...],
     max_retry_after: float,
+    *,
+    consent_from_ehr: bool = False,
 ) -> tuple[SmartBackendAuth | None, dict[str, tuple[str, ...]]]:
     if smart_settings is None:
         return None, {}
     syntax: Any = smart_settings.scope_syntax
     ehr_tools = [t for t in tools if not set(CATALOGUE[t][1]) <= LOCAL_TYPES]
-    scopes = required_scopes(ehr_tools, syntax=syntax, catalogue=CATALOGUE)
+    needs = {**CATALOGUE, **_CONSENT_NEED} if consent_from_ehr else CATALOGUE
+    scopes = smart_scopes(tools, syntax, consent_from_ehr=consent_from_ehr)
     http = build_token_http_client(smart_settings)
     stack.push_async_callback(http.aclose)
     auth = SmartBackendAuth(
@@ -80,6 +103,9 @@ async def _smart(
         log.warning("backend %s: no token at start (%s); tools will report it per call", name, exc.code)
         return auth, {}
     missing = unavailable_tools(ehr_tools, auth.granted_scopes, syntax, CATALOGUE)
+    if consent_from_ehr and unavailable_tools([CONSENT_READER], auth.granted_scopes, syntax, needs):
+        # Every decision about a patient then sees consent `unavailable`, and the policy fails closed.
+        log.warning("backend %s did not grant the Consent scope: consent cannot be read", name)
     return auth, {tool: tuple(scopes) for tool, scopes in missing.items()}
 
 
@@ -119,7 +145,12 @@ async def open_backends(
             ssl_context=ssl_ctx,
         )
         tokens, missing = await _smart(
-            stack, name, settings.smart_settings(name), settings.tools, cfg.max_retry_after
+            stack,
+            name,
+            settings.smart_settings(name),
+            settings.tools,
+            cfg.max_retry_after,
+            consent_from_ehr=settings.consent.enabled and settings.consent.source == "ehr",
         )
         profile = get_profile(cfg.profile)
         unavailable.update(missing)
@@ -148,27 +179,59 @@ async def open_backends(
     return clients, unavailable
 
 
+async def open_consent(
+    stack: AsyncExitStack, cfg: ConsentSettings, backend: EHRClient
+) -> ConsentReader | None:
+    """The consent reader `consent` names (None when disabled), built once at start; closed by `stack`.
+
+    The EHR source searches `Consent?patient=` through `backend` (its cache bypassed: the reader's
+    TTL is the one cache, so that invalidation on write holds).
+    """
+    if not cfg.enabled:
+        return None
+    source: Any
+    if cfg.source == "ehr":
+
+        async def search(patient: str) -> list[dict[str, Any]]:
+            found = await backend.search(
+                "Consent", {"patient": patient}, patient=patient, page_size=MAX_CONSENTS, bypass_cache=True
+            )
+            if found.next_url is not None:  # more than one page: some directive would be missed
+                raise UpstreamBadResponse("a patient has more Consent resources than one page holds")
+            return found.resources
+
+        source = EhrConsentSource(search)
+    elif cfg.source == "postgres":
+        dsn = secret_from_env(cfg.dsn_env, "consent.dsn_env")
+        source = await PostgresConsentStore.connect(dsn.reveal(), table=cfg.table)
+        stack.push_async_callback(source.aclose)
+    else:
+        source = SqliteConsentStore(cfg.path)
+        stack.push_async_callback(source.aclose)
+    return ConsentReader(source, ttl_seconds=cfg.ttl_seconds)
+
+
+async def open_activity(stack: AsyncExitStack, cfg: ActivitySettings) -> ActivityCounters | None:
+    """The activity counters `activity` names (None when disabled)."""
+    if not cfg.enabled:
+        return None
+    if cfg.store == "redis":
+        client = redis_from_env(cfg.redis_url_env, "activity.redis_url_env")
+        stack.push_async_callback(client.aclose)
+        key = secret_from_env(cfg.patient_key_env, "activity.patient_key_env")
+        return RedisActivity(client, cfg.windows, prefix=cfg.key_prefix, key=key.reveal().encode())
+    return MemoryActivity(cfg.windows)
+
+
 async def open_idmap(cfg: IdMapSettings) -> Any:
     """The patient-id map the config names, seeded from `seed_file` when given."""
-    import os
-
     if cfg.kind == "postgres":
-        dsn = os.environ.get(cfg.dsn_env or "")
-        if not dsn:
-            from mcp_fhir._exceptions import ConfigError
-
-            raise ConfigError("idmap.dsn_env", f"environment variable {cfg.dsn_env} is not set")
-        idmap: Any = await PostgresIdMap.connect(dsn)
+        idmap: Any = await PostgresIdMap.connect(secret_from_env(cfg.dsn_env, "idmap.dsn_env").reveal())
     else:
         cfg.path.parent.mkdir(parents=True, exist_ok=True)
         idmap = SqliteIdMap(cfg.path)
     if cfg.seed_file is not None:
-        for entry in load_idmap_yaml(cfg.seed_file):
-            try:
-                await idmap.put(entry.canonical, entry.backend, entry.kind, entry.value)
-            except MCPFhirError as exc:
-                if exc.code != "config_invalid":
-                    raise
+        await seed_idmap(idmap, load_idmap_yaml(cfg.seed_file))
     return idmap
 
 

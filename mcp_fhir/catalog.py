@@ -49,6 +49,7 @@ CATALOGUE: Mapping[str, tuple[Operation, tuple[str, ...]]] = {
     "create_clinical_note": ("create", ("DocumentReference",)),
     "refresh": ("search", PATIENT_TYPES),
     "search_audit_log": ("search", ("AuditEvent",)),
+    "audit_disclosures": ("search", ("AuditEvent",)),
 }
 
 # Resource types the sidecar serves itself and never requests from an EHR.

@@ -33,7 +33,7 @@ import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, TypeVar
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -59,12 +59,15 @@ from mcp_fhir.ehr.smart import AdditionalKey, SmartSettings
 from mcp_fhir.resilience.breaker import BreakerSettings
 from mcp_fhir.resilience.cache import CacheSettings
 from mcp_fhir.resilience.ratelimit import RateLimiterSettings
+from mcp_fhir.tracing import TracingSettings
 
 __all__ = [
     "DEFAULT_CONFIG_ENV",
     "DEFAULT_HTTP_PORT",
+    "ActivitySettings",
     "BackendSettings",
     "ConfigErrors",
+    "ConsentSettings",
     "IdMapSettings",
     "LimitsSettings",
     "OpaDeploymentSettings",
@@ -364,6 +367,55 @@ class IdMapSettings(_Strict):
         return self
 
 
+class ConsentSettings(_Strict):
+    """Patient consent in every decision (issue #21 §1); off by default.
+
+    `source: ehr` reads the EHR's Consent resources under the SMART scope it then requests
+    (`system/Consent.rs`, or `.read` in v1 syntax); `sqlite` (the default store, at `path`) or
+    `postgres` (`dsn_env`, `table`) read the local store.
+    """
+
+    enabled: bool = False
+    source: Literal["ehr", "sqlite", "postgres"] = "sqlite"
+    path: Path = Path("var/consent.db")
+    dsn_env: str | None = None
+    table: str = Field("mcp_fhir_consent", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+    ttl_seconds: float = Field(60.0, ge=0, le=86400)
+
+    @model_validator(mode="after")
+    def _dsn(self) -> ConsentSettings:
+        if self.enabled and self.source == "postgres" and not self.dsn_env:
+            raise _fail("consent.dsn_env", "required when consent.source is postgres")
+        return self
+
+
+class ActivitySettings(_Strict):
+    """Per-subject sliding-window counters passed to the policy (issue #21 §3); off by default."""
+
+    enabled: bool = False
+    store: Literal["memory", "redis"] = "memory"
+    redis_url_env: str | None = None
+    # Replicas that share counters must hash patient ids with one key: an env var holding it.
+    patient_key_env: str | None = None
+    key_prefix: str = Field("mcp-fhir:activity", min_length=1, max_length=100)
+    windows: tuple[int, ...] = Field((60, 600), min_length=1, max_length=8)
+
+    @field_validator("windows")
+    @classmethod
+    def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(w <= 0 or w > 86400 for w in v):
+            raise ValueError("every window must be between 1 and 86400 seconds")
+        return tuple(sorted(set(v)))
+
+    @model_validator(mode="after")
+    def _redis(self) -> ActivitySettings:
+        if self.enabled and self.store == "redis" and not self.redis_url_env:
+            raise _fail("activity.redis_url_env", "required when activity.store is redis")
+        if self.enabled and self.store == "redis" and not self.patient_key_env:
+            raise _fail("activity.patient_key_env", "required when activity.store is redis")
+        return self
+
+
 class LimitsSettings(_Strict):
     default_page_size: int = Field(20, ge=1, le=100)
     max_page_size: int = Field(100, ge=1, le=200)
@@ -385,6 +437,9 @@ def _mapping(section: str, value: Any) -> Mapping[str, Any]:
     return value
 
 
+_T = TypeVar("_T")
+
+
 def _auth_section(value: Any, info: ValidationInfo) -> AgentAuthSettings:
     """`auth`, built once; the audience defaults to the server's canonical URI."""
     if isinstance(value, AgentAuthSettings):
@@ -395,23 +450,23 @@ def _auth_section(value: Any, info: ValidationInfo) -> AgentAuthSettings:
         if server is None:
             raise _fail("auth.audience", "cannot default to server's URL while the server section is invalid")
         data["audience"] = server.canonical_url
+    return _from_mapping("auth", AgentAuthSettings.from_mapping, data)
+
+
+def _from_mapping(key: str, build: Callable[[Mapping[str, Any]], _T], data: Mapping[str, Any]) -> _T:
+    """A section built by its own `from_mapping`, its errors named by their key under `key`."""
     try:
-        return AgentAuthSettings.from_mapping(data)
+        return build(data)
     except ConfigError as exc:
         raise _from_config_error(exc) from None
     except TypeError:
-        raise _fail("auth", "has a value of the wrong type") from None
+        raise _fail(key, "has a value of the wrong type") from None
 
 
 def _audit_section(value: Any) -> AuditSettings:
     if isinstance(value, AuditSettings):
         return value
-    try:
-        return AuditSettings.from_mapping(_mapping("audit", value))
-    except ConfigError as exc:
-        raise _from_config_error(exc) from None
-    except TypeError:
-        raise _fail("audit", "has a value of the wrong type") from None
+    return _from_mapping("audit", AuditSettings.from_mapping, _mapping("audit", value))
 
 
 def _cache_section(value: Any) -> CacheSettings | None:
@@ -424,6 +479,12 @@ def _cache_section(value: Any) -> CacheSettings | None:
         raise _fail("cache.enabled", "must be true or false")
     built: CacheSettings = _dataclass_section(CacheSettings, "cache", data)
     return built if enabled else None
+
+
+def _tracing_section(value: Any) -> TracingSettings:
+    if isinstance(value, TracingSettings):
+        return value
+    return _from_mapping("tracing", TracingSettings.from_mapping, _mapping("tracing", value))
 
 
 def _rate_limit_section(value: Any) -> RateLimiterSettings:
@@ -458,6 +519,11 @@ class Settings(_Strict):
     )
     limits: LimitsSettings = LimitsSettings()
     flag_prompt_injection: bool = True
+    consent: ConsentSettings = ConsentSettings()
+    activity: ActivitySettings = ActivitySettings()
+    tracing: Annotated[TracingSettings, PlainValidator(_tracing_section)] = Field(
+        default_factory=TracingSettings, description="TracingSettings: OpenTelemetry traces, off by default."
+    )
 
     @field_validator("backends")
     @classmethod
@@ -559,6 +625,7 @@ _PATH_KEYS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("backends", "*", "smart", "additional_keys", "*"), "private_key_file"),
     (("idmap",), "path"),
     (("idmap",), "seed_file"),
+    (("consent",), "path"),
     (("audit",), "path"),
     (("audit",), "signing_key_file"),
     (("audit",), "encryption_key_file"),
@@ -875,6 +942,8 @@ def check_runtime(settings: Settings, environ: Mapping[str, str] | None = None) 
         if problem is not None and problem.key.startswith("idmap.seed") and problem.key != "idmap.seed_file":
             problem = ConfigError("idmap.seed_file" + problem.key.removeprefix("idmap.seed"), problem.rule)
         errors.append(problem)
+    if settings.consent.enabled and settings.consent.source == "sqlite":
+        errors.append(_creatable("consent.path", settings.consent.path))
     audit = settings.audit
     if audit.sink in ("file", "sqlite"):
         errors.append(_creatable("audit.path", audit.path))

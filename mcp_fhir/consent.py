@@ -19,9 +19,12 @@ The normalised form of one provision (each nested provision becomes an entry of 
 provision without a period inherits its parent's; the root's type, when absent, follows the consent's
 `policyRule`: OPTOUT → deny, OPTIN → permit):
 
-    {"consent": id, "type": "permit" | "deny", "actor": [{"role": code, "reference": str}],
+    {"consent": id, "type": "permit" | "deny", "actor": [reference], "actor_roles": [code],
      "action": [code], "purpose": [code], "security_labels": [code], "classes": [resource type],
-     "codes": [code], "data": [reference], "period": {"start": str | None, "end": str | None}}
+     "codes": [code], "data": [reference], "period": {"start": RFC 3339 | None, "end": RFC 3339 | None}}
+
+A FHIR date in a period (`2025`, `2025-06`, `2025-06-30`) becomes the first instant of that day, month
+or year for `start`, and the last for `end` (UTC), so the policy compares instants only.
 
 Hand-written on purpose: no Python FHIR library normalises Consent provisions for a policy engine
 (`fhir.resources` validates the model; it does not flatten or interpret it).
@@ -30,6 +33,7 @@ Hand-written on purpose: no Python FHIR library normalises Consent provisions fo
 from __future__ import annotations
 
 import asyncio
+import calendar
 import json
 import os
 import sqlite3
@@ -88,9 +92,24 @@ def _class_type(coding: Any) -> str | None:
     return None
 
 
+def _instant(value: Any, *, end: bool) -> str | None:
+    """A FHIR date or dateTime as an RFC 3339 instant: a date is its first (start) or last (end) instant."""
+    if not isinstance(value, str) or not value:
+        return None
+    if "T" in value:
+        return value
+    parts = [int(p) for p in value.split("-")]
+    year, month, day = [*parts, 0, 0][:3]
+    if not end:
+        return f"{year:04d}-{max(month, 1):02d}-{max(day, 1):02d}T00:00:00Z"
+    month = month or 12
+    day = day or calendar.monthrange(year, month)[1]
+    return f"{year:04d}-{month:02d}-{day:02d}T23:59:59.999Z"
+
+
 def _period(raw: Any, inherited: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(raw, Mapping) and (raw.get("start") or raw.get("end")):
-        return {"start": raw.get("start"), "end": raw.get("end")}
+        return {"start": _instant(raw.get("start"), end=False), "end": _instant(raw.get("end"), end=True)}
     return dict(inherited)
 
 
@@ -103,12 +122,12 @@ def _provisions(
         "consent": consent_id,
         "type": kind if kind in ("permit", "deny") else None,
         "actor": [
-            {
-                "role": next(iter(_codes(a.get("role"))), None),
-                "reference": (a.get("reference") or {}).get("reference"),
-            }
+            ref
             for a in node.get("actor") or []
-            if isinstance(a, Mapping)
+            if isinstance(a, Mapping) and isinstance(ref := (a.get("reference") or {}).get("reference"), str)
+        ],
+        "actor_roles": [
+            code for a in node.get("actor") or [] if isinstance(a, Mapping) for code in _codes(a.get("role"))
         ],
         "action": _codes(node.get("action") or []),
         "purpose": _codes(node.get("purpose") or []),

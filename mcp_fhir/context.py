@@ -9,9 +9,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from mcp_fhir.activity import ActivityCounters
 from mcp_fhir.agent_auth.subject import Subject
 from mcp_fhir.audit.query import AuditQuery
 from mcp_fhir.audit.record import AuditRecord
+from mcp_fhir.consent import ConsentReader
 from mcp_fhir.ehr.client import EHRClient
 from mcp_fhir.policy.decide import Decider
 from mcp_fhir.policy.engine import PolicyEngine
@@ -26,6 +28,10 @@ class AuditSink(Protocol):
         self, f: AuditQuery, *, limit: int, cursor: str | None
     ) -> tuple[list[dict[str, Any]], str | None]: ...
     async def close(self) -> None: ...
+
+    async def disclosures(self, patient: str, *, since: str | None = None, until: str | None = None) -> Any:
+        """The patient's accounting of disclosures (`DisclosureReport`), once the trail verifies."""
+        ...
 
 
 class PatientIds(Protocol):
@@ -78,6 +84,12 @@ class AppContext:
     enabled_tools: frozenset[str] = frozenset()
     unavailable_tools: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     purposes: tuple[Purpose, ...] = ()
+    # Patient consent (None when `consent.enabled` is false). The EHR source is keyed by the
+    # backend's patient id, a local store by the canonical id.
+    consent: ConsentReader | None = None
+    consent_by_backend_id: bool = False
+    # Per-subject activity counters (None when `activity.enabled` is false).
+    activity: ActivityCounters | None = None
 
     def __repr__(self) -> str:
         # The clients may hold data (a fake EHR holds resources): a repr names them, nothing more.

@@ -86,7 +86,8 @@ def _entry(tool: Tool) -> Callable[..., Awaitable[CallToolResult]]:
     """A function whose signature is `tool`'s parameters (plus the SDK's Context), for `add_tool`."""
 
     async def entry(ctx: Context, **arguments: Any) -> CallToolResult:
-        return await CallPath(app_of(ctx)).run(tool, arguments)
+        # Publication only: calls go through `_handle_call_tool`, which also returns an InputRequiredResult.
+        return cast(CallToolResult, await CallPath(app_of(ctx)).run(tool, arguments, ctx=ctx))
 
     hints = get_type_hints(tool.args, include_extras=True)
     params = [
@@ -182,8 +183,11 @@ class SidecarServer(MCPServer[AppContext]):
             err = InvalidArgument("name", "is not a tool of this server")
             await self._refuse(app, UNKNOWN_TOOL, err)
             raise MCPError(INVALID_PARAMS, str(err), err.to_dict())  # the spec's protocol error
+        context = Context(
+            request_context=ctx, mcp_server=self, input_params=params, subscriptions=self._subscriptions
+        )
         try:
-            return await CallPath(app).run(tool, params.arguments or {})
+            return await CallPath(app).run(tool, params.arguments or {}, ctx=context)
         except MCPFhirError as exc:  # audited by the call path
             if isinstance(exc, INFRA_ERRORS):
                 raise MCPError(INFRA_ERROR, str(exc), exc.to_dict()) from None

@@ -34,7 +34,7 @@ from mcp_fhir.agent_auth.local import local_subject
 from mcp_fhir.agent_auth.verifier import auth_settings_for, build_token_verifier, subject_from_access_token
 from mcp_fhir.audit.record import AuditRecord, utc_now_ms
 from mcp_fhir.audit.trail import build_trail
-from mcp_fhir.backends import open_backends, open_idmap
+from mcp_fhir.backends import open_activity, open_backends, open_consent, open_idmap
 from mcp_fhir.catalog import CATALOGUE
 from mcp_fhir.config import Settings
 from mcp_fhir.context import AppContext, IdentityIds, Limits, Purpose
@@ -48,6 +48,7 @@ from mcp_fhir.tools import all_tools
 from mcp_fhir.tools.callpath import CallPath, current_subject, visible_tools
 from mcp_fhir.tools.clinical import PATIENT_SUMMARY
 from mcp_fhir.tools.params import FHIR_ID
+from mcp_fhir.tracing import configure_tracing
 
 __all__ = [
     "INFRA_ERROR",
@@ -93,6 +94,9 @@ def make_lifespan(settings: Settings, holder: dict[str, AppContext], ops: dict[s
     @asynccontextmanager
     async def lifespan(server: MCPServer[AppContext]) -> AsyncIterator[AppContext]:
         async with AsyncExitStack() as stack:
+            provider = configure_tracing(settings.tracing)  # None (the API's no-op) unless tracing.enabled
+            if provider is not None:
+                stack.callback(provider.shutdown)
             trail = build_trail(settings.audit_settings())
             await trail.start()
             stack.push_async_callback(trail.close)
@@ -115,6 +119,10 @@ def make_lifespan(settings: Settings, holder: dict[str, AppContext], ops: dict[s
             idmap = IdentityIds() if settings.idmap.kind == "identity" else await open_idmap(settings.idmap)
             stack.push_async_callback(idmap.close)
             auth = settings.agent_auth()
+            consent = await open_consent(stack, settings.consent, backends[settings.backend_name])
+            activity = await open_activity(stack, settings.activity)
+            if activity is not None:
+                stack.push_async_callback(activity.aclose)
             app = AppContext(
                 decider=decider,
                 backends=backends,
@@ -134,6 +142,9 @@ def make_lifespan(settings: Settings, holder: dict[str, AppContext], ops: dict[s
                 enabled_tools=frozenset(settings.tools),
                 unavailable_tools=unavailable,
                 purposes=await policy_purposes(engine),
+                consent=consent,
+                consent_by_backend_id=settings.consent.source == "ehr",
+                activity=activity,
             )
             holder["app"] = app
             try:
@@ -261,7 +272,8 @@ def register_resources_and_prompts(server: MCPServer, holder: dict[str, AppConte
             result = await CallPath(app_of(ctx)).run(PATIENT_SUMMARY, {"patient_id": patient_id})
         except MCPFhirError as exc:  # audited by the call path
             raise mcp_error(exc) from None
-        return str(getattr(result.content[0], "text", ""))
+        content = getattr(result, "content", None) or []  # a read tool never asks for input
+        return str(getattr(content[0], "text", "")) if content else ""
 
     for spec in yaml.safe_load(PROMPTS_FILE.read_text(encoding="utf-8")):
         _register_prompt(server, spec["name"], spec["purpose"], spec["task"])

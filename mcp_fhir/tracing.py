@@ -87,8 +87,6 @@ ALLOWED_ATTRIBUTES = frozenset(
 
 _PROPAGATOR = TraceContextTextMapPropagator()  # traceparent and tracestate only: never baggage
 
-Scalar = str | bool | int | float
-
 
 @dataclass(frozen=True, slots=True)
 class TracingSettings:

@@ -12,8 +12,9 @@ scripts/bootstrap.sh
 eval "$(scripts/services.sh start)"
 OPA=.tools/bin/opa
 
-echo "== policy: fmt, check --strict, test --coverage (threshold ${COVERAGE_THRESHOLD}%)"
+echo "== policy: derived tables fresh, fmt, check --strict, test --coverage (threshold ${COVERAGE_THRESHOLD}%)"
 "$OPA" fmt --fail -l policies/
+.venv/bin/mcp-fhir policy build --check   # policies/mcp_fhir/derived/data.json matches the YAML
 "$OPA" check --strict policies/
 "$OPA" test policies/ --fail-on-empty --coverage --threshold "$COVERAGE_THRESHOLD" --format json > "$COVERAGE_JSON" \
   || { echo "opa test failed or coverage below ${COVERAGE_THRESHOLD}%"; "$OPA" test policies/ --fail-on-empty | tail -20; exit 1; }

@@ -164,8 +164,22 @@ def reference_keys() -> list[tuple[str, str]]:
     from mcp_fhir.resilience.breaker import BreakerSettings
     from mcp_fhir.resilience.cache import CacheSettings
     from mcp_fhir.resilience.ratelimit import RateLimiterSettings
+    from mcp_fhir.tracing import TracingSettings
 
-    sections = ("server", "opa", "backends", "idmap", "limits", "auth", "audit", "cache", "rate_limit")
+    sections = (
+        "server",
+        "opa",
+        "backends",
+        "idmap",
+        "limits",
+        "auth",
+        "audit",
+        "cache",
+        "rate_limit",
+        "consent",
+        "activity",
+        "tracing",
+    )
     return [
         *_pydantic_keys(config.Settings, "", skip=(*sections, "tools")),
         ("tools", "every tool"),
@@ -187,6 +201,9 @@ def reference_keys() -> list[tuple[str, str]]:
         *_dataclass_keys(CacheSettings, "cache."),
         *_dataclass_keys(RateLimiterSettings, "rate_limit.", skip=("limits",)),
         *_pydantic_keys(config.LimitsSettings, "limits."),
+        *_pydantic_keys(config.ConsentSettings, "consent."),
+        *_pydantic_keys(config.ActivitySettings, "activity."),
+        *_dataclass_keys(TracingSettings, "tracing."),
     ]
 
 

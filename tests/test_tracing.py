@@ -195,6 +195,10 @@ def test_baggage_is_never_read_from_the_request():
 
 
 def test_the_module_functions_work_on_the_default_no_op_provider():
+    from opentelemetry import trace
+
+    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        pytest.skip("an SDK provider was installed earlier in this process (OpenTelemetry allows one per process)")
     with tracing.tool_call("read_patient", headers={"traceparent": TRACEPARENT}) as root:
         with tracing.span("audit", patient_id=PHI[0]) as span:
             assert not span.is_recording()

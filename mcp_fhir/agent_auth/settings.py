@@ -125,14 +125,16 @@ def _positive(key: str, value: Any, *, maximum: float | None = None, allow_zero:
 
 @dataclass(frozen=True, slots=True)
 class ApiKeyEntry:
-    """One API key, configured by its digest only. ``expires``: last valid day, inclusive, UTC."""
+    """One API key, configured by its digest only. ``expires``: last valid day, inclusive, UTC.
+
+    The key itself (``id``, ``hash``, ``expires``), then the subject it authenticates as."""
 
     id: str
     hash: str
+    expires: dt.date | None = None
     claims: dict[str, Any] = field(default_factory=dict)
     scopes: tuple[str, ...] = ()
     on_behalf_of: str | None = None
-    expires: dt.date | None = None
     key_prefix: str = field(default="auth.api_keys[]", compare=False)
 
     def __post_init__(self) -> None:

@@ -1,17 +1,28 @@
 """Alerts: the policy's ``audit.alerts`` and the sidecar's own denial-burst detector.
 
-Design: ``AuditTrail.record`` calls ``AlertEmitter.derive`` for every access record and
-writes each alert as its own ``kind="alert"`` record in the SAME group-commit batch as the
-access record, so the access record and its alerts become durable together (or fail together).
-The server therefore only calls ``AuditTrail.record``; it never calls the emitter itself.
+Design: one record per call. ``AuditTrail.record`` hands every record to ``AlertEmitter.annotate``,
+which returns it with its alerts in its own ``alerts`` field: the policy's alerts (already there,
+from the decision) and ``denial_burst`` when this record completes a burst. No separate record is
+written for an alert raised by a call, so an after-hours call writes exactly one record, and
+``mcp-fhir audit query --alert NAME`` / the ``search_audit_log`` tool find it by that field. Each
+alert is also counted (``mcp_fhir_alerts_total{alert}``) and logged (one line per alert, with the
+alert name, tool and result, never the patient). The server therefore only calls
+``AuditTrail.record``; it never calls the emitter itself.
+
+Separate ``kind="alert"`` records remain only for alerts that no one call raised: the trail's own
+``audit_recovery`` (``trail.py``). Shadow-policy disagreements are their own kind
+(``shadow_divergence``, ``mcp_fhir/policy/decide.py``).
 
 Python does not decide which events are alarming: alert names come from the policy. The one
 built-in is arithmetic, not policy: ``denial_burst`` fires when one agent collects
-``threshold`` denials within ``window_seconds``, at most once per window per agent.
+``threshold`` denials within ``window_seconds``, at most once per window per agent; it is added to
+the record of the denial that completes the burst.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import re
 import time
 from collections import OrderedDict, deque
@@ -22,6 +33,8 @@ from mcp_fhir.audit.record import AuditRecord
 from mcp_fhir.audit.settings import DEFAULT_DENIAL_BURST_THRESHOLD, DEFAULT_DENIAL_BURST_WINDOW_SECONDS
 
 __all__ = ["DENIAL_BURST", "AlertEmitter", "DenialBurstDetector"]
+
+log = logging.getLogger(__name__)
 
 DENIAL_BURST = "denial_burst"
 MAX_TRACKED_AGENTS = 10_000
@@ -68,43 +81,36 @@ class DenialBurstDetector:
 
 
 class AlertEmitter:
-    """Turns an access record into zero or more ``kind="alert"`` records, and counts them."""
+    """Puts a record's alerts inside it (adding ``denial_burst`` when due), and counts and logs each."""
 
     def __init__(self, burst: DenialBurstDetector | None = None) -> None:
         self._burst = burst or DenialBurstDetector()
 
-    def derive(self, rec: AuditRecord) -> list[AuditRecord]:
-        """The alert records ``rec`` gives rise to (none for records that are alerts already)."""
+    def annotate(self, rec: AuditRecord) -> AuditRecord:
+        """``rec`` with every alert it raises in its ``alerts`` field; each alert counted and logged once.
+
+        A ``kind="alert"`` record is returned unchanged: it is an alert already, not a call.
+        """
         if rec.kind == "alert":
-            return []
-        raised = [(name, "policy") for name in rec.alerts]
+            return rec
+        alerts = rec.alerts
+        sidecar: tuple[str, ...] = ()
         if rec.result == "denied" and self._burst.observe(rec.subject_id or ANONYMOUS_AGENT):
-            raised.append((DENIAL_BURST, "sidecar"))
-        out: list[AuditRecord] = []
-        for name, source in raised:
-            label = name if _ALERT_NAME.match(name) else "invalid_alert_name"
-            metrics.AUDIT_ALERTS.labels(alert=label).inc()
-            out.append(
-                AuditRecord(
-                    ts=rec.ts,
-                    request_id=rec.request_id,
-                    trace_id=rec.trace_id,
-                    kind="alert",
-                    result=rec.result,
-                    subject_id=rec.subject_id,
-                    on_behalf_of=rec.on_behalf_of,
-                    authn=rec.authn,
-                    tool=rec.tool,
-                    resource_type=rec.resource_type,
-                    operation=rec.operation,
-                    patient=rec.patient,
-                    backend=rec.backend,
-                    purpose=rec.purpose,
-                    reason_codes=rec.reason_codes,
-                    alerts=(label,),
-                    decision_id=rec.decision_id,
-                    policy_revision=rec.policy_revision,
-                    extra={"alert": label, "source": source, "of_kind": rec.kind},
-                )
-            )
-        return out
+            sidecar = (DENIAL_BURST,)
+            alerts = (*alerts, DENIAL_BURST) if DENIAL_BURST not in alerts else alerts
+        for name in rec.alerts:
+            self._raise(name, "policy", rec)
+        for name in sidecar:
+            self._raise(name, "sidecar", rec)
+        return dataclasses.replace(rec, alerts=alerts) if alerts != rec.alerts else rec
+
+    @staticmethod
+    def _raise(name: str, source: str, rec: AuditRecord) -> None:
+        label = name if _ALERT_NAME.match(name) else "invalid_alert_name"
+        metrics.AUDIT_ALERTS.labels(alert=label).inc()
+        log.log(
+            logging.WARNING if source == "sidecar" else logging.INFO,
+            "audit alert %s (%s) on a %s %s record",
+            label, source, rec.result, rec.kind,
+            extra={"alert": label, "tool": rec.tool, "result": rec.result},
+        )  # fmt: skip

@@ -1,6 +1,6 @@
 """`FakeAuditTrail`: the in-package fake of `AuditTrail`, for unit tests of other modules.
 
-It has the trail's surface (`record`, `check`, `query`, `close`) and its failure contract:
+It has the trail's surface (`record`, `check`, `query`, `disclosures`, `close`) and its failure contract:
 a write that cannot be made durable raises `AuditUnavailable`. Records stay in memory, in
 order; `query` filters them with the real `AuditQuery` and pages them like the real trail.
 No chain, signature or disk: tests of those use `AuditTrail` itself.
@@ -31,6 +31,7 @@ class FakeAuditTrail:
     gate: asyncio.Event | None = None
     waiting: int = 0
     queries: list[AuditQuery] = field(default_factory=list)
+    disclosure_requests: list[str] = field(default_factory=list)
 
     def __repr__(self) -> str:
         return f"FakeAuditTrail(records={len(self.records)}, fail={self.fail})"
@@ -54,6 +55,14 @@ class FakeAuditTrail:
         after = parse_cursor(cursor)
         stored = ((seq, rec.to_dict()) for seq, rec in enumerate(self.records, start=1) if seq > after)
         return page(stored, f, limit=check_limit(limit))
+
+    async def disclosures(self, patient: str, *, since: str | None = None, until: str | None = None) -> Any:
+        """A report with the trail's shape and no accesses (no chain to verify: the real trail's is tested)."""
+        from mcp_fhir.audit.disclosures import DisclosureReport
+        from mcp_fhir.audit.record import utc_now_ms
+
+        self.disclosure_requests.append(patient)
+        return DisclosureReport(patient, since, until, utc_now_ms(), trail={"verified": False, "fake": True})
 
     def of_kind(self, kind: str = "access") -> list[AuditRecord]:
         """The records of one kind, in the order written."""

@@ -26,8 +26,9 @@ witness or disagrees with it, or when the newest checkpoint is signed by a key t
 head is not one already, and releases the sink, the witness and the writer id: it is the one
 awaitable a graceful shutdown needs.
 
-Alerts: each access record's policy alerts (and the denial-burst alert) are written as
-``kind="alert"`` records in the same batch — see ``alerts.py``.
+Alerts: one record per call. A call's alerts (the policy's, and the denial-burst alert) are in its
+own record's ``alerts`` field, counted and logged — see ``alerts.py``. The trail writes a separate
+``kind="alert"`` record only for ``audit_recovery``, which no call raised.
 """
 
 from __future__ import annotations
@@ -312,12 +313,12 @@ class AuditTrail:
             )
 
     async def record(self, rec: AuditRecord) -> str:
-        """Store ``rec`` (and its alert records) durably and signed; return ``"<seq>:<hash prefix>"``."""
+        """Store ``rec`` (its alerts inside it) durably and signed; return ``"<seq>:<hash prefix>"``."""
         if not self._started or self._closed:
             metrics.AUDIT_FAILURES.inc()
             raise AuditUnavailable("audit trail is not running")
         started = time.perf_counter()
-        records = [rec, *self._alerts.derive(rec)]
+        records = [self._alerts.annotate(rec)]
         future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(records, future))
         try:

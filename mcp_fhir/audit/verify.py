@@ -42,7 +42,7 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -54,8 +54,8 @@ from mcp_fhir.audit.sinks.file import iter_file_lines
 from mcp_fhir.audit.witness import witness_seq_hash
 
 __all__ = [
-    "PROBLEM_KINDS",
     "Problem",
+    "VerifyOptions",
     "VerifyReport",
     "as_keyring",
     "file_items",
@@ -65,12 +65,6 @@ __all__ = [
     "verify_sqlite",
 ]
 
-PROBLEM_KINDS = frozenset({
-    "malformed", "edited", "deleted", "reordered", "inserted", "chain_broken", "bad_checkpoint",
-    "bad_checkpoint_signature", "decrypt_failed", "truncated", "witness_mismatch", "witness_missing",
-    "unsigned_tail",
-    "unvouched",
-})  # fmt: skip
 _DECODER = msgspec.json.Decoder()
 PROGRESS_EVERY = 10_000
 HASH_HEX_LEN = 64
@@ -79,6 +73,18 @@ Progress = Callable[[int], None]
 KeyLike = Ed25519PublicKey | bytes | str | Path
 PublicKeyLike = KeyRing | KeyLike | Sequence[KeyLike] | None
 EncryptionKeyLike = RecordCipher | bytes | None
+
+
+class VerifyOptions(TypedDict, total=False):
+    """What every ``verify_*`` takes besides where the chain is (``verify_entries`` documents each)."""
+
+    public_key: PublicKeyLike
+    encryption_key: EncryptionKeyLike
+    progress: Progress | None
+    expect_min_seq: int | None
+    witness: dict[str, Any] | None
+    accept_recoveries: Iterable[int]
+    require_witness: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,23 +447,9 @@ def _parse(item: tuple[int, bytes, bool], *, last: bool) -> Item:
     return line, entry, False
 
 
-def verify_file(
-    path: str | Path,
-    *,
-    public_key: PublicKeyLike = None,
-    encryption_key: EncryptionKeyLike = None,
-    progress: Progress | None = None,
-    expect_min_seq: int | None = None,
-    witness: dict[str, Any] | None = None,
-    accept_recoveries: Iterable[int] = (),
-    require_witness: bool = False,
-) -> VerifyReport:
+def verify_file(path: str | Path, **options: Unpack[VerifyOptions]) -> VerifyReport:
     """Verify a JSON-lines audit log."""
-    return verify_entries(
-        file_items(Path(path)), public_key=public_key, encryption_key=encryption_key,
-        progress=progress, expect_min_seq=expect_min_seq, witness=witness,
-        accept_recoveries=accept_recoveries, require_witness=require_witness,
-    )  # fmt: skip
+    return verify_entries(file_items(Path(path)), **options)
 
 
 def _numbered(entries: Iterable[dict[str, Any]]) -> Iterator[Item]:
@@ -465,25 +457,11 @@ def _numbered(entries: Iterable[dict[str, Any]]) -> Iterator[Item]:
         yield n, entry, False
 
 
-def verify_sqlite(
-    path: str | Path,
-    *,
-    public_key: PublicKeyLike = None,
-    encryption_key: EncryptionKeyLike = None,
-    progress: Progress | None = None,
-    expect_min_seq: int | None = None,
-    witness: dict[str, Any] | None = None,
-    accept_recoveries: Iterable[int] = (),
-    require_witness: bool = False,
-) -> VerifyReport:
+def verify_sqlite(path: str | Path, **options: Unpack[VerifyOptions]) -> VerifyReport:
     """Verify a SQLite audit database (``line`` is the row's position in seq order)."""
     from mcp_fhir.audit.sinks.sqlite import iter_sqlite_entries
 
-    return verify_entries(
-        _numbered(iter_sqlite_entries(Path(path))), public_key=public_key, encryption_key=encryption_key,
-        progress=progress, expect_min_seq=expect_min_seq, witness=witness,
-        accept_recoveries=accept_recoveries, require_witness=require_witness,
-    )  # fmt: skip
+    return verify_entries(_numbered(iter_sqlite_entries(Path(path))), **options)
 
 
 def verify_postgres(
@@ -493,20 +471,10 @@ def verify_postgres(
     schema: str = "public",
     table: str = "audit_log",
     role: str | None = None,
-    public_key: PublicKeyLike = None,
-    encryption_key: EncryptionKeyLike = None,
-    progress: Progress | None = None,
-    expect_min_seq: int | None = None,
-    witness: dict[str, Any] | None = None,
-    accept_recoveries: Iterable[int] = (),
-    require_witness: bool = False,
+    **options: Unpack[VerifyOptions],
 ) -> VerifyReport:
     """Verify one writer's chain in PostgreSQL (``line`` is the row's position in seq order)."""
     from mcp_fhir.audit.sinks.postgres import iter_postgres_entries
 
     entries = iter_postgres_entries(dsn, writer, schema=schema, table=table, role=role)
-    return verify_entries(
-        _numbered(entries), public_key=public_key, encryption_key=encryption_key,
-        progress=progress, expect_min_seq=expect_min_seq, witness=witness,
-        accept_recoveries=accept_recoveries, require_witness=require_witness,
-    )  # fmt: skip
+    return verify_entries(_numbered(entries), **options)

@@ -55,7 +55,9 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.server.metrics_port:
         _start_metrics(settings.server.host, settings.server.metrics_port)
     if settings.server.transport == "stdio":
-        server.run("stdio")
+        from mcp_fhir.cli.stdio import serve_stdio
+
+        asyncio.run(serve_stdio(server, drain_timeout=DRAIN_TIMEOUT))
         return 0
     return _serve_http(settings, server, args.config)
 

@@ -11,6 +11,7 @@
     mcp-fhir policy bundle --signing-key priv.pem [--verification-key pub.pem] -o bundle.tar.gz
                            [--revision R] [--policies DIR]
     mcp-fhir policy opa-config --verification-key pub.pem --service-url URL [--resource bundle.tar.gz]
+    mcp-fhir policy build  [--policies DIR] [--check]
 
 BASE and HEAD are git refs (``policies/`` is read at each with ``git archive``), ``WORKTREE`` (the
 working tree's ``policies/``), or folders (a ``policies/`` folder, or a folder that holds one). A
@@ -141,6 +142,11 @@ def add_parser(subparsers: Any) -> None:
     bundle.add_argument("-o", "--output", type=Path, required=True, help="bundle file to write (.tar.gz)")
     bundle.set_defaults(func=run_bundle)
 
+    build = sub.add_parser("build", help="derive the policy's lookup tables from its YAML data")
+    build.add_argument("--policies", type=Path, default=DEFAULT_POLICIES)
+    build.add_argument("--check", action="store_true", help="exit 1 when the checked-in tables are stale")
+    build.set_defaults(func=run_build)
+
     cfg = sub.add_parser("opa-config", help="print an OPA config that downloads and verifies the bundle")
     cfg.add_argument("--verification-key", type=Path, required=True, help="PEM public key OPA verifies with")
     cfg.add_argument("--service-url", required=True, help="base URL the bundle is served from")
@@ -148,6 +154,12 @@ def add_parser(subparsers: Any) -> None:
     cfg.add_argument("--signing-alg", default="RS256", help="JWS algorithm (default RS256)")
     cfg.add_argument("--key-id", default="mcp-fhir-policy", help="key id OPA verifies with")
     cfg.set_defaults(func=run_opa_config)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from mcp_fhir.governance.build import run_build as build
+
+    return build(args)
 
 
 # -- test / lint ------------------------------------------------------------------------------

@@ -100,6 +100,8 @@ class EHRClient(Protocol):
         self, resource: dict[str, Any], *, patient: str | None, if_none_exist: str | None
     ) -> FetchResult: ...
 
+    async def transaction(self, bundle: dict[str, Any], *, patient: str | None) -> FetchResult: ...
+
     async def healthy(self) -> bool: ...
 
     async def close(self) -> None: ...
@@ -432,6 +434,32 @@ class FhirEHRClient:
             raise UpstreamBadResponse("the EHR answered a create with the wrong resource type")
         return FetchResult([dict(body)], self.name, datetime.now(UTC), created=status == 201)
 
+    async def transaction(self, bundle: dict[str, Any], *, patient: str | None) -> FetchResult:
+        """POST a transaction Bundle to the base; one result: the transaction-response Bundle.
+
+        Never retried blindly (a conditional create in it makes a client's own retry safe). `created`
+        is whether its first entry was created (201) rather than found (200)."""
+
+        async def call() -> Any:
+            return await self.fhir.request(
+                "post", "", data=bundle, headers={"Prefer": "return=representation"}
+            )
+
+        body, _status = await self._guarded(call, idempotent=False)
+        if self._cache is not None:
+            types = sorted({str(e.get("resource", {}).get("resourceType")) for e in bundle.get("entry", [])})
+            await self._cache.invalidate_patient(self.name, patient, types)
+        if (
+            not isinstance(body, Mapping)
+            or body.get("resourceType") != "Bundle"
+            or not isinstance(body.get("entry"), list)
+            or len(body["entry"]) != len(bundle.get("entry", []))
+        ):
+            raise UpstreamBadResponse("the EHR answered a transaction with something other than its response")
+        first = (body["entry"][0] or {}).get("response") or {}
+        created = str(first.get("status", "")).startswith("201")
+        return FetchResult([dict(body)], self.name, datetime.now(UTC), created=created)
+
     async def capability_statement(self) -> dict[str, Any]:
         body = await self._guarded(lambda: self.fhir.execute("metadata", method="get"), idempotent=True)
         if not isinstance(body, Mapping) or body.get("resourceType") != "CapabilityStatement":
@@ -457,6 +485,7 @@ class FakeEHRClient:
     resources: list[dict[str, Any]] = field(default_factory=list)
     calls: list[tuple[str, str]] = field(default_factory=list)
     fail_with: MCPFhirError | None = None
+    transactions: list[dict[str, Any]] = field(default_factory=list)
 
     def _check(self, op: str, rtype: str) -> None:
         self.calls.append((op, rtype))
@@ -494,8 +523,51 @@ class FakeEHRClient:
         self.resources.append(stored)
         return FetchResult([stored], self.name, datetime.now(UTC), created=True)
 
+    async def transaction(self, bundle: dict[str, Any], *, patient: str | None) -> FetchResult:
+        """Stores each entry's resource (a conditional create finds an earlier match); answers as an EHR does."""
+        self._check("transaction", "Bundle")
+        self.transactions.append(bundle)
+        entries = []
+        for entry in bundle.get("entry", []):
+            resource, request = entry["resource"], entry.get("request", {})
+            match = _conditional_match(self.resources, resource, request.get("ifNoneExist"))
+            if match is None:
+                match = {**resource, "id": f"fake-{len(self.resources) + 1}"}
+                self.resources.append(match)
+                status = "201 Created"
+            else:
+                status = "200 OK"
+            entries.append(
+                {
+                    "resource": match,
+                    "response": {"status": status, "location": f"{match['resourceType']}/{match['id']}"},
+                }
+            )
+        response = {"resourceType": "Bundle", "type": "transaction-response", "entry": entries}
+        return FetchResult(
+            [response],
+            self.name,
+            datetime.now(UTC),
+            created=entries[0]["response"]["status"].startswith("201"),
+        )
+
     async def healthy(self) -> bool:
         return self.fail_with is None
 
     async def close(self) -> None:
         return None
+
+
+def _conditional_match(
+    stored: list[dict[str, Any]], resource: Mapping[str, Any], if_none_exist: str | None
+) -> dict[str, Any] | None:
+    """For the fake: an earlier resource of the same type matching `identifier=system|value`."""
+    if not if_none_exist or not if_none_exist.startswith("identifier="):
+        return None
+    system, _, value = if_none_exist.removeprefix("identifier=").partition("|")
+    for r in stored:
+        if r.get("resourceType") == resource.get("resourceType") and any(
+            i.get("system") == system and i.get("value") == value for i in r.get("identifier") or []
+        ):
+            return r
+    return None

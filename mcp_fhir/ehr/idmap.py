@@ -31,7 +31,7 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -134,6 +134,16 @@ def _unknown(backend: str, kind: str) -> UnknownPatient:
     return UnknownPatient("patient id has no mapping; ids are never guessed", backend=backend, kind=kind)
 
 
+async def _found(find: Callable[[str], Awaitable[str | None]], backend: str, kind: str) -> str:
+    """``find`` under ``backend``, then (national identifiers only) under any backend; UnknownPatient if neither."""
+    found = await find(backend)
+    if found is None and backend != ANY_BACKEND and kind in NATIONAL_KINDS:
+        found = await find(ANY_BACKEND)
+    if found is None:
+        raise _unknown(backend, kind)
+    return found
+
+
 class _IdMapBase:
     """The behaviour; subclasses provide three storage primitives."""
 
@@ -153,24 +163,14 @@ class _IdMapBase:
         stored_backend = _check_backend(backend)
         _check_kind(kind)
         cleaned = _clean_value(kind, value)
-        found = await self.find_canonical(stored_backend, kind, cleaned)
-        if found is None and stored_backend != ANY_BACKEND and kind in NATIONAL_KINDS:
-            found = await self.find_canonical(ANY_BACKEND, kind, cleaned)
-        if found is None:
-            raise _unknown(stored_backend, kind)
-        return found
+        return await _found(lambda b: self.find_canonical(b, kind, cleaned), stored_backend, kind)
 
     async def backend_id(self, canonical: str, backend: str, kind: str = "fhir_id") -> str:
         """The backend's id of one kind for a canonical patient; UnknownPatient when unmapped."""
         _check_canonical(canonical)
         stored_backend = _check_backend(backend)
         _check_kind(kind)
-        found = await self.find_value(canonical, stored_backend, kind)
-        if found is None and stored_backend != ANY_BACKEND and kind in NATIONAL_KINDS:
-            found = await self.find_value(canonical, ANY_BACKEND, kind)
-        if found is None:
-            raise _unknown(stored_backend, kind)
-        return found
+        return await _found(lambda b: self.find_value(canonical, b, kind), stored_backend, kind)
 
     async def put(self, canonical: str, backend: str | None, kind: str, value: str) -> None:
         """Record one mapping; idempotent for an identical row, IdMapConflict for a contradicting one."""
@@ -403,7 +403,13 @@ def load_idmap_yaml(path: str | Path) -> list[IdMapEntry]:
 
 
 async def seed_idmap(idmap: IdMap, entries: Sequence[IdMapEntry]) -> int:
-    """Put every entry; returns how many were applied (identical rows count, conflicts raise)."""
+    """Put every entry; returns how many are in the map now (identical rows count, an entry that contradicts a
+    stored mapping is skipped: the stored one stands, so a seed file never rewrites a live map)."""
+    applied = 0
     for entry in entries:
-        await idmap.put(entry.canonical, entry.backend, entry.kind, entry.value)
-    return len(entries)
+        try:
+            await idmap.put(entry.canonical, entry.backend, entry.kind, entry.value)
+        except ConfigError:
+            continue
+        applied += 1
+    return applied

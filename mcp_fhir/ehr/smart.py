@@ -78,7 +78,6 @@ from mcp_fhir.resilience.ratelimit import MAX_RETRY_AFTER_SECONDS, parse_retry_a
 __all__ = [
     "ASSERTION_LIFETIME_SECONDS",
     "AUTH_METHODS",
-    "CLIENT_ASSERTION_TYPE",
     "DEFAULT_REFRESH_SKEW_SECONDS",
     "DEFAULT_TOKEN_TIMEOUT",
     "AdditionalKey",
@@ -101,7 +100,6 @@ DEFAULT_EXPIRES_IN_SECONDS = 300.0
 MAX_RESPONSE_BYTES = 256 * 1024
 MAX_CLIENT_SECRET_BYTES = 4096
 DEFAULT_MAX_CONNECTIONS = 10
-CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 FORM = "application/x-www-form-urlencoded"
 SMART_CONFIGURATION_PATH = "/.well-known/smart-configuration"
 AUTH_METHODS: frozenset[str] = frozenset({"client_secret_basic", "private_key_jwt"})

@@ -4,7 +4,8 @@
 match the contract in `policies/README.md` is a `PolicyMalformed` (fail closed), never a
 guess. `FakePolicyEngine` is the in-package fake for unit tests of other modules.
 
-Obligations that only some tools carry (today `audit_patients`, on `search_audit_log`) are
+Obligations that only some tools carry (`audit_patients`, on `search_audit_log`; `confirm`,
+`{prompt_code, ttl_s}`, where the policy's data asks a person to confirm a write) are
 parsed when present and remembered as absent otherwise; the decide step
 (`policy/decide.py`) fails closed when a tool that needs one gets an allow without it.
 """
@@ -25,7 +26,7 @@ OBLIGATION_KEYS = (
     "max_results",
 )
 # Obligations only some tools' decisions carry; `Obligations.present` says which ones came back.
-TOOL_OBLIGATION_KEYS = ("audit_patients",)
+TOOL_OBLIGATION_KEYS = ("audit_patients", "confirm")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,8 @@ class Obligations:
     max_results: int | None = None
     # `null` (None) = events about any patient; a set = only events about those patients.
     audit_patients: frozenset[str] | None = None
+    # A person must confirm before the write: {"prompt_code": str, "ttl_s": number} (None: no confirmation).
+    confirm: Mapping[str, Any] | None = None
     present: frozenset[str] = frozenset()  # which of TOOL_OBLIGATION_KEYS the decision carried
 
     def __repr__(self) -> str:
@@ -56,6 +59,8 @@ class Obligations:
         }
         if "audit_patients" in self.present:
             out["audit_patients"] = None if self.audit_patients is None else sorted(self.audit_patients)
+        if self.confirm is not None:
+            out["confirm"] = dict(self.confirm)
         return out
 
 
@@ -146,6 +151,25 @@ def _limit(value: Any, key: str, decision_id: str | None) -> int | None:
     return int(value)
 
 
+def _confirm(value: Any, decision_id: str | None) -> dict[str, Any] | None:
+    """`confirm: {prompt_code, ttl_s}`; null or absent is no confirmation, anything else off-contract is malformed."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, Mapping)
+        or not isinstance(value.get("prompt_code"), str)
+        or not value["prompt_code"]
+        or isinstance(value.get("ttl_s"), bool)
+        or not isinstance(value.get("ttl_s"), int | float)
+        or value["ttl_s"] <= 0
+    ):
+        raise PolicyMalformed(
+            "obligations.confirm is not {prompt_code: string, ttl_s: positive number}",
+            decision_id=decision_id,
+        )
+    return {"prompt_code": value["prompt_code"], "ttl_s": value["ttl_s"]}
+
+
 def _parse_obligations(raw: Any, *, required: bool, decision_id: str | None) -> Obligations:
     if raw is None and not required:
         return Obligations()
@@ -163,6 +187,7 @@ def _parse_obligations(raw: Any, *, required: bool, decision_id: str | None) -> 
     audit_patients = raw.get("audit_patients")
     if audit_patients is not None:
         audit_patients = frozenset(_str_list(audit_patients, "audit_patients", decision_id))
+    confirm = _confirm(raw.get("confirm"), decision_id)
     return Obligations(
         exclude_security_labels=frozenset(
             _str_list(raw.get("exclude_security_labels", []), "exclude_security_labels", decision_id)
@@ -175,7 +200,8 @@ def _parse_obligations(raw: Any, *, required: bool, decision_id: str | None) -> 
         max_lookback_days=_limit(raw.get("max_lookback_days"), "max_lookback_days", decision_id),
         max_results=_limit(raw.get("max_results"), "max_results", decision_id),
         audit_patients=audit_patients,
-        present=frozenset(k for k in TOOL_OBLIGATION_KEYS if k in raw),
+        confirm=confirm,
+        present=frozenset(k for k in TOOL_OBLIGATION_KEYS if k in raw and (k != "confirm" or confirm)),
     )
 
 

@@ -37,6 +37,9 @@ class DecisionInput:
     backend: str
     request_id: str
     time: str = field(default_factory=utc_now_rfc3339)
+    # Set only when the feature is on: absent from `to_opa()` otherwise, so the input is unchanged.
+    consent: Mapping[str, Any] | None = None  # `ConsentReader.context`: {status, provisions}
+    activity: Mapping[str, Any] | None = None  # `ActivityCounters.observe`: window -> counts
 
     def __repr__(self) -> str:
         return (
@@ -45,8 +48,12 @@ class DecisionInput:
         )
 
     def to_opa(self) -> dict[str, Any]:
-        """The JSON object OPA receives (and the audit record keeps)."""
-        return {
+        """The JSON object OPA receives (and the audit record keeps).
+
+        `context.consent` and `context.activity` appear only when set (consent or activity
+        enabled), so with both features off every input is byte-identical to the contract's.
+        """
+        out: dict[str, Any] = {
             "subject": self.subject.to_input(),
             "action": {"tool": self.tool, "operation": self.operation, "resource_type": self.resource_type},
             "resource": {"patient": self.patient, "params": dict(self.params)},
@@ -58,6 +65,11 @@ class DecisionInput:
                 "request_id": self.request_id,
             },
         }
+        if self.consent is not None:
+            out["context"]["consent"] = dict(self.consent)
+        if self.activity is not None:
+            out["context"]["activity"] = dict(self.activity)
+        return out
 
 
 def decision_input(

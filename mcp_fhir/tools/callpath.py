@@ -35,13 +35,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mcp.server.auth.middleware.auth_context import get_access_token
-from mcp.types import CallToolResult
+from mcp.types import CallToolResult, InputRequiredResult
 from pydantic import ValidationError
 
-from mcp_fhir import metrics
+from mcp_fhir import metrics, tracing
 from mcp_fhir._exceptions import (
     AuditUnavailable,
     AuthenticationError,
+    ConfirmationRequired,
     InvalidArgument,
     MCPFhirError,
     PolicyDenied,
@@ -54,6 +55,7 @@ from mcp_fhir.logs import current_ids
 from mcp_fhir.policy.engine import Decision, Obligations
 from mcp_fhir.policy.input import DecisionInput
 from mcp_fhir.policy.obligations import enforce
+from mcp_fhir.tools.confirm import InputNeeded, confirm
 from mcp_fhir.tools.declare import Enforced, Fetched, Tool, ToolArgs
 from mcp_fhir.tools.results import Withheld, respond
 
@@ -81,6 +83,36 @@ def request_ids() -> tuple[str, str | None]:
     """This request's id (the HTTP request's, as in its log lines; a fresh one on stdio) and trace id."""
     request_id, trace_id = current_ids()
     return request_id or uuid.uuid4().hex, trace_id
+
+
+def client_info(ctx: Any) -> dict[str, str]:
+    """What the client declared of itself at `initialize` (name, version; `model` only if it named one)."""
+    try:
+        info = ctx.session.client_params.client_info
+    except Exception:  # no session (stdio resource, tests): nothing declared
+        return {}
+    out = {
+        key: value
+        for key, value in (
+            ("name", getattr(info, "name", None)),
+            ("version", getattr(info, "version", None)),
+            (
+                "model",
+                getattr(info, "model", None) or (getattr(info, "model_extra", None) or {}).get("model"),
+            ),
+        )
+        if isinstance(value, str) and value
+    }
+    return {k: v[:200] for k, v in out.items()}
+
+
+def _headers(ctx: Any) -> Mapping[str, str] | None:
+    """The HTTP request's headers (for W3C trace context), or None on stdio and without a context."""
+    try:
+        headers = ctx.headers
+    except Exception:
+        return None
+    return headers if isinstance(headers, Mapping) else None
 
 
 def nameable(argument: str) -> str:
@@ -124,6 +156,10 @@ class Call:
     break_glass_reason: str | None
     inputs: dict[str, DecisionInput]
     decisions: dict[str, Decision] = field(default_factory=dict)
+    # What the agent declared of itself in MCP clientInfo (name, version, and a model if it named one).
+    client_info: dict[str, str] = field(default_factory=dict)
+    # The outcome of a person's confirmation, when the decision asked for one (for the audit record).
+    confirmation: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         allowed = [rt for rt, d in self.decisions.items() if d.allow]
@@ -160,6 +196,8 @@ class Call:
         decisions = list(self.decisions.values())
         d = self.decision
         extra: dict[str, Any] = dict(fetched.audit_extra) if fetched is not None else {}
+        if self.confirmation is not None:
+            extra["confirmation"] = dict(self.confirmation)
         if self.tool.sections:
             extra["sections"] = [
                 _section_record(
@@ -329,13 +367,37 @@ class CallPath:
     def __repr__(self) -> str:
         return "CallPath()"
 
-    async def run(self, tool: Tool, arguments: Mapping[str, Any]) -> CallToolResult:
-        app = self.app
+    async def run(
+        self, tool: Tool, arguments: Mapping[str, Any], *, ctx: Any = None
+    ) -> CallToolResult | InputRequiredResult:
+        """Steps 1 to 9 for one call. `ctx` is the SDK's request context: it reaches the person
+        (elicitation) when the decision asks for a confirmation, and names the client.
+
+        One trace per call (`tracing.py`: a no-op unless tracing is configured), a child of the
+        caller's W3C `traceparent` when the HTTP request carried one, with a span per step
+        (authenticate, decide, fetch, enforce, audit) holding only allow-listed, PHI-free attributes.
+        """
         request_id, trace_id = request_ids()
+        with tracing.tool_call(tool.name, headers=_headers(ctx), request_id=request_id) as root:
+            result = await self._run(tool, arguments, ctx, request_id, trace_id)
+            tracing.annotate(
+                root,
+                **{
+                    "audit.result": "input_required" if isinstance(result, InputRequiredResult) else "allowed"
+                },
+            )
+            return result
+
+    async def _run(
+        self, tool: Tool, arguments: Mapping[str, Any], ctx: Any, request_id: str, trace_id: str | None
+    ) -> CallToolResult | InputRequiredResult:
+        app = self.app
         subject: Subject | None = None
         args: ToolArgs | None = None
         try:
-            subject = current_subject(app)  # 1 authenticate
+            with tracing.span("authenticate") as auth_span:
+                subject = current_subject(app)  # 1 authenticate
+                tracing.annotate(auth_span, **{"auth.method": subject.authn, "auth.result": "ok"})
             args = validate(tool, arguments)  # 2 validate
             if tool.check is not None:
                 tool.check(args, app, subject)
@@ -367,6 +429,7 @@ class CallPath:
             if refused is exc:
                 raise
             raise refused from exc
+        consent, activity = await self._context(subject, patient, backend_patient, local=local)
         call = Call(
             app=app,
             tool=tool,
@@ -391,28 +454,67 @@ class CallPath:
                     break_glass_reason=args.break_glass,
                     backend=backend,
                     request_id=request_id,
+                    consent=consent,
+                    activity=activity,
                 )
                 for rt in rtypes
             },
+            client_info=client_info(ctx),
         )
         # 4 decide (a multi-part tool: every section at once)
-        answers = await asyncio.gather(
-            *(app.decider.decide(inp, requires=tool.requires) for inp in call.inputs.values())
-        )
-        call.decisions = dict(zip(call.inputs, answers, strict=True))
+        with tracing.span("decide", **{"fhir.operation": tool.operation}) as decide_span:
+            answers = await asyncio.gather(
+                *(app.decider.decide(inp, requires=tool.requires) for inp in call.inputs.values())
+            )
+            call.decisions = dict(zip(call.inputs, answers, strict=True))
+            tracing.annotate(
+                decide_span,
+                **{
+                    "policy.allow": call.allowed,
+                    "policy.reason_codes": sorted({c for d in answers for c in d.reason_codes}),
+                    "policy.decision_id": call.decision.decision_id or "",
+                    "policy.revision": call.decision.revision or "",
+                },
+            )
         if not call.allowed:  # 5 deny: audited, then raised
-            await self._write(call.record("denied"))
+            with tracing.span("audit", **{"audit.result": "denied"}):
+                await self._write(call.record("denied"))
+            await self._denied(subject)
             metrics.TOOL_CALLS.labels(tool.name, "denied").inc()
             first = call.decisions[call.resource_type]
             raise PolicyDenied(first.reasons, decision_id=first.decision_id)
         try:
-            fetched = await tool.fetch(call, args)  # 6 fetch
-            enforced = (tool.enforce or enforce_fetched)(call, fetched)  # 7 enforce
+            if call.obligations.confirm is not None:  # 5b a person confirms, or nothing is written
+                try:
+                    answer = await confirm(
+                        ctx, dict(call.obligations.confirm), tool=tool.name, patient=patient
+                    )
+                except InputNeeded as needed:  # the question goes back to the client; nothing written
+                    call.confirmation = needed.confirmation.to_dict()
+                    await self._write(call.record("allowed"))
+                    metrics.TOOL_CALLS.labels(tool.name, "input_required").inc()
+                    return needed.result
+                call.confirmation = answer.to_dict()
+            fetch_attrs = {"fhir.backend": call.backend, "fhir.operation": tool.operation}
+            with tracing.span(
+                "fetch", **fetch_attrs, **{"fhir.resource_type": call.resource_type}
+            ) as fetch_span:
+                fetched = await tool.fetch(call, args)  # 6 fetch
+                tracing.annotate(fetch_span, **{"cache.outcome": fetched.cache or "none"})
+            with tracing.span("enforce") as enforce_span:
+                enforced = (tool.enforce or enforce_fetched)(call, fetched)  # 7 enforce
+                tracing.annotate(
+                    enforce_span,
+                    **{"fhir.result_count": _returned(enforced), "fhir.withheld_count": _filtered(enforced)},
+                )
             result = tool.build(call, args, fetched, enforced)
             markdown = tool.render(result)
             # 8 audit: durable before anything leaves
-            await self._write(call.record("allowed", fetched=fetched, enforced=enforced))
+            with tracing.span("audit", **{"audit.result": "allowed"}):
+                await self._write(call.record("allowed", fetched=fetched, enforced=enforced))
         except MCPFhirError as exc:
+            if isinstance(exc, ConfirmationRequired):
+                call.confirmation = exc.details.get("confirmation")
             await self._failed(call, exc)
             raise
         except Exception as exc:
@@ -423,6 +525,38 @@ class CallPath:
             raise internal from exc
         metrics.TOOL_CALLS.labels(tool.name, "allowed").inc()
         return respond(result, markdown)  # 9 respond
+
+    async def _context(
+        self, subject: Subject, patient: str | None, backend_patient: str | None, *, local: bool
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """The decision's optional context: the patient's consent and the subject's activity.
+
+        Each is None when its feature is off (the decision input is then unchanged). Consent is
+        read for a call that reads a patient's EHR data; a reader never raises (an unreadable
+        consent is `status: unavailable`, which the policy denies). Activity counts this call
+        before its decision; counters that fail give `status: unavailable`, for the policy to judge.
+        """
+        app = self.app
+        consent = None
+        if app.consent is not None and patient is not None and not local:
+            consent = await app.consent.context(backend_patient if app.consent_by_backend_id else patient)
+        activity: dict[str, Any] | None = None
+        if app.activity is not None:
+            try:
+                activity = dict(await app.activity.observe(subject.id, patient))
+            except Exception as exc:
+                log.error("activity counters failed: %s", type(exc).__name__)
+                activity = {"status": "unavailable"}
+        return consent, activity
+
+    async def _denied(self, subject: Subject) -> None:
+        """Count a denial for the subject's later decisions (best effort: the deny stands either way)."""
+        if self.app.activity is None:
+            return
+        try:
+            await self.app.activity.denied(subject.id)
+        except Exception as exc:
+            log.error("activity counters failed: %s", type(exc).__name__)
 
     async def refuse(
         self,

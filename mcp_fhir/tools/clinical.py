@@ -41,6 +41,7 @@ from mcp_fhir.tools.results import (
     read_continuation,
     render_search,
     render_summary,
+    sources_of,
     summarise,
 )
 
@@ -188,6 +189,7 @@ def build_search(call: Call, args: PatientArgs, fetched: Fetched, enforced: Enfo
         ),
         untrusted_text_flags=flag_resources(enforced.resources) if app.flag_injection else [],
         provenance=provenance(source, call.decision),
+        sources=sources_of(enforced.resources, source),
     )
 
 

@@ -12,6 +12,14 @@ through MCP elicitation (`elicitation/create`) before the write, and writes only
 
 Every outcome goes into the call's audit record (`confirmation`). The question names the tool, the
 patient and the prompt code the policy chose; it carries no clinical text.
+
+How the question travels follows the negotiated protocol, as the SDK's own resolvers do: up to
+2025-11-25 a server-to-client `elicitation/create` mid-call (bounded by `ttl_s`); from 2026-07-28 an
+`InputRequiredResult` (raised here as `InputNeeded`: the call path audits the request as outcome
+`requested` and returns it, nothing written), and the client's retry carries the answer in
+`input_responses` under `mcp-fhir.confirm`. That retry is a new call, decided afresh; `ttl_s` cannot be
+held across rounds without state the client could alter, so it bounds the legacy path only. Either way
+the client relays the person's answer: elicitation trusts the client to ask its human.
 """
 
 from __future__ import annotations
@@ -21,11 +29,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from mcp import types
-from pydantic import BaseModel, Field
+from mcp.server.elicitation import render_elicitation_schema
+from mcp.shared.exceptions import NoBackChannelError
+from mcp.types import ElicitRequest, ElicitRequestFormParams, ElicitResult, InputRequiredResult
+from mcp_types.version import is_version_at_least
+from pydantic import BaseModel, Field, ValidationError
 
 from mcp_fhir._exceptions import ConfirmationDeclined, ConfirmationRequired
 
-__all__ = ["ConfirmSchema", "Confirmation", "confirm"]
+__all__ = ["INPUT_KEY", "ConfirmSchema", "Confirmation", "InputNeeded", "confirm"]
+
+INPUT_KEY = "mcp-fhir.confirm"  # the question's key in input_requests / input_responses
+INPUT_REQUIRED_VERSION = "2026-07-28"
 
 DEFAULT_TTL_SECONDS = 120.0
 MAX_TTL_SECONDS = 900.0
@@ -46,6 +61,29 @@ class Confirmation:
 
     def to_dict(self) -> dict[str, Any]:
         return {"outcome": self.outcome, "prompt_code": self.prompt_code}
+
+
+class InputNeeded(Exception):
+    """The person must be asked first: the call returns `result` (an `InputRequiredResult`)."""
+
+    def __init__(self, result: InputRequiredResult, confirmation: Confirmation) -> None:
+        super().__init__("input required")
+        self.result = result
+        self.confirmation = confirmation
+
+
+def _input_required(ctx: Any) -> bool:
+    version = getattr(ctx, "protocol_version", None)
+    return isinstance(version, str) and is_version_at_least(version, INPUT_REQUIRED_VERSION)
+
+
+def _answer(raw: Any) -> ElicitResult | None:
+    if raw is None:
+        return None
+    try:
+        return raw if isinstance(raw, ElicitResult) else ElicitResult.model_validate(raw)
+    except ValidationError:
+        return None  # not an answer to this question: asked again
 
 
 def _supports_elicitation(ctx: Any) -> bool:
@@ -76,15 +114,35 @@ async def confirm(ctx: Any, obligation: dict[str, Any], *, tool: str, patient: s
         + (f" for patient {patient}" if patient else "")
         + f". The policy requires your confirmation ({code})."
     )
-    try:
-        answer = await asyncio.wait_for(ctx.elicit(message, ConfirmSchema), timeout=ttl)
-    except TimeoutError:
-        raise ConfirmationRequired(
-            "the confirmation was not given in time", confirmation=Confirmation("expired", code).to_dict()
-        ) from None
-    if answer.action == "accept" and getattr(answer.data, "confirm", False) is True:
+    if _input_required(ctx):
+        given = _answer((ctx.input_responses or {}).get(INPUT_KEY))
+        if given is None:
+            question = ElicitRequest(
+                params=ElicitRequestFormParams(
+                    message=message, requested_schema=render_elicitation_schema(ConfirmSchema)
+                )
+            )
+            raise InputNeeded(
+                InputRequiredResult(input_requests={INPUT_KEY: question}), Confirmation("requested", code)
+            )
+        action, ticked = given.action, (given.content or {}).get("confirm") is True
+    else:
+        try:
+            answer = await asyncio.wait_for(ctx.elicit(message, ConfirmSchema), timeout=ttl)
+        except TimeoutError:
+            raise ConfirmationRequired(
+                "the confirmation was not given in time", confirmation=Confirmation("expired", code).to_dict()
+            ) from None
+        except NoBackChannelError:
+            raise ConfirmationRequired(
+                "this write needs a person's confirmation, and the client cannot be asked on this connection",
+                confirmation=Confirmation("unsupported", code).to_dict(),
+            ) from None
+        action = answer.action
+        ticked = action == "accept" and getattr(answer.data, "confirm", False) is True
+    if action == "accept" and ticked:
         return Confirmation("accepted", code)
-    outcome = "cancelled" if answer.action == "cancel" else "declined"
+    outcome = "cancelled" if action == "cancel" else "declined"
     raise ConfirmationDeclined(
         f"the person asked to confirm this write {outcome} it",
         confirmation=Confirmation(outcome, code).to_dict(),

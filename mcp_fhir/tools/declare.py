@@ -16,7 +16,7 @@ argument that goes into the decision input (`narrowing()`), as the policy needs 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -138,8 +138,3 @@ class Tool:
             return self.sections
         rtype = self.resource_type
         return (rtype if isinstance(rtype, str) else rtype(args),)
-
-
-def by_name(tools: Mapping[str, Tool] | tuple[Tool, ...]) -> dict[str, Tool]:
-    items = tools.values() if isinstance(tools, Mapping) else tools
-    return {t.name: t for t in items}

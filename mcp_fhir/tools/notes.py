@@ -1,4 +1,10 @@
-"""Clinical notes, declared: read one note's text, and write a note (idempotently, never retried blindly)."""
+"""Clinical notes, declared: read one note's text, and write a note (idempotently, never retried blindly).
+
+A note is written the AI Transparency on FHIR way (`transparency.py`): one transaction holding the
+note labelled `AIAST`, the agent's AI-Device (with the model, when its MCP client info names one) and an
+AI-Provenance naming the agent, the person it acted for and the decision id. The note's conditional
+create (`ifNoneExist` on its idempotency key) makes a repeat find the first note instead of a second.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from typing import Annotated, Any
 from mcp.types import ToolAnnotations
 from pydantic import Field
 
+from mcp_fhir._exceptions import UpstreamBadResponse
 from mcp_fhir.tools.callpath import Call
 from mcp_fhir.tools.clinical import PatientArgs
 from mcp_fhir.tools.declare import Enforced, Fetched, Tool, ToolArgs
@@ -23,14 +30,10 @@ from mcp_fhir.tools.results import (
     render_document,
     render_note,
 )
+from mcp_fhir.tools.transparency import ClientInfo, write_transaction
 
 IDEMPOTENCY_SYSTEM = "urn:mcp-fhir:idempotency-key"
 NOTE_TYPE = {"system": "http://loinc.org", "code": "11506-3", "display": "Progress note"}
-NOTE_TAG = {
-    "system": "urn:mcp-fhir:provenance",
-    "code": "agent-authored",
-    "display": "Written by an AI agent",
-}
 
 IdempotencyKey = Annotated[
     str,
@@ -125,7 +128,6 @@ async def create_note(call: Call, args: NoteArgs) -> Fetched:
     key = args.idempotency_key
     doc: dict[str, Any] = {
         "resourceType": "DocumentReference",
-        "meta": {"tag": [NOTE_TAG]},
         "identifier": [{"system": IDEMPOTENCY_SYSTEM, "value": key}],
         "status": "current",
         "docStatus": "preliminary",
@@ -145,12 +147,44 @@ async def create_note(call: Call, args: NoteArgs) -> Fetched:
     }
     if call.subject.on_behalf_of:
         doc["author"] = [{"reference": call.subject.on_behalf_of}]
-    fetch = await call.app.backend(call.backend).create(
-        doc, patient=call.patient, if_none_exist=f"identifier={IDEMPOTENCY_SYSTEM}|{key}"
+    bundle = write_transaction(
+        doc,
+        agent_id=call.subject.id,
+        on_behalf_of=call.subject.on_behalf_of,
+        decision_id=call.decision.decision_id,
+        client=ClientInfo(call.client_info),
     )
+    bundle["entry"][0]["request"]["ifNoneExist"] = f"identifier={IDEMPOTENCY_SYSTEM}|{key}"
+    fetch = await call.app.backend(call.backend).transaction(bundle, patient=call.patient)
+    note = _written(fetch.resources[0], "DocumentReference")
     return Fetched(
-        fetch.resources[:1], source=fetch, audit_extra={"created": bool(fetch.created)}, write=True
+        [note],
+        source=fetch,
+        audit_extra={"created": bool(fetch.created), "transparency": _written_refs(fetch.resources[0])},
+        write=True,
     )
+
+
+def _written(response: dict[str, Any], rtype: str) -> dict[str, Any]:
+    """The first entry of a transaction-response: its resource, or its type and id from its location."""
+    entry = (response.get("entry") or [{}])[0] or {}
+    resource = entry.get("resource")
+    if isinstance(resource, dict) and resource.get("resourceType") == rtype and resource.get("id"):
+        return resource
+    location = str((entry.get("response") or {}).get("location") or "")
+    parts = location.split("/")
+    if rtype in parts and parts.index(rtype) + 1 < len(parts):
+        return {"resourceType": rtype, "id": parts[parts.index(rtype) + 1]}
+    raise UpstreamBadResponse("the EHR's transaction response does not name the written note")
+
+
+def _written_refs(response: dict[str, Any]) -> list[str]:
+    """Type/id of everything the transaction wrote or found (note, Device, Provenance), for the audit."""
+    out = []
+    for entry in response.get("entry") or []:
+        location = str(((entry or {}).get("response") or {}).get("location") or "")
+        out.append("/".join(location.split("/")[-4:-2]) if "/_history/" in location else location)
+    return out
 
 
 def keep_written(_call: Call, fetched: Fetched) -> Enforced:

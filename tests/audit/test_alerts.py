@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+
+from mcp_fhir import metrics
 from mcp_fhir.audit.alerts import DENIAL_BURST, AlertEmitter, DenialBurstDetector
 
 from .conftest import make_record
@@ -45,9 +50,33 @@ def test_agents_are_counted_separately() -> None:
     assert [d.observe("a"), d.observe("b"), d.observe("a")] == [False, False, True]
 
 
-def test_the_emitter_turns_policy_alerts_and_bursts_into_alert_records() -> None:
+def test_the_emitter_keeps_policy_alerts_and_a_burst_inside_the_record_itself() -> None:
     emitter = AlertEmitter(DenialBurstDetector(1, 60, clock=Clock()))
-    out = emitter.derive(make_record(1, result="denied", alerts=("bulk_access",)))
-    assert [r.alerts for r in out] == [("bulk_access",), (DENIAL_BURST,)]
-    assert all(r.kind == "alert" and r.request_id == "req-1" for r in out)
-    assert emitter.derive(out[0]) == []
+    rec = make_record(1, result="denied", alerts=("bulk_access",))
+    out = emitter.annotate(rec)
+    assert (out.kind, out.request_id, out.alerts) == ("access", "req-1", ("bulk_access", DENIAL_BURST))
+    assert out.to_dict() | {"alerts": ["bulk_access"]} == rec.to_dict()
+
+
+def test_a_record_without_alerts_is_returned_unchanged() -> None:
+    emitter = AlertEmitter(DenialBurstDetector(5, 60, clock=Clock()))
+    rec = make_record(1, result="denied")
+    assert emitter.annotate(rec) is rec
+
+
+def test_an_alert_record_is_never_annotated_again() -> None:
+    emitter = AlertEmitter(DenialBurstDetector(1, 60, clock=Clock()))
+    rec = make_record(1, kind="alert", result="denied", alerts=("audit_recovery",))
+    assert emitter.annotate(rec) is rec
+
+
+def test_each_alert_is_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    def count(name: str) -> float:
+        return metrics.REGISTRY.get_sample_value("mcp_fhir_alerts_total", {"alert": name}) or 0.0
+
+    before = count("after_hours"), count(DENIAL_BURST)
+    emitter = AlertEmitter(DenialBurstDetector(1, 60, clock=Clock()))
+    with caplog.at_level(logging.INFO, logger="mcp_fhir.audit.alerts"):
+        emitter.annotate(make_record(1, result="denied", alerts=("after_hours",)))
+    assert (count("after_hours"), count(DENIAL_BURST)) == (before[0] + 1, before[1] + 1)
+    assert sorted(getattr(r, "alert", None) for r in caplog.records) == ["after_hours", DENIAL_BURST]

@@ -77,6 +77,15 @@ def test_reads_are_action_r_and_alerts_are_security_alerts() -> None:
     assert alert["type"]["code"] == "110113"
 
 
+def test_a_calls_alerts_travel_inside_its_own_access_event() -> None:
+    # search_audit_log returns access records as AuditEvents: a call's alerts are in the decision detail.
+    event = to_audit_event(make_record(1, alerts=("after_hours", "denial_burst")))
+    AuditEvent.model_validate(event)
+    assert event["type"]["code"] == "rest"
+    [decision] = [e for e in event["entity"] if e.get("name") == "policy decision"]
+    assert {"type": "alerts", "valueString": '["after_hours","denial_burst"]'} in decision["detail"]
+
+
 def test_a_bundle_and_ndjson_hold_every_event() -> None:
     events = [to_audit_event(make_record(n), seq=n) for n in range(3)]
     bundle = to_bundle(events)

@@ -225,18 +225,19 @@ async def test_an_encrypted_entry_moved_to_another_place_does_not_decrypt(
     assert (report.problem.kind, report.problem.seq) == ("decrypt_failed", 1)
 
 
-async def test_policy_alerts_become_alert_records_in_the_same_log(
+async def test_a_call_with_policy_alerts_writes_exactly_one_record_found_by_its_alert(
     file_trail: AuditTrail, file_settings
 ) -> None:
     before = _alerts("after_hours_access")
     await file_trail.record(make_record(1, alerts=("after_hours_access",)))
     records = [e["record"] for e in _entries(Path(file_settings.path)) if "record" in e]
-    assert [r["kind"] for r in records] == ["access", "alert"]
-    assert records[1]["alerts"] == ["after_hours_access"]
+    assert [(r["kind"], r["alerts"]) for r in records] == [("access", ["after_hours_access"])]
+    rows, _ = await file_trail.query(AuditQuery(alert="after_hours_access"), limit=10, cursor=None)
+    assert [r["request_id"] for r in rows] == ["req-1"]
     assert _alerts("after_hours_access") == before + 1
 
 
-async def test_a_burst_of_denials_raises_one_denial_burst_alert(tmp_path: Path) -> None:
+async def test_a_burst_of_denials_marks_the_one_denial_that_completes_it(tmp_path: Path) -> None:
     now = [100.0]
     settings = AuditSettings(
         path=str(tmp_path / "a.jsonl"), denial_burst_threshold=3, denial_burst_window_seconds=60
@@ -246,7 +247,9 @@ async def test_a_burst_of_denials_raises_one_denial_burst_alert(tmp_path: Path) 
     for n in range(5):
         await trail.record(make_record(n, result="denied", reason_codes=("PURPOSE_NOT_ALLOWED",)))
     rows, _ = await trail.query(AuditQuery(alert="denial_burst"), limit=10, cursor=None)
-    assert len(rows) == 1 and rows[0]["kind"] == "alert"
+    assert [(r["kind"], r["request_id"]) for r in rows] == [("access", "req-2")]
+    everything, _ = await trail.query(AuditQuery(), limit=100, cursor=None)
+    assert len(everything) == 5
     await trail.close()
 
 

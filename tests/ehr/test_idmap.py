@@ -12,6 +12,7 @@ from mcp_fhir._exceptions import ConfigError, InvalidArgument, UnknownPatient
 from mcp_fhir.ehr.idmap import (
     IdMap,
     IdMapConflict,
+    IdMapEntry,
     MemoryIdMap,
     SqliteIdMap,
     load_idmap_yaml,
@@ -143,6 +144,15 @@ async def test_yaml_seed_is_loaded_and_applied(tmp_path: Path) -> None:
     assert await idmap.canonicalise(backend="cerner", kind="cerner_id", value="12724067") == "pat-1"
     assert await idmap.canonicalise(backend=None, kind="ihi", value=IHI) == "pat-1"
     assert IHI not in repr(entries)
+
+
+async def test_a_seed_entry_that_contradicts_the_map_is_skipped_and_the_stored_mapping_stands() -> None:
+    idmap = MemoryIdMap()
+    await idmap.put("pat-1", "epic", "mrn", "202497")
+    entries = [IdMapEntry("pat-2", "epic", "mrn", "202497"), IdMapEntry("pat-2", "epic", "mrn", "777")]
+    assert await seed_idmap(idmap, entries) == 1
+    assert await idmap.canonicalise(backend="epic", kind="mrn", value="202497") == "pat-1"
+    assert await idmap.canonicalise(backend="epic", kind="mrn", value="777") == "pat-2"
 
 
 @pytest.mark.parametrize(

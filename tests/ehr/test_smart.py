@@ -22,7 +22,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from mcp_fhir._exceptions import ConfigError, UpstreamAuthError, UpstreamError
 from mcp_fhir.ehr.smart import (
     ASSERTION_LIFETIME_SECONDS,
-    CLIENT_ASSERTION_TYPE,
     SmartBackendAuth,
     SmartSettings,
     build_http_client,
@@ -30,6 +29,8 @@ from mcp_fhir.ehr.smart import (
 )
 from mcp_fhir.metrics import REGISTRY
 from tests.data import VENDOR_SAMPLES
+
+CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"  # RFC 7523 §2.2
 
 SAMPLES = VENDOR_SAMPLES
 TOKEN_URL = "https://ehr.example.org/oauth2/token"

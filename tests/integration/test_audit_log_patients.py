@@ -2,9 +2,8 @@
 OPA and the real FHIR test bed.
 
 The tool sends its `patient_id` filter as the decision input's `resource.patient`, names that patient in
-its own audit record, and enforces the `audit_patients` obligation of its allowed decisions. Until the
-Rego side of that obligation lands, an allowed `search_audit_log` decision has no `audit_patients` and
-fails closed (`opa_malformed`): the tests that need an allow are marked xfail (not strict) for that.
+its own audit record, and enforces the `audit_patients` obligation of its allowed decisions (an allow
+without it fails closed, `opa_malformed`).
 """
 
 from __future__ import annotations
@@ -31,10 +30,6 @@ ADMIN = {
     "scopes": ["user/AuditEvent.rs"],
 }
 BOUND_AUDITOR = {**AUDITOR, "claims": {**AUDITOR["claims"], "patient": f"Patient/{PATIENT_A}"}}
-AWAITING_REGO = pytest.mark.xfail(
-    reason="the policy does not return the audit_patients obligation yet (Rego side of #16 §1, another helper)",
-    strict=False,
-)
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -85,7 +80,6 @@ async def test_an_admin_may_not_filter_the_audit_log_by_patient(
     assert (own["result"], own["patient"]) == ("denied", PATIENT_A)
 
 
-@AWAITING_REGO
 async def test_an_auditor_filtering_on_a_patient_sees_only_that_patients_events_and_is_audited_with_it(
     trail_with_two_patients: Path, fhir_server: Any
 ):
@@ -104,7 +98,6 @@ async def test_an_auditor_filtering_on_a_patient_sees_only_that_patients_events_
     )
 
 
-@AWAITING_REGO
 async def test_a_patient_bound_auditor_without_a_filter_sees_no_other_patients_events(
     trail_with_two_patients: Path, fhir_server: Any
 ):
@@ -115,7 +108,6 @@ async def test_a_patient_bound_auditor_without_a_filter_sees_no_other_patients_e
     assert result.structured_content["count"] >= 1
 
 
-@AWAITING_REGO
 async def test_an_admin_without_a_filter_is_allowed_and_sees_no_patient(
     trail_with_two_patients: Path, fhir_server: Any
 ):

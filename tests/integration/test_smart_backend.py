@@ -20,13 +20,14 @@ from mcp_fhir._exceptions import UpstreamAuthError
 from mcp_fhir.ehr.keys import public_jwks, signing_key_from_pem
 from mcp_fhir.ehr.scopes import required_scopes, unavailable_tools
 from mcp_fhir.ehr.smart import (
-    CLIENT_ASSERTION_TYPE,
     SmartBackendAuth,
     SmartSettings,
     build_http_client,
     with_token_retry,
 )
 from tests.testbed.token_server import RegisteredClient, TokenServer, make_private_key_pem, start_token_server
+
+CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"  # RFC 7523 §2.2
 
 SECRET = "integration secret: not & real"
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}

@@ -90,3 +90,32 @@ def test_a_decision_without_audit_patients_says_so_and_its_dict_is_unchanged():
 def test_the_obligations_repr_never_shows_a_patient_id():
     ob = Decision.parse(allow(audit_patients=["pat-secret-9"])).obligations
     assert "pat-secret-9" not in repr(ob) and "pat-secret-9" not in repr(Decision(allow=True, obligations=ob))
+
+
+def test_a_confirm_obligation_is_parsed_and_kept_in_the_dict():
+    ob = Decision.parse(allow(confirm={"prompt_code": "confirm_clinical_note", "ttl_s": 120})).obligations
+    assert ob.confirm == {"prompt_code": "confirm_clinical_note", "ttl_s": 120}
+    assert "confirm" in ob.present
+    assert ob.to_dict()["confirm"] == {"prompt_code": "confirm_clinical_note", "ttl_s": 120}
+
+
+def test_no_confirm_or_a_null_one_asks_no_person():
+    for body in (allow(), allow(confirm=None)):
+        ob = Decision.parse(body).obligations
+        assert ob.confirm is None and "confirm" not in ob.present and "confirm" not in ob.to_dict()
+
+
+@pytest.mark.parametrize(
+    "confirm",
+    [
+        "yes",
+        {"ttl_s": 10},
+        {"prompt_code": "", "ttl_s": 10},
+        {"prompt_code": "p", "ttl_s": 0},
+        {"prompt_code": "p", "ttl_s": True},
+        {"prompt_code": "p"},
+    ],
+)
+def test_an_off_contract_confirm_obligation_is_malformed(confirm):
+    with pytest.raises(PolicyMalformed):
+        Decision.parse(allow(confirm=confirm))

@@ -318,6 +318,7 @@ EVERY_TOOL: dict[str, dict[str, Any]] = {
     },
     "refresh": {"patient_id": PATIENT, "resource_type": "Observation"},
     "search_audit_log": {},
+    "audit_disclosures": {"patient_id": PATIENT},
 }
 
 

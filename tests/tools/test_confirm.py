@@ -71,3 +71,45 @@ async def test_a_question_left_unanswered_expires_after_the_policys_ttl():
     with pytest.raises(ConfirmationRequired) as exc:
         await confirm(Ctx(hang=True), {"prompt_code": "p", "ttl_s": 0.05}, tool="t", patient=None)
     assert exc.value.details["confirmation"]["outcome"] == "expired"
+
+
+class ModernCtx(Ctx):
+    """A 2026-07-28 request: the answer, if any, rides the retry's input_responses."""
+
+    protocol_version = "2026-07-28"
+
+    def __init__(self, responses: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.input_responses = responses
+
+
+async def test_on_the_2026_protocol_the_question_is_returned_as_input_required():
+    from mcp_fhir.tools.confirm import INPUT_KEY, InputNeeded
+
+    with pytest.raises(InputNeeded) as needed:
+        await confirm(ModernCtx(), OBLIGATION, tool="create_clinical_note", patient="pat-1")
+    request = needed.value.result.input_requests[INPUT_KEY]
+    assert "create_clinical_note" in request.params.message
+    assert needed.value.confirmation.to_dict()["outcome"] == "requested"
+
+
+@pytest.mark.parametrize(
+    ("answer", "outcome"),
+    [
+        ({"action": "accept", "content": {"confirm": True}}, "accepted"),
+        ({"action": "accept", "content": {"confirm": False}}, "declined"),
+        ({"action": "decline"}, "declined"),
+        ({"action": "cancel"}, "cancelled"),
+    ],
+)
+async def test_on_the_2026_protocol_the_retrys_answer_decides(answer: dict[str, Any], outcome: str):
+    from mcp_fhir.tools.confirm import INPUT_KEY
+
+    ctx = ModernCtx({INPUT_KEY: answer})
+    if outcome == "accepted":
+        got = await confirm(ctx, OBLIGATION, tool="create_clinical_note", patient="pat-1")
+        assert got.outcome == "accepted"
+        return
+    with pytest.raises(ConfirmationDeclined) as err:
+        await confirm(ctx, OBLIGATION, tool="create_clinical_note", patient="pat-1")
+    assert err.value.details["confirmation"]["outcome"] == outcome

@@ -98,22 +98,15 @@ async def test_read_document_of_another_patients_note_returns_no_text():
 
 
 class RecordingEHR(FakeEHRClient):
-    """The fake EHR, also keeping each create's conditional header; a repeated key finds the first note."""
+    """The fake EHR, also keeping each transaction's conditional create on the note."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conditions: list[str | None] = []
 
-    async def create(
-        self, resource: dict[str, Any], *, patient: str | None, if_none_exist: str | None
-    ) -> FetchResult:
-        self.conditions.append(if_none_exist)
-        for stored in self.resources:
-            if stored.get("identifier") == resource.get("identifier"):
-                return FetchResult([stored], self.name, stored["_at"], created=False)
-        result = await super().create(resource, patient=patient, if_none_exist=if_none_exist)
-        result.resources[0]["_at"] = result.retrieved_at
-        return result
+    async def transaction(self, bundle: dict[str, Any], *, patient: str | None) -> FetchResult:
+        self.conditions.append(bundle["entry"][0]["request"].get("ifNoneExist"))
+        return await super().transaction(bundle, patient=patient)
 
 
 def _with_recording_ehr() -> tuple[Harness, RecordingEHR]:
@@ -154,7 +147,7 @@ async def test_repeating_an_idempotency_key_sends_the_same_condition_and_reports
 async def test_a_created_note_is_bound_to_the_backend_patient_and_carries_the_text():
     h, ehr = _with_recording_ehr()
     await create_note(h)
-    [stored] = ehr.resources
+    [stored] = [r for r in ehr.resources if r["resourceType"] == "DocumentReference"]
     assert stored["subject"] == {"reference": f"Patient/{PATIENT}"}
     assert base64.b64decode(stored["content"][0]["attachment"]["data"]).decode() == NOTE
 

@@ -25,6 +25,7 @@ from mcp_fhir.tools.results import (
     provenance,
     read_continuation,
     render_search,
+    sources_of,
 )
 from mcp_fhir.tools.untrusted import UNTRUSTED_CLOSE, UNTRUSTED_OPEN
 from mcp_fhir.tools.untrusted import fence_block as fence
@@ -203,3 +204,41 @@ def test_a_fresh_result_shows_no_stale_warning_but_its_source_and_decision():
     text = render_search(_result(stale=False), title="observations")
     assert STALE_WARNING not in text
     assert "decision d-1" in text and "_2 withheld by policy._" in text
+
+
+def _mixed() -> SearchResult:
+    resources = [
+        {"resourceType": "Observation", "id": "f1", "status": "final"},
+        {"resourceType": "Observation", "id": "h1", "status": "final"},
+        {"resourceType": "Observation", "id": "h2", "status": "final"},
+    ]
+    fetch = FetchResult(
+        resources, "ehr", datetime(2026, 1, 1, tzinfo=UTC),
+        sources={"Observation/f1": "fhir", "Observation/h1": "hl7v2", "Observation/h2": "hl7v2"},
+    )  # fmt: skip
+    kept = resources[1:] + resources[:1]  # whatever the enforcement step did to the order
+    return SearchResult(
+        resource_type="Observation", patient="pat-1", count=3, resources=kept, withheld=Withheld(),
+        provenance=provenance(fetch, Decision(allow=True, decision_id="d-1")), sources=sources_of(kept, fetch),
+    )  # fmt: skip
+
+
+def test_every_returned_resource_is_mapped_to_its_source_by_its_reference():
+    assert _mixed().sources == {
+        "Observation/h1": "hl7v2",
+        "Observation/h2": "hl7v2",
+        "Observation/f1": "fhir",
+    }
+
+
+def test_a_resource_the_fetch_did_not_mark_came_from_the_fhir_api():
+    fetch = FetchResult([{"resourceType": "Patient", "id": "p"}], "ehr", datetime(2026, 1, 1, tzinfo=UTC))
+    assert sources_of(fetch.resources, fetch) == {"Patient/p": "fhir"}
+
+
+def test_the_markdown_names_the_results_converted_from_hl7_v2():
+    text = render_search(_mixed(), title="observations")
+    assert (
+        "_from the EHR's FHIR API: 1; converted from HL7 v2 lab messages: 2 (Observation/h1, Observation/h2)_"
+        in text
+    )

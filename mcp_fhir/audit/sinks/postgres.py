@@ -205,6 +205,12 @@ class PostgresSink(AuditSink):
                 pass
 
     def reader(self, after_seq: int = 0) -> Iterator[dict[str, Any]]:
+        return self._entries(after_seq=after_seq)
+
+    def reverse_reader(self) -> Iterator[dict[str, Any]]:
+        return self._entries(newest_first=True)
+
+    def _entries(self, *, after_seq: int = 0, newest_first: bool = False) -> Iterator[dict[str, Any]]:
         return iter_postgres_entries(
             self._dsn.reveal(),
             self.writer,
@@ -212,14 +218,5 @@ class PostgresSink(AuditSink):
             table=self.table,
             role=self.role,
             after_seq=after_seq,
-        )
-
-    def reverse_reader(self) -> Iterator[dict[str, Any]]:
-        return iter_postgres_entries(
-            self._dsn.reveal(),
-            self.writer,
-            schema=self.schema,
-            table=self.table,
-            role=self.role,
-            newest_first=True,
+            newest_first=newest_first,
         )

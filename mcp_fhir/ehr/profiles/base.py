@@ -26,24 +26,33 @@ __all__ = [
     "FHIR_R4",
     "FHIR_STU3",
     "PATIENT_SCOPED_TYPES",
+    "US_CORE_BIRTHSEX",
+    "US_CORE_ETHNICITY",
+    "US_CORE_RACE",
     "Normalised",
     "Normaliser",
     "Profile",
     "common_extras",
     "ensure_resource",
+    "extension_code",
     "extension_value",
     "find_extension",
     "first_code",
     "identifier_type_codes",
+    "identifier_typed",
     "identifiers_of",
     "omb_extension",
     "pick_identifier",
+    "us_core_demographics",
 ]
 
 FHIR_R4 = "4.0.1"
 FHIR_STU3 = "3.0.2"
 MAX_RATE_LIMIT_PER_MINUTE = 100_000
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+US_CORE_RACE = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"
+US_CORE_ETHNICITY = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity"
+US_CORE_BIRTHSEX = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex"
 
 # The resource types the tools expose, and the search parameter that names the patient on each.
 PATIENT_SCOPED_TYPES: tuple[str, ...] = (
@@ -187,6 +196,16 @@ def identifier_type_codes(identifier: Mapping[str, Any]) -> set[str]:
     return codes
 
 
+def identifier_typed(*labels: str) -> Callable[[Mapping[str, Any]], bool]:
+    """A ``pick_identifier`` matcher: the identifier's type (text or code, any case) is one of ``labels``."""
+    wanted = {label.upper() for label in labels}
+
+    def matches(identifier: Mapping[str, Any]) -> bool:
+        return bool(wanted & identifier_type_codes(identifier))
+
+    return matches
+
+
 def _is_current(identifier: Mapping[str, Any]) -> bool:
     period = identifier.get("period")
     return not (isinstance(period, Mapping) and period.get("end"))
@@ -225,6 +244,11 @@ def first_code(value: Any) -> str | None:
     return None
 
 
+def extension_code(element: Mapping[str, Any], *urls: str) -> str | None:
+    """The first code of the value of the first extension on ``element`` whose url is one of ``urls``."""
+    return first_code(extension_value(find_extension(element, *urls)))
+
+
 def omb_extension(resource: Mapping[str, Any], url: str) -> dict[str, Any] | None:
     """A US Core OMB-style complex extension (race, ethnicity) as ``{"codes": [...], "text": ...}``."""
     ext = find_extension(resource, url)
@@ -241,3 +265,16 @@ def omb_extension(resource: Mapping[str, Any], url: str) -> dict[str, Any] | Non
         elif sub.get("url") == "text" and isinstance(sub.get("valueString"), str):
             out["text"] = sub["valueString"]
     return out
+
+
+def us_core_demographics(patient: Mapping[str, Any]) -> dict[str, Any]:
+    """US Core birth sex (a code), race and ethnicity (OMB form); a missing extension leaves its key out."""
+    extras: dict[str, Any] = {}
+    birth_sex = extension_code(patient, US_CORE_BIRTHSEX)
+    if birth_sex is not None:
+        extras["birth_sex"] = birth_sex
+    for key, url in (("race", US_CORE_RACE), ("ethnicity", US_CORE_ETHNICITY)):
+        omb = omb_extension(patient, url)
+        if omb is not None:
+            extras[key] = omb
+    return extras

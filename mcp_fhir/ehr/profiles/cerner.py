@@ -23,12 +23,11 @@ from mcp_fhir.ehr.profiles.base import (
     extension_value,
     find_extension,
     first_code,
-    identifier_type_codes,
+    identifier_typed,
     identifiers_of,
-    omb_extension,
     pick_identifier,
+    us_core_demographics,
 )
-from mcp_fhir.ehr.profiles.epic import US_CORE_BIRTHSEX, US_CORE_ETHNICITY, US_CORE_RACE
 
 __all__ = ["CERNER_DEFAULT_RATE_LIMIT_PER_MINUTE", "CERNER_PROFILE", "normalise_cerner"]
 
@@ -55,24 +54,16 @@ def _communication_preferences(patient: Mapping[str, Any]) -> list[dict[str, Any
 def _patient_extras(patient: Mapping[str, Any]) -> dict[str, Any]:
     extras: dict[str, Any] = {}
     identifiers = identifiers_of(patient)
-    mrn = pick_identifier(identifiers, lambda i: bool({"MRN", "MR"} & identifier_type_codes(i)))
+    mrn = pick_identifier(identifiers, identifier_typed("MRN", "MR"))
     if mrn is not None:
         extras["mrn"] = mrn
-    principal = pick_identifier(
-        identifiers, lambda i: "FEDERATED PERSON PRINCIPAL" in identifier_type_codes(i)
-    )
+    principal = pick_identifier(identifiers, identifier_typed("Federated Person Principal"))
     if principal is not None:
         extras["federated_principal"] = principal
     prefs = _communication_preferences(patient)
     if prefs:
         extras["communication_preferences"] = prefs
-    for key, url in (("race", US_CORE_RACE), ("ethnicity", US_CORE_ETHNICITY)):
-        omb = omb_extension(patient, url)
-        if omb is not None:
-            extras[key] = omb
-    birth_sex = first_code(extension_value(find_extension(patient, US_CORE_BIRTHSEX)))
-    if birth_sex is not None:
-        extras["birth_sex"] = birth_sex
+    extras.update(us_core_demographics(patient))
     return extras
 
 

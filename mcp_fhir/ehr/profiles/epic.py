@@ -17,7 +17,7 @@ Epic's default rate limit is not published; 60/min is our conservative default (
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from mcp_fhir.ehr.profiles.base import (
@@ -26,13 +26,11 @@ from mcp_fhir.ehr.profiles.base import (
     Normalised,
     Profile,
     common_extras,
-    extension_value,
-    find_extension,
-    first_code,
-    identifier_type_codes,
+    extension_code,
+    identifier_typed,
     identifiers_of,
-    omb_extension,
     pick_identifier,
+    us_core_demographics,
 )
 
 __all__ = ["EPIC_DEFAULT_RATE_LIMIT_PER_MINUTE", "EPIC_PROFILE", "epic_patient_extras", "normalise_epic"]
@@ -51,14 +49,6 @@ GENDER_IDENTITY_URLS = (
     "http://hl7.org/fhir/StructureDefinition/patient-genderIdentity",
     "http://hl7.org/fhir/StructureDefinition/individual-genderIdentity",
 )
-US_CORE_RACE = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"
-US_CORE_ETHNICITY = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity"
-US_CORE_BIRTHSEX = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex"
-
-
-def _is_mrn(identifier: Mapping[str, Any]) -> bool:
-    codes = identifier_type_codes(identifier)
-    return "MRN" in codes or "MR" in codes
 
 
 def _is_epic_mrn_oid(identifier: Mapping[str, Any]) -> bool:
@@ -68,22 +58,17 @@ def _is_epic_mrn_oid(identifier: Mapping[str, Any]) -> bool:
     )
 
 
-def _has_type(label: str) -> Callable[[Mapping[str, Any]], bool]:
-    def matches(identifier: Mapping[str, Any]) -> bool:
-        return label in identifier_type_codes(identifier)
-
-    return matches
-
-
 def epic_patient_extras(patient: Mapping[str, Any]) -> dict[str, Any]:
     """Epic Patient fields: MRN, EPI, CEID, Epic FHIR id, sexes, gender identity, race and ethnicity."""
     extras: dict[str, Any] = {}
     identifiers = identifiers_of(patient)
-    mrn = pick_identifier(identifiers, _is_mrn) or pick_identifier(identifiers, _is_epic_mrn_oid)
+    mrn = pick_identifier(identifiers, identifier_typed("MRN", "MR")) or pick_identifier(
+        identifiers, _is_epic_mrn_oid
+    )
     if mrn is not None:
         extras["mrn"] = mrn
     for label in ("EPI", "CEID"):
-        value = pick_identifier(identifiers, _has_type(label))
+        value = pick_identifier(identifiers, identifier_typed(label))
         if value is not None:
             extras[label.lower()] = value
     if isinstance(patient.get("id"), str):
@@ -92,15 +77,11 @@ def epic_patient_extras(patient: Mapping[str, Any]) -> dict[str, Any]:
         ("legal_sex", (LEGAL_SEX_URL,)),
         ("sex_for_clinical_use", SEX_FOR_CLINICAL_USE_URLS),
         ("gender_identity", GENDER_IDENTITY_URLS),
-        ("birth_sex", (US_CORE_BIRTHSEX,)),
     ):
-        code = first_code(extension_value(find_extension(patient, *urls)))
+        code = extension_code(patient, *urls)
         if code is not None:
             extras[key] = code
-    for key, url in (("race", US_CORE_RACE), ("ethnicity", US_CORE_ETHNICITY)):
-        omb = omb_extension(patient, url)
-        if omb is not None:
-            extras[key] = omb
+    extras.update(us_core_demographics(patient))
     return extras
 
 

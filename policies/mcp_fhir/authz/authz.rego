@@ -7,6 +7,7 @@
 package mcp_fhir.authz
 
 import data.mcp_fhir.authz.anomalies
+import data.mcp_fhir.authz.consent
 import data.mcp_fhir.authz.patient
 import data.mcp_fhir.authz.purpose
 import data.mcp_fhir.authz.rbac
@@ -15,7 +16,8 @@ import data.mcp_fhir.authz.scopes
 import data.mcp_fhir.authz.sensitivity
 import data.mcp_fhir.authz.tools
 import data.mcp_fhir.authz.util
-import data.mcp_fhir.config.roles as _roles_data
+import data.mcp_fhir.config.tools as _catalogue
+import data.mcp_fhir.derived as _derived
 
 # METADATA
 # title: Decision
@@ -29,6 +31,7 @@ decision := {
 	"reasons": [],
 	"obligations": _granted_obligations,
 	"audit": {"sensitivity": _granted_sensitivity, "alerts": sort(_granted_alerts)},
+	"valid_for_s": anomalies.valid_for_s,
 } if {
 	allow
 } else := {
@@ -36,49 +39,62 @@ decision := {
 	"reasons": sort(_denied_reasons),
 	"obligations": _closed_obligations,
 	"audit": {"sensitivity": "standard", "alerts": sort(_request_alerts)},
+	"valid_for_s": anomalies.valid_for_s,
 }
 
 default allow := false
 
 # allow needs a well-formed request, every positive grant present, and no deny reason. The
 # tools, rbac, purpose and scopes deny rules each fire only when one of these grants is missing
-# (tools.matches implies a known tool; a granting role implies a known role, a permitting role and
-# an effective, unambiguous purpose; purpose.permitted implies a known purpose), so on the allow
+# (tools.matches implies a known tool; a grant for the request's access, type and effective purpose
+# implies a known role, a permitting and granting role, an effective, unambiguous and known purpose
+# that covers the access and type), so on the allow
 # path only the deny sets not implied by the grants are evaluated. authz_test.rego pins this
 # against the full definition (well formed, no reason in _deny, every grant).
 allow if {
 	request.well_formed
 	tools.matches
-	count(rbac.granting_roles) > 0
-	purpose.permitted
+	rbac.grants[[purpose.access, request.resource_type, purpose.effective]]
 	scopes.covered
 	count(patient.deny) == 0
 	count(sensitivity.deny) == 0
+	count(consent.deny) == 0
 	count(deny) == 0
 }
 
 _deny := request.deny if not request.well_formed
 
-_deny := (((((tools.deny | rbac.deny) | purpose.deny) | patient.deny) | scopes.deny) | sensitivity.deny) | deny if {
+_deny := ((((((tools.deny | rbac.deny) | purpose.deny) | patient.deny) | scopes.deny) | sensitivity.deny) | consent.deny) | deny if {
 	request.well_formed
 }
 
 # METADATA
 # title: Category not permitted
+# description: Purpose and scopes together leave no category of this resource type, or exclude the requested one
 # custom:
 #   code: CATEGORY_NOT_PERMITTED
-deny contains {"code": "CATEGORY_NOT_PERMITTED", "message": "Purpose and scopes together leave no category of this resource type, or exclude the requested one"} if {
+deny contains util.reason(rego.metadata.rule()) if {
 	count(allowed_categories[request.resource_type]) == 0
 }
 
 # METADATA
 # title: Requested category not permitted
+# description: The requested category is not among the categories allowed for this resource type
 # custom:
 #   code: CATEGORY_NOT_PERMITTED
-deny contains {"code": "CATEGORY_NOT_PERMITTED", "message": "The requested category is not among the categories allowed for this resource type"} if {
+deny contains util.reason(rego.metadata.rule()) if {
 	is_string(request.params.category)
 	cats := allowed_categories[request.resource_type]
 	not _code(request.params.category) in cats
+}
+
+# METADATA
+# title: Access pattern denied
+# description: An access-pattern threshold in policy data denies this call
+# custom:
+#   code: ACCESS_PATTERN_DENIED
+deny contains util.reason_with_detail(rego.metadata.rule(), concat(", ", sort(anomalies.denied_patterns))) if {
+	count(anomalies.denied_patterns) > 0
 }
 
 _code(token) := code if {
@@ -119,13 +135,27 @@ _closed_obligations := {
 	"max_results": 0,
 }
 
-_granted_obligations := {
+_base_obligations := {
 	"exclude_security_labels": sort(sensitivity.excluded),
 	"allowed_categories": {rt: sort(cats) | some rt, cats in allowed_categories},
 	"redact": sort(rbac.role_redact | purpose.redact),
 	"max_lookback_days": purpose.max_lookback_days,
 	"max_results": purpose.max_results,
 }
+
+# The obligations of an allow: the base ones; an audit-log tool's also carry audit_patients
+# (config/audit_log); a tool whose data names `confirm` also carries it (a person confirms the write
+# through MCP elicitation before it is made). No other tool's obligations change.
+_granted_obligations := object.union(object.union(_base_obligations, _audit_obligations), _confirm_obligations)
+
+_audit_obligations := {"audit_patients": patient.audit_patients} if {
+	request.tool in data.mcp_fhir.config.audit_log.tools
+} else := {}
+
+_confirm_obligations := {"confirm": c} if {
+	c := data.mcp_fhir.config.tools[request.tool].confirm
+	is_object(c)
+} else := {}
 
 # The decision's audit.sensitivity on allow: restricted when break-glass was used, sensitive when
 # some default-withheld label is let through, else standard (a denied call is always standard).
@@ -156,39 +186,47 @@ _granted_alerts := anomalies.alerts | {"sensitive_access_non_clinician"} if {
 default visible_tools := []
 
 visible_tools := sort({name |
-	some name, tool in data.mcp_fhir.config.tools
-	operation := tool.operation
-	some rt in tool.resource_types
-	[operation, rt] in grants # a local, not a rule reference: one step per type
+	some [operation, rt] in grants # a local, not a rule reference: one step per pair
 	_scope_grants(rt, letters[operation])
+	some name in by_operation[operation][rt]
 }) if {
 	request.subject_well_formed
 	grants := _subject_grants
 	letters := data.mcp_fhir.config.defaults.scope_letter
+	by_operation := _tools_by_operation
 }
 
-# _subject_grants: the [operation, resource type] pairs some role of the subject permits (through
-# the operation's access kind) under some purpose it holds (only the given/bound one, when there is
-# one) that covers that type. Computed once per query from the subject's few roles, so each tool
-# type costs one set lookup.
+# _subject_grants: the [operation, resource type] pairs of the subject's grants (rbac.grants, the
+# same relation decision asks) under a purpose it may use here (only the given/bound one, when there
+# is one). Computed once per query from the subject's [access, type] pairs, so each pair costs a
+# few steps and each tool with that operation and type one more.
 _subject_grants := {[operation, rt] |
-	some r in rbac.roles
-	role := _roles_data[r]
-	some p in role.purposes
-	_purpose_fits(p)
-	def := data.mcp_fhir.config.purposes[p]
-	some acc in def.access
-	some rt in role[acc]
-	def.resource_types[rt]
-	some operation, op_acc in data.mcp_fhir.config.defaults.access
-	op_acc == acc
+	some [acc, rt] in _subject_access
+	some operation in _operations[acc]
 }
 
-# One definition with else: a function with several definitions evaluates every one of them.
-_purpose_fits(p) if {
-	p == purpose.effective
-} else if {
-	not purpose.effective
+_subject_access := {[acc, rt] | some [acc, rt, p] in rbac.grants; p == effective} if {
+	effective := purpose.effective
+} else := {[acc, rt] | some [acc, rt, _] in rbac.grants}
+
+# The catalogue by operation and resource type, and the operations of each access kind: from the
+# derived tables while they are fresh, else computed from the YAML.
+_tools_by_operation := _derived.tools if {
+	_derived.source.tools == _catalogue
+} else := {op: {rt: names |
+	some t in _catalogue
+	t.operation == op
+	some rt in t.resource_types
+	names := [name | some name, u in _catalogue; u.operation == op; rt in u.resource_types]
+} |
+	some t in _catalogue
+	op := t.operation
+}
+
+_operations := _derived.operations if {
+	_derived.source.defaults == data.mcp_fhir.config.defaults
+} else := {acc: [op | some op, a in data.mcp_fhir.config.defaults.access; a == acc] |
+	some acc in data.mcp_fhir.config.defaults.access
 }
 
 # _scope_pairs: the [type, letter] pairs the subject's honoured scopes grant ("*" type kept),

@@ -30,6 +30,7 @@ _cases := {
 				"max_results": 100,
 			},
 			"audit": {"sensitivity": "standard", "alerts": []},
+			"valid_for_s": 300,
 		},
 	},
 	"nurse_reads_medications_denied": {
@@ -39,6 +40,7 @@ _cases := {
 			"reasons": [{"code": "ROLE_NOT_PERMITTED", "message": "None of the subject's roles permits this operation on this resource type"}],
 			"obligations": _closed,
 			"audit": {"sensitivity": "standard", "alerts": []},
+			"valid_for_s": 300,
 		},
 	},
 	"clinician_break_glass_allowed_restricted": {
@@ -54,6 +56,7 @@ _cases := {
 				"max_results": 100,
 			},
 			"audit": {"sensitivity": "restricted", "alerts": ["break_glass"]},
+			"valid_for_s": 300,
 		},
 	},
 	"input_number_malformed": {
@@ -70,6 +73,7 @@ _cases := {
 			}],
 			"obligations": _closed,
 			"audit": {"sensitivity": "standard", "alerts": []},
+			"valid_for_s": 0,
 		},
 	},
 }
@@ -132,9 +136,9 @@ test_nurse_visible_tools_are_patient_and_observations if {
 	authz.visible_tools == ["patient_summary", "read_patient", "refresh", "search_observations"] with input as {"subject": s}
 }
 
-test_admin_visible_tools_are_audit_log_only if {
+test_admin_visible_tools_are_the_audit_log_tools_only if {
 	s := object.union(testing.clinician_obs.subject, {"claims": {"roles": ["admin"]}})
-	authz.visible_tools == ["search_audit_log"] with input as {"subject": s}
+	authz.visible_tools == ["audit_disclosures", "search_audit_log"] with input as {"subject": s}
 }
 
 test_visible_tools_respect_scopes if {
@@ -175,4 +179,80 @@ test_allow_equals_no_reason_and_every_grant if {
 		not authz.allow with input as case.input
 	}
 	count(mismatches) == 0
+}
+
+# valid_for_s: up to the next business-hours boundary (less a second for the instant's fraction),
+# capped by defaults.decision_valid_for_s; Sydney is UTC+10 in June, UTC+11 in December.
+test_valid_for_s_shortens_near_a_boundary[note] if {
+	some note, case in _valid_for_cases
+	[t, want] := case
+	i := testing.patched(testing.clinician_obs, {"/context/time": t})
+	d := authz.decision with input as i
+	d.valid_for_s == want
+}
+
+test_every_valid_for_case_passes if count(test_valid_for_s_shortens_near_a_boundary) == count(_valid_for_cases)
+
+_valid_for_cases := {
+	"mid-morning: the cap": ["2025-06-03T01:00:00Z", 300],
+	"a minute before 18:00": ["2025-06-03T07:59:00Z", 59],
+	"at 17:59:59.5": ["2025-06-03T07:59:59.5Z", 0],
+	"after hours, two minutes to midnight": ["2025-06-03T13:58:00Z", 119],
+	"before hours on a weekday: until 08:00": ["2025-06-02T21:58:30Z", 89],
+	"Saturday 07:59: until midnight, not 08:00": ["2025-06-06T21:59:00Z", 300],
+	"Saturday 23:59:30": ["2025-06-07T13:59:30Z", 29],
+	"daylight saving, 17:58 Sydney": ["2025-12-02T06:58:00Z", 119],
+}
+
+test_valid_for_s_when_the_derived_table_is_stale if {
+	i := testing.patched(testing.clinician_obs, {"/context/time": "2025-06-03T07:58:00Z"})
+	d := authz.decision with input as i with data.mcp_fhir.config.hours.end as "17:59"
+	d.valid_for_s == 59
+	d.audit.alerts == []
+	e := authz.decision with input as i with data.mcp_fhir.config.hours.days as ["Monday"]
+	e.valid_for_s == 300
+	e.audit.alerts == ["after_hours"]
+}
+
+test_valid_for_s_is_zero_on_a_denied_malformed_input if {
+	d := authz.decision with input as {}
+	d.valid_for_s == 0
+}
+
+# The derived tables (mcp-fhir policy build) are a cache of the YAML: the policy uses them only while
+# their source equals the live data, and without them every decision and listing is the same.
+test_derived_tables_are_fresh if {
+	some _, _ in data.mcp_fhir.derived.source
+	every section, value in data.mcp_fhir.derived.source {
+		data.mcp_fhir.config[section] == value
+	}
+}
+
+test_decisions_are_the_same_without_the_derived_tables if {
+	differ := {case.note |
+		some i, case in data.fixtures
+		i % 5 == 0 # a sample across the corpus: this test runs every decision twice
+		fast := authz.decision with input as case.input
+		slow := authz.decision with input as case.input with data.mcp_fhir.derived as {}
+		fast != slow
+	}
+	count(differ) == 0
+}
+
+test_visible_tools_are_the_same_without_the_derived_tables if {
+	subjects := [
+		testing.clinician_obs.subject,
+		object.union(testing.clinician_obs.subject, {"claims": {"roles": ["nurse"]}, "scopes": ["user/Patient.rs", "patient/Observation.s"]}),
+		object.union(testing.clinician_obs.subject, {"claims": {"roles": ["auditor", "nurse"]}}),
+	]
+	differ := {[i, ctx] |
+		some i, subject in subjects
+		some ctx in [{}, {"purpose": "treatment"}]
+		fast := authz.visible_tools with input as {"subject": subject, "context": ctx}
+		slow := authz.visible_tools with input as {"subject": subject, "context": ctx} with data.mcp_fhir.derived as {}
+		fast != slow
+	}
+	count(differ) == 0
+	listed := authz.visible_tools with input as {"subject": subjects[2]}
+	count(listed) > 0
 }

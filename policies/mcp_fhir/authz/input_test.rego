@@ -77,3 +77,75 @@ test_well_formed_is_exactly_no_malformed_field if {
 	}
 	count(mismatches) == 0
 }
+
+# well_formed and subject_well_formed use literal copies of the composed pattern and paths; on
+# every input of the table (well formed, each malformed field, white-space-only strings, escapes)
+# the literal and the composition agree, and both agree with malformed.
+_composed_well_formed(x) if {
+	is_object(x)
+	regex.match(request._contract, json.marshal(json.filter(x, request._contract_paths)))
+}
+
+_composed_subject_well_formed(x) if {
+	is_object(x)
+	regex.match(request._subject_contract, json.marshal(json.filter(x, request._subject_paths)))
+}
+
+_string_variants := [
+	"", " ", "\t\n", "\u000b", "\u00a0", "\u0085", "\u2003", "\u2028", "\u200b", "\u003c",
+	"a", " a ", "\"", "\\", "\b", "\u0001", "\u00e9", "\u3000x", "\u0000",
+]
+
+_activity_variants := [
+	null, {}, {"60": {"calls": 1, "denials": 0, "distinct_patients": 1}},
+	{"60": {"calls": 1, "denials": 0, "distinct_patients": 1}, "600": {"calls": 9, "denials": 2, "distinct_patients": 3}},
+	[], "x", {"6o": {"calls": 1, "denials": 0, "distinct_patients": 1}}, {"60": {"calls": 1, "denials": 0}},
+	{"60": {"calls": -1, "denials": 0, "distinct_patients": 1}}, {"60": {"calls": 1.5, "denials": 0, "distinct_patients": 1}},
+	{"60": {"calls": 1, "denials": 0, "distinct_patients": 1, "x": 0}}, {"60": []},
+]
+
+_table := array.concat(
+	[testing.patched(testing.clinician_obs, {"/context/activity": a}) | some a in _activity_variants],
+	_base_table,
+)
+
+_base_table := array.concat(
+	[testing.clinician_obs, {}, 5, {"subject": testing.clinician_obs.subject}],
+	array.concat(
+		[testing.patched(testing.clinician_obs, ops) | some ops in _malformed_cases],
+		[testing.patched(testing.clinician_obs, {path: json.unmarshal(concat("", ["\"", v, "\""]))}) |
+			some v in _string_variants
+			some path in ["/subject/id", "/action/tool", "/resource/patient", "/context/purpose"]
+		],
+	),
+)
+
+test_literal_contract_is_the_composed_one[i] if {
+	some i, x in _table
+	_wf(x) == _cwf(x)
+	_swf(x) == _cswf(x)
+	_wf(x) == _no_malformed(x)
+}
+
+test_the_table_holds_both_outcomes if {
+	some x in _table
+	_wf(x)
+	some y in _table
+	not _wf(y)
+}
+
+_wf(x) := b if b := request.well_formed with input as x
+
+_swf(x) := b if b := request.subject_well_formed with input as x
+
+_no_malformed(x) := b if b := count(request.malformed) == 0 with input as x
+
+_cwf(x) if _composed_well_formed(x)
+
+else := false
+
+_cswf(x) if _composed_subject_well_formed(x)
+
+else := false
+
+test_every_contract_case_passes if count(test_literal_contract_is_the_composed_one) == count(_table)

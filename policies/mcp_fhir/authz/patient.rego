@@ -9,6 +9,7 @@ package mcp_fhir.authz.patient
 import data.mcp_fhir.authz.rbac
 import data.mcp_fhir.authz.request
 import data.mcp_fhir.authz.util
+import data.mcp_fhir.config.audit_log as _audit_log
 import data.mcp_fhir.config.claims.patient as _claim_name
 import data.mcp_fhir.config.defaults.non_patient_resource_types as _non_patient_types
 import data.mcp_fhir.config.roles as _roles_data
@@ -33,6 +34,37 @@ _same_patient if {
 
 _patient_given if request.patient != null
 
+# audit_patients: the audit_patients obligation of an allowed audit-log call (audit_log/data.yaml):
+# [] when no granting role sees events about patients; the named patient when the call filters
+# (the patient rules above already decided that it may); the subject's own patient when it is bound
+# and bound_subject_own_patient_only holds ([] when the binding claim is unreadable); else null,
+# every patient. Ids are canonical ("Patient/" prefix removed).
+audit_patients := [] if {
+	not _patient_events_visible
+} else := [canonical(request.patient)] if {
+	_patient_given
+} else := [_bound_patient] if {
+	_binding_applies
+} else := [] if {
+	_binding_applies
+} else := null
+
+_patient_events_visible if {
+	some r in rbac.granting_roles
+	_roles_data[r].audit_patient_events == true
+}
+
+_binding_applies if {
+	bound
+	not _binding_waived
+}
+
+# The audit-log data lets a patient-bound subject see other patients' events.
+_binding_waived if {
+	request.tool in _audit_log.tools
+	_audit_log.bound_subject_own_patient_only == false
+}
+
 _filter_permitted if {
 	some r in rbac.granting_roles
 	_roles_data[r].patient_filter == true
@@ -40,28 +72,32 @@ _filter_permitted if {
 
 # METADATA
 # title: Patient required
+# description: Patient data can only be reached for one named patient
 # custom:
 #   code: PATIENT_REQUIRED
-deny contains {"code": "PATIENT_REQUIRED", "message": "Patient data can only be reached for one named patient"} if {
+deny contains util.reason(rego.metadata.rule()) if {
 	patient_data
 	not _patient_given
 }
 
 # METADATA
 # title: Patient mismatch
+# description: The subject is bound to a different patient
 # custom:
 #   code: PATIENT_MISMATCH
-deny contains {"code": "PATIENT_MISMATCH", "message": "The subject is bound to a different patient"} if {
+deny contains util.reason(rego.metadata.rule()) if {
 	bound
 	_patient_given
 	not _same_patient
+	not _binding_waived
 }
 
 # METADATA
 # title: Patient filter not permitted
+# description: The subject's role may not name a patient when reading this resource type
 # custom:
 #   code: PATIENT_FILTER_NOT_PERMITTED
-deny contains {"code": "PATIENT_FILTER_NOT_PERMITTED", "message": "The subject's role may not name a patient when reading this resource type"} if {
+deny contains util.reason(rego.metadata.rule()) if {
 	not patient_data
 	_patient_given
 	count(rbac.granting_roles) > 0

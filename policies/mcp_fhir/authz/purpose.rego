@@ -74,33 +74,37 @@ redact := util.as_set(definition.redact)
 
 # METADATA
 # title: Purpose required
+# description: No purpose of use was declared and the credential binds none
 # custom:
 #   code: PURPOSE_REQUIRED
-deny contains {"code": "PURPOSE_REQUIRED", "message": "No purpose of use was declared and the credential binds none"} if {
+deny contains util.reason(rego.metadata.rule()) if {
 	not _declared
 	not _bound
 }
 
 # METADATA
 # title: Purpose mismatch
+# description: The declared purpose differs from the purpose bound by the credential
 # custom:
 #   code: PURPOSE_MISMATCH
-deny contains {"code": "PURPOSE_MISMATCH", "message": "The declared purpose differs from the purpose bound by the credential"} if _mismatch
+deny contains util.reason(rego.metadata.rule()) if _mismatch
 
 # METADATA
 # title: Unknown purpose
+# description: The purpose of use is not defined in policy data
 # custom:
 #   code: PURPOSE_UNKNOWN
-deny contains {"code": "PURPOSE_UNKNOWN", "message": "The purpose of use is not defined in policy data"} if {
+deny contains util.reason(rego.metadata.rule()) if {
 	effective
 	not _known
 }
 
 # METADATA
 # title: Purpose does not cover the action
+# description: The purpose of use does not permit this operation on this resource type
 # custom:
 #   code: PURPOSE_NOT_PERMITTED
-deny contains {"code": "PURPOSE_NOT_PERMITTED", "message": "The purpose of use does not permit this operation on this resource type"} if {
+deny contains util.reason(rego.metadata.rule()) if {
 	_known
 	not permitted
 }

@@ -10,6 +10,7 @@ import data.mcp_fhir.authz.purpose
 import data.mcp_fhir.authz.request
 import data.mcp_fhir.authz.util
 import data.mcp_fhir.config.claims as _claims_cfg
+import data.mcp_fhir.config.purposes as _purposes_data
 import data.mcp_fhir.config.roles as _roles_data
 
 default roles := set()
@@ -30,6 +31,20 @@ permitting_roles := {r | some r in roles; request.resource_type in _roles_data[r
 # granting_roles grant this access on this resource type AND list the effective purpose.
 granting_roles := {r | some r in permitting_roles; purpose.effective in _roles_data[r].purposes}
 
+# grants: the [access kind, resource type, purpose] triples the subject holds: some role of the
+# subject permits the access on the type and lists the purpose, and that purpose covers the access
+# kind and the type. The one definition of a grant: decision asks for its request's triple (a point
+# lookup, the rule body evaluated with the triple bound), visible_tools enumerates them.
+grants contains [acc, rt, p] if {
+	some r in roles
+	role := _roles_data[r]
+	some p in role.purposes
+	def := _purposes_data[p]
+	some acc in def.access
+	some rt in role[acc]
+	def.resource_types[rt]
+}
+
 # role_redact: what every granting role redacts (the most permissive granting role wins).
 default role_redact := set()
 
@@ -40,24 +55,27 @@ role_definition(r) := _roles_data[r]
 
 # METADATA
 # title: No role
+# description: The credential carries no role known to the policy
 # custom:
 #   code: NO_ROLE
-deny contains {"code": "NO_ROLE", "message": "The credential carries no role known to the policy"} if count(roles) == 0
+deny contains util.reason(rego.metadata.rule()) if count(roles) == 0
 
 # METADATA
 # title: Role not permitted
+# description: None of the subject's roles permits this operation on this resource type
 # custom:
 #   code: ROLE_NOT_PERMITTED
-deny contains {"code": "ROLE_NOT_PERMITTED", "message": "None of the subject's roles permits this operation on this resource type"} if {
+deny contains util.reason(rego.metadata.rule()) if {
 	count(roles) > 0
 	count(permitting_roles) == 0
 }
 
 # METADATA
 # title: Purpose not permitted for role
+# description: No role that permits this action may act under the effective purpose
 # custom:
 #   code: ROLE_PURPOSE_NOT_PERMITTED
-deny contains {"code": "ROLE_PURPOSE_NOT_PERMITTED", "message": "No role that permits this action may act under the effective purpose"} if {
+deny contains util.reason(rego.metadata.rule()) if {
 	purpose.definition
 	count(permitting_roles) > 0
 	count(granting_roles) == 0

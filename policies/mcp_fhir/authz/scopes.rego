@@ -10,6 +10,7 @@ package mcp_fhir.authz.scopes
 import data.mcp_fhir.authz.request
 import data.mcp_fhir.authz.util
 import data.mcp_fhir.config.defaults as _defaults
+import data.mcp_fhir.derived as _derived
 
 # parse turns one scope string into {context, type, letters, categories}; categories is
 # null when the scope does not restrict categories. Undefined for scopes it cannot honour.
@@ -50,8 +51,18 @@ _code(token) := code if {
 	code := parts[count(parts) - 1]
 }
 
+# _parsed: a scope's parse, looked up in the derived table (mcp-fhir policy build: every scope
+# without a query for the types the data names) while the table is fresh, else parsed here.
+_parsed(raw) := s if {
+	_table_fresh
+	s := _derived.scopes[raw]
+} else := parse(raw)
+
+# The table was derived from the live defaults (not stale, not replaced in a test).
+_table_fresh if _derived.source.defaults == _defaults
+
 # parsed_scopes is every scope of the subject that the policy can honour.
-parsed_scopes(raw) := {s | some scope in raw; s := parse(scope)}
+parsed_scopes(raw) := {s | some scope in raw; s := _parsed(scope)}
 
 # covering gives the scopes that grant letter on resource type rt. A patient/ scope only
 # covers a request that names a patient (patient_given).
@@ -82,7 +93,7 @@ subject_scopes := parsed_scopes(request.scopes)
 _request_covering := {s |
 	some raw in request.scopes
 	_may_cover(raw, rt)
-	s := parse(raw)
+	s := _parsed(raw)
 	s.type in {rt, "*"}
 	l in s.letters
 	_context_fits(s.context, patient_given)
@@ -126,6 +137,7 @@ categories(scopes, rt, letter, patient_given) := cats if {
 
 # METADATA
 # title: Scope not granted
+# description: The subject's SMART scopes do not cover this operation on this resource type
 # custom:
 #   code: SCOPE_NOT_GRANTED
-deny contains {"code": "SCOPE_NOT_GRANTED", "message": "The subject's SMART scopes do not cover this operation on this resource type"} if not covered
+deny contains util.reason(rego.metadata.rule()) if not covered

@@ -6,6 +6,7 @@
 #   with a reason. Break-glass by any other role is denied, never ignored.
 package mcp_fhir.authz.sensitivity
 
+import data.mcp_fhir.authz.consent
 import data.mcp_fhir.authz.purpose
 import data.mcp_fhir.authz.rbac
 import data.mcp_fhir.authz.request
@@ -42,9 +43,10 @@ released := {label |
 }
 
 # excluded: the exclude_security_labels obligation for an allowed request.
-excluded := util.as_set(_labels.break_glass_excluded) if break_glass_active
+# Labels the patient's consent withholds are excluded whatever the role releases.
+excluded := util.as_set(_labels.break_glass_excluded) | consent.excluded_labels if break_glass_active
 
-else := all_labels - released
+else := (all_labels - released) | consent.excluded_labels
 
 # let_through: withheld-by-default labels this decision lets through.
 let_through := all_labels - excluded
@@ -64,18 +66,20 @@ non_clinician_release if {
 
 # METADATA
 # title: Break-glass reason required
+# description: Break-glass needs a non-empty reason
 # custom:
 #   code: BREAK_GLASS_REASON_REQUIRED
-deny contains {"code": "BREAK_GLASS_REASON_REQUIRED", "message": "Break-glass needs a non-empty reason"} if {
+deny contains util.reason(rego.metadata.rule()) if {
 	request.break_glass_requested
 	not request.break_glass_reason_given
 }
 
 # METADATA
 # title: Break-glass not permitted
+# description: None of the subject's roles that permit this action may invoke break-glass
 # custom:
 #   code: BREAK_GLASS_NOT_PERMITTED
-deny contains {"code": "BREAK_GLASS_NOT_PERMITTED", "message": "None of the subject's roles that permit this action may invoke break-glass"} if {
+deny contains util.reason(rego.metadata.rule()) if {
 	break_glass_invoked
 	count(_break_glass_roles) == 0
 }

@@ -4,6 +4,7 @@
 package mcp_fhir.authz.tools
 
 import data.mcp_fhir.authz.request
+import data.mcp_fhir.authz.util
 import data.mcp_fhir.config.tools as _catalogue
 
 _known if _catalogue[request.tool]
@@ -22,24 +23,27 @@ matches if {
 
 # METADATA
 # title: Unknown tool
+# description: The tool is not in the policy's tool catalogue
 # custom:
 #   code: UNKNOWN_TOOL
-deny contains {"code": "UNKNOWN_TOOL", "message": "The tool is not in the policy's tool catalogue"} if not _known
+deny contains util.reason(rego.metadata.rule()) if not _known
 
 # METADATA
 # title: Operation does not match the tool
+# description: The action's operation is not the catalogued operation of this tool
 # custom:
 #   code: TOOL_OPERATION_MISMATCH
-deny contains {"code": "TOOL_OPERATION_MISMATCH", "message": "The action's operation is not the catalogued operation of this tool"} if {
+deny contains util.reason(rego.metadata.rule()) if {
 	_known
 	not _operation_matches
 }
 
 # METADATA
 # title: Resource type does not match the tool
+# description: The action's resource type is not one of this tool's catalogued resource types
 # custom:
 #   code: TOOL_RESOURCE_TYPE_MISMATCH
-deny contains {"code": "TOOL_RESOURCE_TYPE_MISMATCH", "message": "The action's resource type is not one of this tool's catalogued resource types"} if {
+deny contains util.reason(rego.metadata.rule()) if {
 	_known
 	not _type_matches
 }

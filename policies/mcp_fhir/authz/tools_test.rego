@@ -22,6 +22,6 @@ test_resource_type_mismatch_denied if {
 	_codes(testing.patched(testing.clinician_obs, {"/action/resource_type": "Patient"})) == {"TOOL_RESOURCE_TYPE_MISMATCH"}
 }
 
-test_catalogue_has_the_fifteen_tools if {
-	count(data.mcp_fhir.config.tools) == 15
+test_catalogue_has_the_sixteen_tools if {
+	count(data.mcp_fhir.config.tools) == 16
 }

@@ -13,6 +13,7 @@ test_patient_and_free_text_masked if {
 	m == {
 		"/input/resource/patient",
 		"/input/context/break_glass/reason",
+		"/input/context/consent",
 		"/input/resource/params/note",
 		"/input/subject/claims/name",
 		"/input/subject/claims/patient",
@@ -31,4 +32,17 @@ test_kept_claims_and_params_not_masked if {
 	m := log.mask with input as _event
 	not "/input/subject/claims/roles" in m
 	not "/input/resource/params/category" in m
+}
+
+test_a_params_array_with_elements_is_masked_whole if {
+	m := log.mask with input as {"input": {"resource": {"params": ["free text"]}}}
+	m == {"/input/resource/patient", "/input/context/break_glass/reason", "/input/context/consent", "/input/resource/params"}
+}
+
+test_an_unsafe_key_masks_the_object_and_each_other_key if {
+	m := log.mask with input as {"input": {"subject": {"claims": {"a/b": 1, "name": "x", "roles": []}}}}
+	m == {
+		"/input/resource/patient", "/input/context/break_glass/reason", "/input/context/consent",
+		"/input/subject/claims", "/input/subject/claims/name",
+	}
 }

@@ -1,4 +1,4 @@
-"""Measure the durable audit write: ``python -m mcp_fhir.audit.bench [--n N] [--concurrency C]``.
+"""Measure the durable audit write: ``python -m bench.audit_write [--n N] [--concurrency C]``.
 
 Times each ``AuditTrail.record()`` call on a file sink in a fresh temporary directory, first
 N calls one at a time, then N calls issued C at a time, and prints mean / p50 / p99 in
@@ -138,7 +138,7 @@ def _sign_cost() -> float:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, run in a temporary directory (or ``--dir``), print the figures."""
-    parser = argparse.ArgumentParser(prog="python -m mcp_fhir.audit.bench")
+    parser = argparse.ArgumentParser(prog="python -m bench.audit_write")
     parser.add_argument("--n", type=int, default=DEFAULT_N)
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir)")

@@ -1,4 +1,4 @@
-"""Time the accounting of disclosures over a large trail: ``python -m mcp_fhir.audit.bench_disclosures``.
+"""Time the accounting of disclosures over a large trail: ``python -m bench.disclosures``.
 
 Generates a trail of N records (default 1,000,000) in the exact stored form the writer produces
 (chained entries, a signed checkpoint after every batch of ``--batch`` records, a witness), then
@@ -77,7 +77,7 @@ def generate(path: Path, witness: Path, records: int, batch: int, signer: Checkp
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mcp_fhir.audit.bench_disclosures")
+    parser = argparse.ArgumentParser(prog="python -m bench.disclosures")
     parser.add_argument("--records", type=int, default=DEFAULT_RECORDS)
     parser.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="records per group commit")
     parser.add_argument("--patient", default="pat-7")
