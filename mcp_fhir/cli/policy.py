@@ -89,7 +89,14 @@ def add_parser(subparsers: Any) -> None:
     ev.add_argument("--scope", action="append", default=[], help="a granted scope (repeatable)")
     ev.add_argument("--break-glass", metavar="REASON", help="claim break-glass with this reason")
     ev.add_argument("--time", help="RFC 3339 instant (default now)")
-    ev.add_argument("--claim", action="append", default=[], metavar="K=V", help="an extra raw claim")
+    ev.add_argument(
+        "--claim",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="an extra raw claim; V is parsed as JSON when it is valid JSON (true, 5, '\"text\"'), "
+        "else kept as a string",
+    )
     ev.add_argument(
         "--authn", default="oauth", choices=["oauth", "api_key", "local"], help="how the caller authenticated"
     )

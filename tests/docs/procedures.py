@@ -9,23 +9,35 @@ block is prose to the runner:
     ```rego file=PATH append        append the block to PATH
     ```sh run                       run the block with `bash -euo pipefail` (exit 0 expected)
     ```sh run exit=N                ... and expect exit code N
+    ```sh background ready=URL      start the block in the background (its own process group); go on once
+                                    URL answers 2xx or 3xx, within `timeout=N` seconds
+                                    (default 60); a block that exits first fails the procedure. It is
+                                    stopped (SIGTERM, then SIGKILL) when the procedure ends, pass or fail
     ```text expect                  each non-blank line must appear, in order, in the last run's output
     ```json expect                  the last run's stdout is JSON that contains this JSON (objects as subsets)
+
+`<!-- procedure: NAME needs=OTHER -->` runs procedure OTHER's steps first (in the same copy), so a doc can
+build on the previous example without repeating its snippets.
 
 Each procedure runs in a fresh copy of the repository's tracked files (its `.venv`, `.tools` and the test
 bed's `node_modules` linked, not copied), so a procedure can edit `policies/` or write configs freely.
 Commands find `mcp-fhir`, `opa` and `python` on PATH. A procedure that needs the FHIR test bed or a server
-starts it in its own `sh run` block (`scripts/testbed-serve.sh` or `mcp-fhir serve &`) and stops it in a
-later block.
+starts it in a `sh background ready=URL` block; readiness is polled with a bound, never slept on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,10 +46,13 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = ("README.md", "docs/*.md", "policies/README.md", "examples/**/README.md")
-_START = re.compile(r"<!--\s*procedure:\s*([a-z0-9][a-z0-9-]*)\s*-->")
+_START = re.compile(r"<!--\s*procedure:\s*([a-z0-9][a-z0-9-]*)(?:\s+needs=([a-z0-9][a-z0-9-]*))?\s*-->")
 _END = re.compile(r"<!--\s*/procedure\s*-->")
 _FENCE = re.compile(r"^(```+|~~~+)\s*([^\n]*)\n(.*?)^\1\s*$", re.DOTALL | re.MULTILINE)
 STEP_TIMEOUT = 300
+READY_TIMEOUT = 60.0  # default bound on a background step's readiness
+READY_POLL = 0.2  # seconds between readiness probes (spent waiting on the process, not sleeping)
+STOP_TIMEOUT = 10.0  # SIGTERM to SIGKILL
 
 
 class ProcedureError(AssertionError):
@@ -46,7 +61,7 @@ class ProcedureError(AssertionError):
 
 @dataclass
 class Step:
-    kind: str  # file | run | expect
+    kind: str  # file | run | background | expect
     body: str
     attrs: dict[str, str] = field(default_factory=dict)
     lang: str = ""
@@ -57,6 +72,7 @@ class Procedure:
     name: str
     source: str  # doc path relative to the repo, for the test id
     steps: list[Step]
+    needs: str | None = None
 
 
 def _attrs(info: str) -> tuple[str, dict[str, str]]:
@@ -86,11 +102,17 @@ def parse(text: str, source: str = "<doc>") -> list[Procedure]:
                 steps.append(Step("file", body, attrs, lang))
             elif "run" in attrs:
                 steps.append(Step("run", body, attrs, lang))
+            elif "background" in attrs:
+                if not attrs.get("ready"):
+                    raise ProcedureError(
+                        f"{source}: procedure {match.group(1)}: a background step needs ready=URL"
+                    )
+                steps.append(Step("background", body, attrs, lang))
             elif "expect" in attrs:
                 steps.append(Step("expect", body, attrs, lang))
         if not any(s.kind == "run" for s in steps):
             raise ProcedureError(f"{source}: procedure {match.group(1)} runs nothing")
-        procedures.append(Procedure(match.group(1), source, steps))
+        procedures.append(Procedure(match.group(1), source, steps, match.group(2)))
         pos = end.end()
     return procedures
 
@@ -105,7 +127,25 @@ def discover(root: Path = REPO) -> list[Procedure]:
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise ProcedureError(f"procedure names used twice: {sorted(dupes)}")
-    return found
+    return resolve(found)
+
+
+def resolve(procedures: list[Procedure]) -> list[Procedure]:
+    """Each procedure with the steps of the procedures it needs put first. Unknown or circular needs are errors."""
+    by_name = {p.name: p for p in procedures}
+
+    def steps(proc: Procedure, seen: tuple[str, ...]) -> list[Step]:
+        if proc.needs is None:
+            return list(proc.steps)
+        if proc.needs in seen:
+            raise ProcedureError(f"{proc.source}: procedure {proc.name} needs itself through {proc.needs}")
+        if proc.needs not in by_name:
+            raise ProcedureError(
+                f"{proc.source}: procedure {proc.name} needs {proc.needs}, which no doc holds"
+            )
+        return steps(by_name[proc.needs], (*seen, proc.name)) + list(proc.steps)
+
+    return [Procedure(p.name, p.source, steps(p, ()), p.needs) for p in procedures]
 
 
 def _merge(base: Any, extra: Any) -> Any:
@@ -147,8 +187,61 @@ def _contains(actual: Any, expected: Any) -> bool:
     return bool(actual == expected)
 
 
+def _ready(url: str, process: subprocess.Popen[bytes], timeout: float) -> str | None:
+    """Poll `url` until it answers 2xx or 3xx; None when ready, else why not (exited, or the bound passed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=READY_POLL * 5) as reply:
+                if reply.status < 400:
+                    return None
+        except urllib.error.HTTPError as exc:
+            if exc.code < 400:
+                return None
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            return f"not ready at {url} within {timeout:g} s"
+        try:
+            code = process.wait(READY_POLL)
+        except subprocess.TimeoutExpired:
+            continue
+        return f"exited with {code} before {url} answered"
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop a background step's whole process group: SIGTERM, SIGKILL after STOP_TIMEOUT, then any leftover."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(STOP_TIMEOUT)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
 def run(procedure: Procedure, workdir: Path, *, env: dict[str, str] | None = None) -> list[str]:
-    """Run one procedure in `workdir` (a sandbox). Returns each run step's output; raises ProcedureError."""
+    """Run one procedure in `workdir` (a sandbox). Returns each run step's output; raises ProcedureError.
+
+    Background steps are stopped when it ends, whether it passed or not."""
+    background: _Background = []
+    try:
+        return _run(procedure, workdir, env, background)
+    finally:
+        for process, log in reversed(background):
+            _stop(process)
+            log.close()
+
+
+_Background = list[tuple[subprocess.Popen[bytes], Any]]
+
+
+def _run(
+    procedure: Procedure, workdir: Path, env: dict[str, str] | None, background: _Background
+) -> list[str]:
     bin_path = os.pathsep.join([str(workdir / ".venv" / "bin"), str(workdir / ".tools" / "bin")])
     environment = {
         **os.environ,
@@ -191,6 +284,23 @@ def run(procedure: Procedure, workdir: Path, *, env: dict[str, str] | None = Non
                     f"{where}, step {index}: exit {done.returncode}, the doc says {want}\n{step.body}\n{last[-3000:]}"
                 )
             last_stdout = done.stdout
+        elif step.kind == "background":
+            log = tempfile.TemporaryFile()
+            process = subprocess.Popen(
+                ["bash", "-euo", "pipefail", "-c", step.body],
+                cwd=workdir,
+                env=environment,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            background.append((process, log))
+            why = _ready(step.attrs["ready"], process, float(step.attrs.get("timeout") or READY_TIMEOUT))
+            if why is not None:
+                log.seek(0)
+                tail = log.read().decode(errors="replace")[-3000:]
+                raise ProcedureError(f"{where}, step {index}: the background step {why}\n{step.body}\n{tail}")
         elif step.kind == "expect":
             if step.lang == "json":
                 try:
