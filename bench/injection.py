@@ -9,10 +9,10 @@ corpus the test bed loads (`tests.testbed.data.build_bundles()`), the injected n
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mcp_fhir.tools.results import resource_texts
 from mcp_fhir.tools.untrusted import looks_like_injection
 
 CORPUS = Path(__file__).resolve().parents[1] / "tests" / "data" / "injection"
@@ -28,22 +28,6 @@ def attack_corpus() -> dict[str, list[str]]:
     return sets
 
 
-def _strings(node: Any) -> Iterator[str]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "data" and isinstance(value, str):
-                import base64
-
-                yield base64.b64decode(value).decode("utf-8", errors="replace")
-            else:
-                yield from _strings(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _strings(item)
-    elif isinstance(node, str):
-        yield node
-
-
 def clinical_texts() -> list[str]:
     """Every distinct string in the synthetic clinical corpus, but the deliberately injected note."""
     from tests.testbed import data
@@ -54,7 +38,7 @@ def clinical_texts() -> list[str]:
             resource = entry.get("resource", {})
             if resource.get("id") == data.INJECTION_NOTE_ID:
                 continue
-            texts.update(_strings(resource))
+            texts.update(resource_texts(resource))  # what the sidecar itself scans
     return sorted(texts)
 
 

@@ -641,6 +641,9 @@ _PATH_KEYS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("audit",), "path"),
     (("audit",), "signing_key_file"),
     (("audit",), "encryption_key_file"),
+    (("audit",), "public_key_files"),  # a list: each path resolved
+    (("audit",), "witness_path"),
+    (("audit",), "writer_state_dir"),
 )
 
 
@@ -665,13 +668,23 @@ def resolve_paths(data: Any, base: Path) -> Any:
         for node in _nodes(data, where):
             if not isinstance(node, dict):
                 continue
-            value = node.get(key)
-            if not isinstance(value, str) or not value or Path(value).is_absolute():
+            if key not in node:
                 continue
-            if key == "binary" and "/" not in value:
+            value = node[key]
+            if isinstance(value, list):
+                node[key] = [_resolved(v, base) for v in value]
+                continue
+            if key == "binary" and isinstance(value, str) and "/" not in value:
                 continue  # a bare name is looked up on $PATH
-            node[key] = os.path.normpath(base / value)
+            node[key] = _resolved(value, base)
     return data
+
+
+def _resolved(value: Any, base: Path) -> Any:
+    """A relative path string made absolute against `base`; anything else as it was."""
+    if not isinstance(value, str) or not value or Path(value).is_absolute():
+        return value
+    return os.path.normpath(base / value)
 
 
 # ---- from a mapping -------------------------------------------------------------------------------

@@ -573,3 +573,19 @@ def test_a_backend_time_zone_must_be_an_iana_name():
             {**base, "backends": {"gp": {"base_url": "http://127.0.0.1:1/fhir", "timezone": "Mars/Olympus"}}}
         )
     assert caught.value.key == "backends.gp.timezone"
+
+
+def test_the_audit_key_history_witness_and_writer_state_paths_are_read_from_the_config_files_folder(tmp_path):
+    from mcp_fhir.config import resolve_paths
+
+    data = {
+        "audit": {
+            "public_key_files": ["keys/a.pem.pub", "/abs/b.pem.pub"],
+            "witness_path": "witness/head",
+            "writer_state_dir": "state",
+        }
+    }
+    resolved = resolve_paths(data, tmp_path / "conf")["audit"]
+    assert resolved["public_key_files"] == [str(tmp_path / "conf" / "keys" / "a.pem.pub"), "/abs/b.pem.pub"]
+    assert resolved["witness_path"] == str(tmp_path / "conf" / "witness" / "head")
+    assert resolved["writer_state_dir"] == str(tmp_path / "conf" / "state")

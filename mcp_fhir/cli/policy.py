@@ -143,7 +143,7 @@ def add_parser(subparsers: Any) -> None:
     bundle.set_defaults(func=run_bundle)
 
     build = sub.add_parser("build", help="derive the policy's lookup tables from its YAML data")
-    build.add_argument("--policies", type=Path, default=DEFAULT_POLICIES)
+    build.add_argument("--policies", type=Path, default=DEFAULT_POLICIES, help="policy folder (default policies/)")
     build.add_argument("--check", action="store_true", help="exit 1 when the checked-in tables are stale")
     build.set_defaults(func=run_build)
 

@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import json
 import time
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from mcp.types import CallToolResult, TextContent
@@ -196,23 +197,29 @@ def _attachment_texts(resource: dict[str, Any]) -> list[str]:
     return texts
 
 
-def _texts(node: Any) -> Any:
-    """Every string in a resource, each on its own (a role marker is judged at the start of its own line)."""
-    if isinstance(node, dict):
-        for value in node.values():
-            yield from _texts(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _texts(item)
-    elif isinstance(node, str):
-        yield node
+def resource_texts(resource: dict[str, Any]) -> Iterator[str]:
+    """Every string in a resource, each on its own (a role marker is judged at the start of its own line),
+    then its decoded text attachments."""
+
+    def walk(node: Any) -> Iterator[str]:
+        if isinstance(node, dict):
+            for value in node.values():
+                yield from walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                yield from walk(item)
+        elif isinstance(node, str):
+            yield node
+
+    yield from walk(resource)
+    yield from _attachment_texts(resource)
 
 
 def flag_resources(resources: list[dict[str, Any]]) -> list[str]:
     """Ids of resources whose human-readable text (attachments included) looks like an instruction to a model."""
     flagged = []
     for r in resources:
-        if any(looks_like_injection(t) for t in (*_texts(r), *_attachment_texts(r))):
+        if any(looks_like_injection(t) for t in resource_texts(r)):
             flagged.append(f"{r.get('resourceType')}/{r.get('id')}")
     return flagged
 

@@ -98,8 +98,7 @@ async def test_one_agent_across_25_patients_raises_bulk_access_from_the_21st(
     assert flagged == [False] * 20 + [True] * 5  # every call allowed; alerted from the 21st patient on
     assert all(r["result"] == "allowed" for r in access)
     assert access[-1]["decision_input"]["context"]["activity"]["600"]["distinct_patients"] == 25
-    alerts = [r for r in audit_records(tmp_path, "alert") if r["alerts"] == ["bulk_access"]]
-    assert len(alerts) == 5
+    assert audit_records(tmp_path, "alert") == []  # one record per call: the alert is inside it (#19 §5)
     assert _alerts("bulk_access") - before == 5
 
 

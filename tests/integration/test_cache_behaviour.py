@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mcp import types
 
 from tests.adversarial.conftest import attempt, audit_records, tool_error
 from tests.integration import test_faults as faults
@@ -56,7 +57,9 @@ async def test_a_written_note_invalidates_that_patients_cached_documents(
     args = {"patient_id": WRITE_PATIENT, "purpose": "treatment"}
     key = f"cache-{uuid.uuid4().hex[:16]}"
     async with fhir_proxy(fhir_server) as (fhir, base):
-        async with running(tmp_path, base, opa.url) as sc:
+        # the policy asks a person to confirm a note (MCP elicitation): this client's person accepts
+        accept = {"elicitation_callback": _accept, "mode": "legacy"}
+        async with running(tmp_path, base, opa.url, client_kw=accept) as sc:
             before = await sc.client.call_tool("list_documents", {**args, "page_size": 100})
             cached = await sc.client.call_tool("list_documents", {**args, "page_size": 100})
             written = await sc.client.call_tool(
@@ -72,6 +75,10 @@ async def test_a_written_note_invalidates_that_patients_cached_documents(
     assert note_id not in {r["id"] for r in before.structured_content["resources"]}
     assert after.structured_content["provenance"]["cache"] == "miss"
     assert note_id in {r["id"] for r in after.structured_content["resources"]}
+
+
+async def _accept(context: Any, params: types.ElicitRequestParams) -> types.ElicitResult:
+    return types.ElicitResult(action="accept", content={"confirm": True})
 
 
 async def _read_once_expired(sc: Any) -> Any:

@@ -86,7 +86,7 @@ SERVE_TIMEOUT = 120.0
 
 
 @contextmanager
-def testbed_serve(config_file: Path) -> Iterator[str]:
+def served_testbed(config_file: Path) -> Iterator[str]:
     """`scripts/testbed_serve.py --config FILE` (the example's one-line command), until the block ends."""
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "scripts" / "testbed_serve.py"), "--config", str(config_file)],
@@ -126,7 +126,7 @@ async def test_the_claude_desktop_stdio_entry_works_as_shipped_with_the_one_line
     if not _port_free(port):
         pytest.skip(f"port {port} (the example's test bed port) is in use on this machine")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MCP_FHIR_")}
-    with testbed_serve(config_file) as served:
+    with served_testbed(config_file) as served:
         assert served == base_url  # the test bed is where the shipped config looks
         params = StdioServerParameters(
             command=sys.executable,  # the clone's .venv/bin/mcp-fhir, with this checkout's code

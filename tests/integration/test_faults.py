@@ -71,13 +71,15 @@ class Running:
 
 
 @asynccontextmanager
-async def running(workdir: Path, fhir_base: str, opa: str, **overrides: Any) -> AsyncIterator[Running]:
+async def running(
+    workdir: Path, fhir_base: str, opa: str, *, client_kw: dict[str, Any] | None = None, **overrides: Any
+) -> AsyncIterator[Running]:
     overrides = {"opa": {"decision_timeout": DECISION_TIMEOUT}, **overrides}
     settings = config.from_mapping(
         sidecar_config(workdir, fhir_base, opa_url=opa, identity=CLINICIAN, **overrides)
     )
     server = build_server(settings)
-    async with Client(server) as client:
+    async with Client(server, **(client_kw or {})) as client:
         yield Running(client, server.app_holder["app"], workdir)  # type: ignore[attr-defined]
 
 

@@ -213,9 +213,9 @@ async def test_sigterm_under_load_drains_audits_every_answered_call_seals_the_tr
     allowed = [r for r in records if r.get("tool") == "read_patient" and r.get("result") == "allowed"]
     assert len(allowed) >= len(answered) >= CALLS_BEFORE_SIGTERM
     verify = [sys.executable, "-m", "mcp_fhir.cli.main", "audit", "verify", "--path", str(trail), "--json"]
-    public_key = Path(str(trail) + ".signing.pem.pub")
-    if public_key.exists():
-        verify += ["--public-key", str(public_key)]
+    # the signing key's default place: a sibling of the audit directory (pinned here by its public key)
+    public_key = trail.parent.with_name(trail.parent.name + "-keys") / "audit-signing.pem.pub"
+    verify += ["--public-key", str(public_key)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(verify, capture_output=True, text=True, timeout=60, env=env, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
