@@ -59,7 +59,6 @@ from bench.stats import (
     guard_verdict,
     median_ratios,
     ratios,
-    target_report,
 )
 
 FULL_CONCURRENCY = (1, 8, 32, 128)
@@ -83,11 +82,24 @@ CELL_LABELS = {
     "f_peer_wso2": "f  WSO2 peer",
     "d_sse": "d' sidecar, SSE responses",
     "d_asyncio": 'd" sidecar, asyncio + h11',
+    "d_provenance": "dp sidecar, provenance",
+    "d_dcache": "d+ sidecar, decision cache",
+    "e_dcache": "e+ cache warm + dec. cache",
+    "b_provenance": "bp decision, provenance",
+    "b_decision_old": "b0 decision, old client",
 }
-# --ab-server: d beside the same sidecar with one serving choice undone (cache off in all three).
-AB_SIDECARS = {
-    "d_sse": ("sidecar-sse", {"json_response": False}),
-    "d_asyncio": ("sidecar-asyncio", {"event_loop": "asyncio", "http_parser": "h11"}),
+# --ab-server: d beside the same sidecar with one choice undone (cache off in all of them).
+AB_SIDECARS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    # cell: (--ab-server choice, sidecar name, config overrides)
+    "d_sse": ("sse", "sidecar-sse", {"server": {"json_response": False}}),
+    "d_asyncio": ("asyncio", "sidecar-asyncio", {"server": {"event_loop": "asyncio", "http_parser": "h11"}}),
+    "d_provenance": ("provenance", "sidecar-provenance", {"opa": {"revision_from": "provenance"}}),
+}
+AB_CHOICES = ("sse", "asyncio", "provenance", "client")
+# The decision cache on (full mode; issue #20 asks for its figures beside the cache-off ones).
+DCACHE_SIDECARS: dict[str, tuple[str, dict[str, Any]]] = {
+    "d_dcache": ("sidecar-dcache", {"cache": {"enabled": False}, "opa": {"decision_cache": True}}),
+    "e_dcache": ("sidecar-cache-dcache", {"cache": {"enabled": True}, "opa": {"decision_cache": True}}),
 }
 
 
@@ -130,6 +142,18 @@ def machine() -> dict[str, Any]:
         # Other work on the machine skews absolute figures; ratios are measured side by side.
         "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
     }
+
+
+async def _no_audit(_record: object) -> None:
+    """The in-process cached decider's audit writer: the bench's decide cells write no trail."""
+
+
+def audit_bytes(directory: Path) -> int:
+    """Bytes of a sidecar's audit trail (every `audit*` file in its directory: records and checkpoints)."""
+    try:
+        return sum(p.stat().st_size for p in directory.glob("audit*") if p.is_file())
+    except OSError:
+        return 0
 
 
 def shared(op: Op):
@@ -202,21 +226,31 @@ class Bench:
         # Processes whose CPU time is charged to each cell: name -> pid (set once they run).
         self.cpu_pids: dict[str, int] = {"harness": os.getpid()}
         self.ab: dict[str, Child] = {}  # --ab-server: cell -> the sidecar with one choice undone
+        self.dcache: dict[str, Child] = {}  # cell -> a sidecar with the decision cache on
+        self.ab_choices: tuple[str, ...] = tuple(args.ab_server or ())
+        self.decision_cache: bool = not self.quick and args.decision_cache
+        # cell -> [audit bytes written, calls] (issue #19 §5: the trail's bytes per call)
+        self._audit_bytes: dict[str, dict[int, list[int]]] = {}
+        self._audit_dirs: dict[str, Path] = {}
         # cell -> concurrency -> [calls, {process: CPU seconds}]
         self._cpu: dict[str, dict[int, tuple[int, dict[str, float]]]] = {}
         self.notes: list[str] = []
         self.extra: dict[str, Any] = {}
         self.children: list[Child] = []
+        self._closers: list[Any] = []
 
     def log(self, text: str) -> None:
         print(f"[bench] {text}", file=sys.stderr, flush=True)
 
     async def cell(self, name: str, factory: Any, conc: int, round_no: int = 0) -> CellResult | None:
         """Measure one round of a cell; its samples join the cell's earlier rounds."""
+        audit_dir = self._audit_dirs.get(name)
         try:
+            audit_before = audit_bytes(audit_dir) if audit_dir is not None else 0
             cpu_before = {proc: cpu_seconds(pid) for proc, pid in self.cpu_pids.items()}
             samples = await run_cell_samples(factory, conc, seconds=self.seconds)
             cpu_after = {proc: cpu_seconds(pid) for proc, pid in self.cpu_pids.items()}
+            audit_after = audit_bytes(audit_dir) if audit_dir is not None else 0
         except (BenchError, OSError, TimeoutError, httpx2.HTTPError, aiohttp.ClientError) as exc:
             self.notes.append(f"{name} c={conc} round {round_no + 1} failed: {type(exc).__name__}")
             self.log(f"{name} c={conc} failed: {type(exc).__name__}")
@@ -228,6 +262,10 @@ class Bench:
         for proc in cpu_after:
             used[proc] = used.get(proc, 0.0) + cpu_after[proc] - cpu_before[proc]
         self._cpu[name][conc] = (calls, used)
+        if audit_dir is not None:
+            written = self._audit_bytes.setdefault(name, {}).setdefault(conc, [0, 0])
+            written[0] += audit_after - audit_before
+            written[1] += len(samples.latencies) + samples.errors + conc
         rounds = self._round_p50.setdefault(conc, [])
         while len(rounds) <= round_no:
             rounds.append({})
@@ -262,11 +300,16 @@ class Bench:
                 cached = await self._sidecar(
                     "sidecar-cache", fhir.base_url, opa.url, digest, cache={"enabled": True}
                 )
-                for cell_name, (name, server) in AB_SIDECARS.items() if self.args.ab_server else ():
-                    child = await self._sidecar(
-                        name, fhir.base_url, opa.url, digest, cache={"enabled": False}, server=server
-                    )
+                for cell_name, (choice, name, overrides) in AB_SIDECARS.items():
+                    if choice not in self.ab_choices:
+                        continue
+                    overrides = {"cache": {"enabled": False}, **overrides}
+                    child = await self._sidecar(name, fhir.base_url, opa.url, digest, **overrides)
                     self.ab[cell_name] = child
+                    self.cpu_pids[name] = child.pid
+                for cell_name, (name, overrides) in DCACHE_SIDECARS.items() if self.decision_cache else ():
+                    child = await self._sidecar(name, fhir.base_url, opa.url, digest, **overrides)
+                    self.dcache[cell_name] = child
                     self.cpu_pids[name] = child.pid
                 if opa.process is not None:
                     self.cpu_pids["opa"] = opa.process.pid
@@ -275,6 +318,11 @@ class Bench:
                     nocache.name: nocache.pid,
                     cached.name: cached.pid,
                 }
+                self._audit_dirs = {
+                    "d_sidecar_nocache": self.workdir / nocache.name,
+                    "e_sidecar_cache": self.workdir / cached.name,
+                    **{cell: self.workdir / child.name for cell, child in (self.ab | self.dcache).items()},
+                }
                 try:
                     busy, ours, began = machine_busy_seconds(), self._our_cpu(), time.monotonic()
                     await self._measure(fhir.base_url, opa.url, key, nocache, cached)
@@ -282,6 +330,8 @@ class Bench:
                     capacity = (time.monotonic() - began) * (os.cpu_count() or 1)
                     self.extra["foreign_cpu_share"] = round(max(0.0, foreign) / capacity, 3)
                 finally:
+                    for close in self._closers:
+                        await close()
                     for child in self.children:
                         await child.stop()
             if self.args.scale_out:
@@ -303,12 +353,16 @@ class Bench:
         return child
 
     async def _measure(self, fhir_url: str, opa_url: str, key: str, nocache: Child, cached: Child) -> None:
+        from opa_client.opa_async import AsyncOpaClient
+
         from mcp_fhir.agent_auth.subject import Subject
-        from mcp_fhir.policy.input import decision_input
+        from mcp_fhir.policy.decide import Decider, DecisionCache
+        from mcp_fhir.policy.engine import Decision
+        from mcp_fhir.policy.input import DecisionInput, decision_input
         from mcp_fhir.policy.opa import OpaPolicyEngine, OpaSettings
 
         arguments = {"patient_id": PATIENT, "purpose": PURPOSE}
-        for child in (nocache, cached, *self.ab.values()):
+        for child in (nocache, cached, *self.ab.values(), *self.dcache.values()):
             await official_client_check(child.url, key, "read_patient", arguments)
         recorded = recorded_decision_input(self.workdir / "sidecar-nocache" / "audit.jsonl")
         subject_in = recorded["subject"]
@@ -331,17 +385,15 @@ class Bench:
                 connector=aiohttp.TCPConnector(limit=HTTP_POOL), timeout=aiohttp.ClientTimeout(total=10)
             ) as bare,
             OpaPolicyEngine(OpaSettings(url=opa_url)) as engine,
+            OpaPolicyEngine(OpaSettings(url=opa_url, revision_from="provenance")) as engine_provenance,
         ):
-            # The bare cells use the load generator's client (aiohttp, `bench/mcp_session.py`).
-            async def opa_bare() -> None:
-                headers = {"Content-Type": "application/json"}
-                async with bare.post(decision_url, data=body, headers=headers) as r:
-                    answer = await r.json(content_type=None)
-                if r.status != 200 or "result" not in answer:
-                    raise BenchError("OPA answered without a result")
+            opa_port = int(opa_url.rsplit(":", 1)[1])
+            old_client = AsyncOpaClient(host="127.0.0.1", port=opa_port, retries=0, timeout=0.5)
+            await old_client.__aenter__()
+            self._closers.append(old_client.close_connection)
 
-            async def decide() -> None:
-                d_input = decision_input(
+            def bench_input() -> dict[str, Any]:
+                return decision_input(
                     subject=subject,
                     tool=action["tool"],
                     operation=action["operation"],
@@ -353,7 +405,53 @@ class Bench:
                     backend="testbed",
                     request_id=os.urandom(16).hex(),
                 )
-                if not (await engine.evaluate(d_input)).allow:
+
+            async def decide_provenance() -> None:
+                if not (await engine_provenance.evaluate(bench_input())).allow:
+                    raise BenchError("the benchmark decision was a deny")
+
+            async def decide_old() -> None:
+                """The decide step before issue #20: opa-python-client's query_rule, ?provenance=true."""
+                async with asyncio.timeout(0.5):
+                    body = await old_client.query_rule(
+                        dict(bench_input()),
+                        package_path="mcp_fhir.authz",
+                        rule_name="decision",
+                        query_params={"provenance": "true"},
+                    )
+                bundles = (body.get("provenance") or {}).get("bundles") or {}
+                revision = ",".join(sorted(str(b.get("revision")) for b in bundles.values())) or None
+                if not Decision.parse(body, decision_id=body.get("decision_id"), revision=revision).allow:
+                    raise BenchError("the benchmark decision was a deny")
+
+            cached_decider = Decider(engine, audit=_no_audit, cache=DecisionCache())
+
+            async def decide_cached() -> None:
+                d_input = DecisionInput(
+                    subject=subject,
+                    tool=action["tool"],
+                    operation=action["operation"],
+                    resource_type=action["resource_type"],
+                    patient=resource["patient"],
+                    params=resource["params"],
+                    purpose=PURPOSE,
+                    break_glass_reason=None,
+                    backend="testbed",
+                    request_id=os.urandom(16).hex(),
+                )
+                if not (await cached_decider.decide(d_input)).allow:
+                    raise BenchError("the benchmark decision was a deny")
+
+            # The bare cells use the load generator's client (aiohttp, `bench/mcp_session.py`).
+            async def opa_bare() -> None:
+                headers = {"Content-Type": "application/json"}
+                async with bare.post(decision_url, data=body, headers=headers) as r:
+                    answer = await r.json(content_type=None)
+                if r.status != 200 or "result" not in answer:
+                    raise BenchError("OPA answered without a result")
+
+            async def decide() -> None:
+                if not (await engine.evaluate(bench_input())).allow:
                     raise BenchError("the benchmark decision was a deny")
 
             async def fhir_bare() -> None:
@@ -369,6 +467,10 @@ class Bench:
                 for r in range(self.rounds):
                     await self.cell("a_opa_bare", shared(opa_bare), conc, r)
                     await self.cell("b_decision_inproc", shared(decide), conc, r)
+                    if "provenance" in self.ab_choices:
+                        await self.cell("b_provenance", shared(decide_provenance), conc, r)
+                    if "client" in self.ab_choices:
+                        await self.cell("b_decision_old", shared(decide_old), conc, r)
                     await self.cell("c_fhir_bare", shared(fhir_bare), conc, r)
                     sampler = MemorySampler(nocache.pid)
                     async with sampler:
@@ -380,7 +482,7 @@ class Bench:
                         )
                     for k, v in sampler.result().items():
                         peak[k] = max(peak.get(k, 0), v)
-                    for cell_name, child in self.ab.items():
+                    for cell_name, child in (self.ab | self.dcache).items():
                         await self.cell(
                             cell_name,
                             lambda u=child.url: mcp_stream(u, key, "read_patient", arguments),  # type: ignore[misc]
@@ -408,6 +510,14 @@ class Bench:
             self.log(
                 f"paced decision at {PACED_RATE:g}/s: p50={paced.p50_ms:.2f} ms p99={paced.p99_ms:.2f} ms"
             )
+            if self.decision_cache:
+                paced = await run_paced(decide_cached, rate=PACED_RATE, seconds=paced_seconds)
+                self.extra["paced_decision_cached"] = {
+                    "rate": PACED_RATE,
+                    "seconds": paced_seconds,
+                    **paced.to_dict(),
+                }
+                self.log(f"paced decision, cache on: p50={paced.p50_ms:.2f} ms p99={paced.p99_ms:.2f} ms")
             self.extra["memory"]["final_kib"] = {c.name: memory_kib(c.pid) for c in (nocache, cached)}
             self.extra["step_means_ms"] = {c.name: await step_means(http, c) for c in (nocache, cached)}
             if self.args.profile:
@@ -461,8 +571,22 @@ class Bench:
                 }
                 for name, by_c in self._cpu.items()
             },
+            "audit_bytes_per_call": {
+                name: {str(conc): round(written / calls) for conc, (written, calls) in by_c.items() if calls}
+                for name, by_c in self._audit_bytes.items()
+            },
             "notes": self.notes,
             **self.extra,
+        }
+
+    def cpu_per_call(self) -> dict[str, dict[int, dict[str, float]]]:
+        """CPU ms per call by cell, concurrency and process."""
+        return {
+            name: {
+                conc: {proc: sec / calls * 1000.0 for proc, sec in used.items()}
+                for conc, (calls, used) in by_c.items()
+            }
+            for name, by_c in self._cpu.items()
         }
 
     def _our_cpu(self) -> float:
@@ -484,28 +608,41 @@ class Bench:
 
 
 def target_targets(bench: Bench, ratio_values: dict[str, dict[int, float]]) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = [
-        {"target": f"{name} <= {target:g} (p50, c=1)", "value": value, "met": met}
-        for name, value, target, met in target_report(ratio_values)
-    ]
+    """Issue #20's targets 1-4 (cache off), each with its decision-cache-on figure beside it when measured."""
+    rows: list[dict[str, Any]] = []
+
+    def row(target: str, value: float | None, bound: float | None, cache_on: float | None = None) -> None:
+        met = None if value is None or bound is None else value <= bound
+        rows.append({"target": target, "value": value, "met": met, "cache_on": cache_on})
+
+    def ratio(name: str, conc: int) -> float | None:
+        return (ratio_values.get(name) or {}).get(conc)
+
+    for conc in bench.concurrency:
+        if ratio("d/f", conc) is not None:
+            row(f"1. d/f <= 1.0 (p50, c={conc})", ratio("d/f", conc), 1.0, ratio("d+/f", conc))
+    opa_cpu = (bench.cpu_per_call().get("b_decision_inproc") or {}).get(bench.concurrency[0], {}).get("opa")
+    if opa_cpu is not None:
+        row(f"2. OPA CPU per decision <= 0.3 ms (b, c={bench.concurrency[0]})", opa_cpu, 0.3)
     paced = bench.extra.get("paced_decision")
     if paced:
-        rows.append(
-            {
-                "target": "decision p99 <= 2 ms at 300 calls/s",
-                "value": paced["p99_ms"],
-                "met": paced["p99_ms"] <= 2.0,
-            }
-        )
-    warm = (bench.cells.get("e_sidecar_cache") or {}).get(32)
-    if warm is not None:
-        rows.append(
-            {
-                "target": ">= 400 tool calls/s at c=32, cache warm",
-                "value": round(warm.throughput, 1),
-                "met": warm.throughput >= 400,
-            }
-        )
+        cached = bench.extra.get("paced_decision_cached") or {}
+        row("3. decision p99 <= 2 ms at 300 calls/s", paced["p99_ms"], 2.0, cached.get("p99_ms"))
+    far = bench.args.ehr_latency_ms > 0
+    row(
+        "4. e/d <= 0.3 (p50, c=1)" + ("" if far else " [needs --ehr-latency-ms 20]"),
+        ratio("e/d", 1),
+        0.3 if far else None,
+        ratio("e+/d+", 1),
+    )
+    row(
+        "4. d/(a+c) <= 1.2 (p50, c=1)" + ("" if far else " [needs --ehr-latency-ms 20]"),
+        ratio("d/(a+c)", 1),
+        1.2 if far else None,
+        ratio("d+/(a+c)", 1),
+    )
+    if ratio("b/a", 1) is not None:
+        row("b/a <= 1.3 (p50, c=1; issue #10)", ratio("b/a", 1), 1.3)
     return rows
 
 
@@ -612,20 +749,31 @@ def table(report: dict[str, Any]) -> str:
             for name, by_c in report["ratios"].items()
         )
     )
+    lines.append(f"  {'target (cache off)':58} {'value':>8}  {'':6}  {'cache on':>8}")
     for row in report["targets"]:
         status = "n/a" if row["met"] is None else ("MET" if row["met"] else "MISSED")
         value = "—" if row["value"] is None else f"{row['value']:.3f}"
-        lines.append(f"  {row['target']:44} {value:>10}  {status}")
+        cache_on = "" if row.get("cache_on") is None else f"{row['cache_on']:.3f}"
+        lines.append(f"  {row['target']:58} {value:>8}  {status:6}  {cache_on:>8}")
     for name, steps in (report.get("step_means_ms") or {}).items():
         lines.append(
             f"  {name} mean per step (ms, whole run): " + ", ".join(f"{k} {v:.2f}" for k, v in steps.items())
         )
-    paced = report.get("paced_decision")
-    if paced:
+    for key, label in (
+        ("paced_decision", "paced decision"),
+        ("paced_decision_cached", "paced, decision cache on"),
+    ):
+        paced = report.get(key)
+        if paced:
+            lines.append(
+                f"  {label} {paced['rate']:g}/s: p50 {paced['p50_ms']:.2f} ms, "
+                f"p99 {paced['p99_ms']:.2f} ms, "
+                f"{paced['errors']} errors"
+            )
+    for name, by_c in (report.get("audit_bytes_per_call") or {}).items():
         lines.append(
-            f"  paced decision {paced['rate']:g}/s: p50 {paced['p50_ms']:.2f} ms, "
-            f"p99 {paced['p99_ms']:.2f} ms, "
-            f"{paced['errors']} errors"
+            f"  audit trail bytes per call, {CELL_LABELS.get(name, name).strip()}: "
+            + ", ".join(f"c={c}: {v:,}" for c, v in by_c.items())
         )
     if "foreign_cpu_share" in report:
         lines.append(
@@ -664,11 +812,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--ab-server",
-        action="store_true",
-        help="also measure d with SSE responses, and with asyncio + h11, beside d in every round",
+        nargs="*",
+        choices=AB_CHOICES,
+        default=None,
+        help="beside d (and b) in every round, the same with one choice undone: sse (SSE responses), "
+        "asyncio (asyncio + h11), provenance (?provenance=true on every decision: sidecar dp and in-process "
+        "bp), client (in-process b0: the decide step on opa-python-client with provenance, as before "
+        "issue #20). No choice named: all of them",
+    )
+    p.add_argument(
+        "--no-decision-cache",
+        dest="decision_cache",
+        action="store_false",
+        help="skip the sidecars with the decision cache on (d+, e+; full mode only)",
     )
     p.add_argument("--keep-workdir", action="store_true")
     args = p.parse_args(argv)
+    if args.ab_server is not None and not args.ab_server:
+        args.ab_server = list(AB_CHOICES)
     if args.seconds <= 0 or args.seconds > 120:
         p.error("--seconds must be between 0 and 120")
     from tests.testbed.fhir import MAX_READ_LATENCY_MS

@@ -237,6 +237,18 @@ class OpaDeploymentSettings(_Strict):
     shadow_policies: Path | None = Field(
         None, description="A candidate policies/ folder, run in a second managed OPA."
     )
+    revision_from: Literal["status", "provenance"] = Field(
+        "status",
+        description="Where each decision's bundle revision comes from: OPA's status API (read at start and "
+        "every revision_poll_s while decisions flow), or ?provenance=true on every decision.",
+    )
+    revision_poll_s: float = Field(5.0, gt=0, le=3600)
+    decision_cache: bool = Field(
+        False,
+        description="Reuse a decision for the same input (request id and time aside) under the same bundle "
+        "revision, for as long as the policy's decision.valid_for_s says. Off by default.",
+    )
+    decision_cache_max_entries: int = Field(10_000, ge=1, le=1_000_000)
 
     _v_url = field_validator("url", "shadow_url")(lambda v: _http_url(v))
 

@@ -146,6 +146,8 @@ async def reload(server: SidecarServer, state: ServeState) -> bool:
             log.error("reload: the managed OPA did not come back (%s); it is supervised", type(exc).__name__)
     app = server.app_holder.get("app")
     if app is not None:
+        # Policy files read again may decide otherwise under the same (file) revision: forget every decision.
+        app.decider.forget_decisions()
         await publish_build_info(app.engine, new, managed)
     changed = restart_only_changes(state.settings, new)
     if changed:

@@ -40,7 +40,7 @@ from mcp_fhir.config import Settings
 from mcp_fhir.context import AppContext, IdentityIds, Limits, Purpose
 from mcp_fhir.logs import current_ids
 from mcp_fhir.mcp_adapter import INFRA_ERROR, SidecarServer, app_of, mcp_error, tool_error
-from mcp_fhir.policy.decide import Decider
+from mcp_fhir.policy.decide import Decider, DecisionCache
 from mcp_fhir.policy.engine import PolicyEngine
 from mcp_fhir.policy.managed_opa import ManagedOpa, opa_provenance, opa_version, policy_digest
 from mcp_fhir.policy.opa import OpaPolicyEngine, OpaSettings
@@ -67,7 +67,11 @@ PURPOSES_PATH = "mcp_fhir/config/purposes"
 def _engine_settings(settings: Settings, url: str) -> OpaSettings:
     token = os.environ.get(settings.opa.token_env) if settings.opa.token_env else None
     return OpaSettings(
-        url=url, decision_timeout=settings.opa.decision_timeout, token=Secret(token) if token else None
+        url=url,
+        decision_timeout=settings.opa.decision_timeout,
+        token=Secret(token) if token else None,
+        revision_from=settings.opa.revision_from,
+        revision_poll_s=settings.opa.revision_poll_s,
     )
 
 
@@ -110,7 +114,13 @@ def make_lifespan(settings: Settings, holder: dict[str, AppContext], ops: dict[s
                     stack, settings, settings.opa.shadow_url, settings.opa.shadow_policies, None
                 )
             decider = Decider(
-                engine, audit=trail.record, candidate=shadow, shadow_timeout=settings.opa.decision_timeout
+                engine,
+                audit=trail.record,
+                candidate=shadow,
+                shadow_timeout=settings.opa.decision_timeout,
+                cache=DecisionCache(settings.opa.decision_cache_max_entries)
+                if settings.opa.decision_cache
+                else None,
             )
             stack.push_async_callback(
                 decider.aclose

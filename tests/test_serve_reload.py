@@ -5,6 +5,7 @@ and the sections only a restart applies are named. Over a real `serve` process:
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,6 +22,7 @@ from tests.integration._ops_harness import ApiKeyIdentity, http_config
 from tests.testbed.sidecar import NURSE
 
 FHIR = "http://127.0.0.1:8103/fhir"
+_T0 = datetime(2026, 12, 7, 10, tzinfo=UTC)
 
 
 @pytest.fixture
@@ -85,3 +87,22 @@ def test_only_changes_a_reload_cannot_apply_are_named(tmp_path, keys):
     assert restart_only_changes(base, moved) == ["server"]
     jwt = config.from_mapping({**cfg, "auth": {**cfg["auth"], "issuer": "https://login.example.org"}})
     assert restart_only_changes(base, jwt) == ["auth (other than api_keys)"]
+
+
+async def test_a_reload_forgets_every_cached_decision(tmp_path, keys, monkeypatch):
+    from mcp_fhir import http_app
+    from mcp_fhir.audit.fake import FakeAuditTrail
+    from mcp_fhir.policy.decide import Decider, DecisionCache
+    from mcp_fhir.policy.engine import Decision, FakePolicyEngine
+
+    async def no_build_info(*_args: Any) -> None:
+        return None
+
+    monkeypatch.setattr(http_app, "publish_build_info", no_build_info)
+    server, state, _verifier, _cfg = running(tmp_path, keys[0])
+    cache = DecisionCache()
+    decider = Decider(FakePolicyEngine(), audit=FakeAuditTrail().record, cache=cache)
+    cache.put("key", Decision(allow=False, decision_id="d", valid_for_s=60), _T0)
+    server.app_holder["app"] = SimpleNamespace(decider=decider, engine=decider.engine)
+    assert await reload(server, state) is True
+    assert len(cache) == 0

@@ -75,6 +75,13 @@ class Decision:
     alerts: tuple[str, ...] = ()
     decision_id: str | None = None
     revision: str | None = None
+    # How long (whole seconds from the input's `context.time`) the policy says this decision stays
+    # what it is: `decision.valid_for_s`. None when the policy set none (or an unusable value):
+    # such a decision is never reused. Read only by the optional decision cache (`policy/decide.py`).
+    valid_for_s: int | None = None
+    # "hit" when the decision cache answered (the decision id is the reused one), "miss" when it
+    # was on and OPA answered; None when the cache is off.
+    cache: str | None = None
 
     @property
     def reason_codes(self) -> tuple[str, ...]:
@@ -121,7 +128,19 @@ class Decision:
             alerts=tuple(alerts),
             decision_id=decision_id,
             revision=revision,
+            valid_for_s=_lifetime(result.get("valid_for_s")),
         )
+
+
+def _lifetime(value: Any) -> int | None:
+    """`decision.valid_for_s` as whole seconds, or None (never reuse) for anything but a positive number.
+
+    Lenient on purpose: the field only allows reuse, so an unusable value means "do not cache",
+    never a deny; the decision itself is enforced exactly as without it.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value or value < 1:
+        return None
+    return int(min(value, 86_400))
 
 
 def _parse_reasons(raw: Any, decision_id: str | None) -> tuple[dict[str, str], ...]:
@@ -232,6 +251,7 @@ class FakePolicyEngine:
         self._visible = visible
         self._data = dict(data or {})
         self.calls: list[Mapping[str, Any]] = []
+        self.current_revision: str | None = None  # the active bundle revision, as OpaPolicyEngine knows it
 
     def answer_with(self, decide: Callable[[Mapping[str, Any]], Decision]) -> None:
         """Change the answer from now on."""

@@ -196,6 +196,8 @@ class Call:
         decisions = list(self.decisions.values())
         d = self.decision
         extra: dict[str, Any] = dict(fetched.audit_extra) if fetched is not None else {}
+        if d.cache is not None:  # the decision cache is on: "hit" names a reused decision id
+            extra["decision_cache"] = d.cache
         if self.confirmation is not None:
             extra["confirmation"] = dict(self.confirmation)
         if self.tool.sections:
@@ -255,6 +257,8 @@ def _section_record(
         "reason_codes": list(decision.reason_codes),
         "decision_id": decision.decision_id,
     }
+    if decision.cache is not None:
+        out["decision_cache"] = decision.cache
     if enforced is not None:
         out["returned_count"] = len(enforced.resources)
         out["filtered_count"] = enforced.withheld.resources

@@ -184,3 +184,43 @@ def test_machine_busy_time_grows_with_work_done():
     while time.process_time() < deadline:
         pass
     assert machine_busy_seconds() > before
+
+
+def test_the_audit_trails_bytes_count_every_audit_file_and_nothing_else(tmp_path):
+    from bench.run import audit_bytes
+
+    (tmp_path / "audit.jsonl").write_bytes(b"x" * 100)
+    (tmp_path / "audit.jsonl.checkpoints").write_bytes(b"y" * 20)
+    (tmp_path / "idmap.db").write_bytes(b"z" * 1000)
+    assert audit_bytes(tmp_path) == 120
+    assert audit_bytes(tmp_path / "missing") == 0
+
+
+def test_the_cache_on_ratios_sit_beside_the_cache_off_ones():
+    got = ratios(
+        {
+            "a_opa_bare": {1: 1.0},
+            "c_fhir_bare": {1: 1.0},
+            "d_sidecar_nocache": {1: 4.0},
+            "d_dcache": {1: 3.0},
+            "e_dcache": {1: 1.5},
+            "f_peer_wso2": {1: 5.0},
+        }
+    )
+    assert got["d/f"][1] == pytest.approx(0.8)
+    assert got["d+/f"][1] == pytest.approx(0.6)
+    assert got["d+/(a+c)"][1] == pytest.approx(1.5)
+    assert got["e+/d+"][1] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("argv", "want"),
+    [
+        ([], ()),
+        (["--ab-server"], ("sse", "asyncio", "provenance", "client")),
+        (["--ab-server", "client"], ("client",)),
+    ],
+    ids=["off", "all", "one"],
+)
+def test_ab_server_names_the_choices_undone_and_alone_means_all_of_them(argv, want):
+    assert tuple(parse_args(argv).ab_server or ()) == want

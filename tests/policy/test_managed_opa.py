@@ -184,3 +184,30 @@ def test_the_opa_version_and_the_policy_digest_are_known_for_build_info(opa_bina
     assert policy_digest([policies]) == digest  # tests are not served, so they do not change the revision
     (policies / "mcp_fhir" / "authz" / "extra.rego").write_text("package x\n", encoding="utf-8")
     assert policy_digest([policies]) != digest
+
+
+async def test_the_managed_opa_runs_with_its_status_api_on_and_go_gc_at_gogc_400(
+    opa_binary: str, monkeypatch
+):
+    import aiohttp
+
+    from mcp_fhir.policy.managed_opa import ManagedOpa
+    from tests.testbed.sidecar import POLICIES
+
+    monkeypatch.delenv("GOGC", raising=False)
+    async with ManagedOpa([POLICIES], binary=opa_binary) as opa:
+        assert opa.process is not None
+        environ = Path(f"/proc/{opa.process.pid}/environ").read_bytes().split(b"\0")
+        assert b"GOGC=400" in environ
+        async with aiohttp.ClientSession() as http, http.get(f"{opa.url}/v1/status") as response:
+            assert response.status == 200
+
+
+def test_a_gogc_already_in_the_environment_wins(monkeypatch):
+    from mcp_fhir.policy.managed_opa import ManagedOpa
+
+    monkeypatch.setenv("GOGC", "150")
+    assert ManagedOpa([REPO / "policies"], binary=sys.executable).environment()["GOGC"] == "150"
+    monkeypatch.delenv("GOGC")
+    assert ManagedOpa([REPO / "policies"], binary=sys.executable).environment()["GOGC"] == "400"
+    assert "GOGC" not in ManagedOpa([REPO / "policies"], binary=sys.executable, gogc=None).environment()
