@@ -26,7 +26,7 @@ import hashlib
 import hmac
 import time
 import uuid
-from collections import defaultdict, deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -49,43 +49,68 @@ def _windows(windows: Sequence[int]) -> tuple[int, ...]:
     return out
 
 
+class _Window:
+    """One subject's calls, patients and denials in one window, kept as running counts (O(1) a call)."""
+
+    __slots__ = ("calls", "denials", "patients", "seconds")
+
+    def __init__(self, seconds: int) -> None:
+        self.seconds = seconds
+        self.calls: deque[tuple[float, str | None]] = deque()
+        self.patients: Counter[str] = Counter()
+        self.denials: deque[float] = deque()
+
+    def trim(self, now: float) -> None:
+        horizon = now - self.seconds
+        while self.calls and self.calls[0][0] <= horizon:
+            _, patient = self.calls.popleft()
+            if patient is not None:
+                self.patients[patient] -= 1
+                if not self.patients[patient]:
+                    del self.patients[patient]
+        while self.denials and self.denials[0] <= horizon:
+            self.denials.popleft()
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "calls": len(self.calls),
+            "distinct_patients": len(self.patients),
+            "denials": len(self.denials),
+        }
+
+
 class MemoryActivity:
-    """Counters in this process; bounded by the longest window."""
+    """Counters in this process; each window keeps running counts, bounded by its own length."""
 
     def __init__(
         self, windows: Sequence[int] = DEFAULT_WINDOWS, *, clock: Callable[[], float] = time.time
     ) -> None:
         self.windows = _windows(windows)
         self._clock = clock
-        self._calls: dict[str, deque[tuple[float, str | None]]] = defaultdict(deque)
-        self._denials: dict[str, deque[float]] = defaultdict(deque)
+        self._subjects: dict[str, tuple[_Window, ...]] = {}
 
-    def _trim(self, subject: str, now: float) -> None:
-        horizon = now - self.windows[-1]
-        calls, denials = self._calls[subject], self._denials[subject]
-        while calls and calls[0][0] <= horizon:
-            calls.popleft()
-        while denials and denials[0] <= horizon:
-            denials.popleft()
+    def _of(self, subject: str, now: float) -> tuple[_Window, ...]:
+        windows = self._subjects.get(subject)
+        if windows is None:
+            windows = self._subjects[subject] = tuple(_Window(w) for w in self.windows)
+        for window in windows:
+            window.trim(now)
+        return windows
 
     async def observe(self, subject: str, patient: str | None) -> Snapshot:
         now = self._clock()
-        self._trim(subject, now)
-        self._calls[subject].append((now, patient))
-        calls, denials = self._calls[subject], self._denials[subject]
         out: Snapshot = {}
-        for w in self.windows:
-            since = now - w
-            recent = [p for t, p in calls if t > since]
-            out[str(w)] = {
-                "calls": len(recent),
-                "distinct_patients": len({p for p in recent if p is not None}),
-                "denials": sum(1 for t in denials if t > since),
-            }
+        for window in self._of(subject, now):
+            window.calls.append((now, patient))
+            if patient is not None:
+                window.patients[patient] += 1
+            out[str(window.seconds)] = window.counts()
         return out
 
     async def denied(self, subject: str) -> None:
-        self._denials[subject].append(self._clock())
+        now = self._clock()
+        for window in self._of(subject, now):
+            window.denials.append(now)
 
     async def aclose(self) -> None:
         return None

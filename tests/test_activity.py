@@ -87,3 +87,12 @@ async def test_two_replicas_sharing_redis_see_one_subjects_activity_together(red
     finally:
         await client_a.aclose()
         await client_b.aclose()
+
+
+async def test_memory_holds_only_what_the_longest_window_still_counts():
+    clock = Clock()
+    counters = MemoryActivity((60, 600), clock=clock)
+    await drive(counters, clock, "agent-a", 100)
+    clock.now += 601
+    await counters.observe("agent-a", "pat-x")
+    assert [len(w.calls) for w in counters._subjects["agent-a"]] == [1, 1]

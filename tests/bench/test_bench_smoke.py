@@ -224,3 +224,12 @@ def test_the_cache_on_ratios_sit_beside_the_cache_off_ones():
 )
 def test_ab_server_names_the_choices_undone_and_alone_means_all_of_them(argv, want):
     assert tuple(parse_args(argv).ab_server or ()) == want
+
+
+async def test_the_feature_cost_benchmark_measures_every_variant():
+    from bench.features import measure
+
+    result = await measure(calls=3, rounds=1)
+    assert set(result) == {"base", "activity", "consent", "tracing"}
+    assert all(value > 0 for value in result.values())
+
