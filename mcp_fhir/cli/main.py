@@ -239,7 +239,9 @@ def _keys_new(args: argparse.Namespace) -> int:
     key, digest = generate_api_key()
     print(
         f"key (give it to the agent once; it is not stored):\n  {key}\n"
-        f'config entry:\n  - id: {args.id}\n    hash: "{digest}"\n    claims: {{}}\n    scopes: []'
+        f'config entry:\n  - id: {args.id}\n    hash: "{digest}"\n'
+        "    claims: {}  # fill in: the claims the policy reads, at least the roles, e.g. {roles: [nurse]}\n"
+        "    scopes: []  # fill in: the SMART scopes granted, e.g. [user/Patient.rs]; empty denies every call"
     )
     return 0
 
