@@ -434,6 +434,7 @@ class CallPath:
                 raise
             raise refused from exc
         consent, activity = await self._context(subject, patient, backend_patient, local=local)
+        params = args.narrowing()  # once per call: the audit record's and every section's decision input
         call = Call(
             app=app,
             tool=tool,
@@ -443,7 +444,7 @@ class CallPath:
             patient=patient,
             backend_patient=backend_patient,
             backend=backend,
-            params=args.narrowing(),
+            params=params,
             purpose=args.purpose_of_use,
             break_glass_reason=args.break_glass,
             inputs={
@@ -453,7 +454,7 @@ class CallPath:
                     operation=tool.operation,
                     resource_type=rt,
                     patient=patient,
-                    params=args.narrowing() | ({"section": rt} if tool.sections else {}),
+                    params=params | ({"section": rt} if tool.sections else {}),
                     purpose=args.purpose_of_use,
                     break_glass_reason=args.break_glass,
                     backend=backend,
