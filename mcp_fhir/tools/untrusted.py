@@ -63,50 +63,137 @@ _ALL_TOOL_NAMES = "|".join(sorted((re.escape(t) for t in CATALOGUE), key=len, re
 _VERBS = r"(?:call|invoke|use|run|execute|trigger|launch|fire|send|perform|issue)"
 
 # Text shapes that try to steer a model. Matching flags the result; it never changes what the sidecar does.
-INJECTION_PATTERNS: tuple[re.Pattern[str], ...] = tuple(
-    re.compile(p, re.IGNORECASE)
-    for p in (
-        # overriding what the model was told
+# Each pattern comes with its guard: groups of literals, all lower case, of which the text (folded, see
+# `_fold`) must hold at least one per group for the pattern to have any chance of matching. The first group
+# of every guard also goes into one gate (`_gate`): a text that holds none of those literals, no line break
+# and no role word at its start (the role-marker pattern's own necessary condition) cannot match any
+# pattern, and most clinical strings stop there. Guards only ever skip a search that could not match, so
+# the answer is exactly what the 27 searches would give; they exist because Python's `re` cannot skip ahead
+# to a literal under IGNORECASE, and these searches were the sidecar's largest Python hot spot (10-16 % of
+# its CPU). tests/tools/test_untrusted.py generates matches of every pattern and checks that its guard and
+# the gate let each one through, and compares the guarded answer with the plain one on the corpora.
+_NAMES = tuple(sorted(t.lower() for t in CATALOGUE if "_" in t))
+_ALL_NAMES = tuple(sorted(t.lower() for t in CATALOGUE))
+_ROLES = ("system", "assistant", "developer", "user", "human", "ai", "admin", "operator")
+_ROLE_MARKER = rf"(^|\n)\s*(#+\s*)?({'|'.join(_ROLES)})\s*(message|prompt)?\s*[:>\]]"
+_GUARDED: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
+    # overriding what the model was told
+    (
         r"\b(ignore|disregard|forget|override|bypass)\b[^.\n]{0,40}\b(previous|prior|above|earlier|preceding|"
         r"all|any|your|other|these|those)\b[^.\n]{0,30}\b(instructions?|directions?|prompts?|messages?|context)\b",
+        (
+            ("ignore", "disregard", "forget", "override", "bypass"),
+            ("instruction", "direction", "prompt", "message", "context"),
+        ),
+    ),
+    (
         r"\bignore (this|the rest of this|these|other|the above) (data|document|note|content|text)\b",
+        (("ignore ",),),
+    ),
+    (
         r"\b(new|updated|real|actual|revised)\s+system\s+(instructions?|prompt|directive)",
+        (("instruction", "prompt", "directive"), ("system",)),
+    ),
+    (
         r"\b(ignore|disregard)\s+(all\s+|any\s+|the\s+|your\s+|previous\s+|prior\s+|above\s+)*(instructions|directions|prompts)\b",
-        r"\b(reply|respond|answer) with only\b",
-        r"\bjust (print|say|output|reply|respond|repeat)\b",
+        (("ignore", "disregard"), ("instructions", "directions", "prompts")),
+    ),
+    (r"\b(reply|respond|answer) with only\b", ((" with only",),)),
+    (r"\bjust (print|say|output|reply|respond|repeat)\b", (("just ",),)),
+    (
         r"\b(note|notice|message|instructions?|request) (to|for) (the |any )?(ai|llm|assistant|agent|model|chatbot)\b",
+        ((" to ", " for "), ("ai", "llm", "assistant", "agent", "model", "chatbot")),
+    ),
+    (
         r"\b(print|say|output|reply|respond)\b[^.\n]{0,20}\b(the following|exactly|verbatim)\b",
-        # requests to call a tool: ours by name, a snake_case function, or "the X tool"
-        rf"\b{_VERBS}\b[^.\n]{{0,60}}\b({_TOOL_NAMES})\b",
-        rf"\b({_TOOL_NAMES})\s*\(",
+        (("the following", "exactly", "verbatim"),),
+    ),
+    # requests to call a tool: ours by name, a snake_case function, or "the X tool"
+    (rf"\b{_VERBS}\b[^.\n]{{0,60}}\b({_TOOL_NAMES})\b", (("_",), _NAMES)),
+    (rf"\b({_TOOL_NAMES})\s*\(", (("_",), ("(",), _NAMES)),
+    (
         rf"\b(next step|immediately|now|then|afterwards|first)\b[^.\n]{{0,60}}\b({_TOOL_NAMES})\b",
-        rf"\b{_VERBS}\b[^.\n]{{0,30}}\b[a-z]+_[a-z_]+\b",
-        rf"\b{_VERBS}\b (the|a|this|that) [a-z_]+ (tool|function call)\b",
-        r"\"(tool|function)(_?(call|name|use))?\"\s*:",
-        rf"\bthe ({_ALL_TOOL_NAMES}) (tool|function)\b",
+        (("_",), _NAMES),
+    ),
+    (rf"\b{_VERBS}\b[^.\n]{{0,30}}\b[a-z]+_[a-z_]+\b", (("_",),)),
+    (rf"\b{_VERBS}\b (the|a|this|that) [a-z_]+ (tool|function call)\b", ((" tool", " function call"),)),
+    (r"\"(tool|function)(_?(call|name|use))?\"\s*:", (('"tool', '"function'), (":",))),
+    (rf"\bthe ({_ALL_TOOL_NAMES}) (tool|function)\b", ((" tool", " function"), ("the ",), _ALL_NAMES)),
+    (
         r"<\s*/?\s*(tool_call|function_call|tool_use|invoke|system|instructions?|assistant)\b[^>]*>",
-        # role markers: text posing as a message from the system or another party
-        r"(^|\n)\s*(#+\s*)?(system|assistant|developer|user|human|ai|admin|operator)\s*(message|prompt)?\s*[:>\]]",
+        (("<",), (">",)),
+    ),
+    # role markers: text posing as a message from the system or another party
+    (_ROLE_MARKER, ((":", ">", "]"), _ROLES)),
+    (
         r"(^|\n)\s*#+\s*(system|assistant|developer|instructions?)\b",
+        (("#",), ("system", "assistant", "developer", "instruction")),
+    ),
+    (
         r"\[\s*/?\s*(system|inst|sys|admin request|assistant)\s*[\]:]",
+        (("[",), ("sys", "inst", "admin request", "assistant")),
+    ),
+    (
         r"<\|\s*(im_start|im_end|system|assistant|user|endoftext|eot_id|start_header_id)\s*\|>",
-        r"\bsystem (message|prompt|override|instruction|notice|alert)s?\b",
-        r"\byou are now (an?|the|in) [^.\n]{0,40}\b(assistant|ai|model|agent|mode|bot)\b",
+        (("<|",), ("|>",)),
+    ),
+    (r"\bsystem (message|prompt|override|instruction|notice|alert)s?\b", (("system ",),)),
+    (r"\byou are now (an?|the|in) [^.\n]{0,40}\b(assistant|ai|model|agent|mode|bot)\b", (("you are now ",),)),
+    (
         r"\bas an? (ai|language model|llm|assistant)( assistant| agent| model)?,? you (must|should|will|are)\b",
-        # forged fence markers
-        r"<{3,}|>{3,}",
-        r"clinical-text\s*:|end clinical-text",
-        # exfiltration shapes
-        r"\[[^\]]{0,200}\]\(\s*https?://",
-        r"!\[[^\]]{0,200}\]\(",
-    )
+        (("as a",), (" you ",)),
+    ),
+    # forged fence markers
+    (r"<{3,}|>{3,}", (("<<<", ">>>"),)),
+    (r"clinical-text\s*:|end clinical-text", (("clinical-text",),)),
+    # exfiltration shapes
+    (r"\[[^\]]{0,200}\]\(\s*https?://", (("](",), ("[",), ("http",))),
+    (r"!\[[^\]]{0,200}\]\(", (("![",), ("](",))),
 )
+INJECTION_PATTERNS: tuple[re.Pattern[str], ...] = tuple(re.compile(p, re.IGNORECASE) for p, _ in _GUARDED)
+_CHECKS = tuple(zip(INJECTION_PATTERNS, (guard for _, guard in _GUARDED), strict=True))
+_ROLE_INDEX = [p for p, _ in _GUARDED].index(_ROLE_MARKER)
+# Every guard's first group, by literal: a text that holds none of them can match only the role-marker pattern.
+_BY_GATE: dict[str, tuple[int, ...]] = {
+    lit: tuple(i for i, (_, guard) in enumerate(_GUARDED) if i != _ROLE_INDEX and lit in guard[0])
+    for lit in sorted({lit for i, (_, guard) in enumerate(_GUARDED) if i != _ROLE_INDEX for lit in guard[0]})
+}
+_GATE_RE = re.compile(
+    "|".join(re.escape(lit) for lit in sorted(_BY_GATE, key=len, reverse=True))
+)  # on folded text
+
+# The characters outside ASCII that `re.IGNORECASE` matches to an ASCII letter (the dotted and dotless i,
+# the long s, the Kelvin sign): folded to that letter before the guards look for their literals, so no
+# spelling a pattern matches can slip past its guard. tests/tools/test_untrusted.py derives the table
+# from `re` itself over every code point.
+_FOLD = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s", "\u212a": "k"})
+
+
+def _fold(text: str) -> str:
+    return text.lower() if text.isascii() else text.translate(_FOLD).lower()
+
+
+def _candidates(folded: str) -> list[tuple[re.Pattern[str], tuple[tuple[str, ...], ...]]]:
+    """The patterns whose gate literal the text holds (most texts: none), in the order they are declared."""
+    found: set[int] = set()
+    if _GATE_RE.search(folded) is not None:
+        for lit, indexes in _BY_GATE.items():
+            if lit in folded:
+                found.update(indexes)
+    # the role-marker pattern: at a line break, or at the text's start (`\s*` and `#+\s*` are what lstrip takes)
+    if "\n" in folded or folded.lstrip().lstrip("#").lstrip().startswith(_ROLES):
+        found.add(_ROLE_INDEX)
+    return [_CHECKS[i] for i in sorted(found)]
 
 
 def looks_like_injection(text: str) -> bool:
     """True when `text` (its first MAX_SCAN_CHARS) is shaped like an instruction to a model."""
     sample = text[:MAX_SCAN_CHARS]
-    return any(p.search(sample) for p in INJECTION_PATTERNS)
+    folded = _fold(sample)
+    for pattern, guard in _candidates(folded):
+        if all(any(lit in folded for lit in group) for group in guard) and pattern.search(sample):
+            return True
+    return False
 
 
 # --- rendering -------------------------------------------------------------------------------------------------

@@ -7,10 +7,11 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.injection import attack_corpus, clinical_texts
+from mcp_fhir.tools import untrusted
 from mcp_fhir.tools.untrusted import (
     UNTRUSTED_CLOSE,
     UNTRUSTED_OPEN,
@@ -115,3 +116,50 @@ def test_neutralise_changes_prose_but_no_identifier_code_or_reference():
     assert out["code"]["coding"] == resource["code"]["coding"]
     assert out["code"]["text"] == "\\# SYSTEM\n\u2039\u2039\u2039x"
     assert out["note"] == [{"text": "fine text"}]
+
+
+# --- the guards in front of the injection searches skip only searches that could not match --------------------
+
+
+def _unguarded(text: str) -> bool:
+    sample = text[: untrusted.MAX_SCAN_CHARS]
+    return any(p.search(sample) for p in untrusted.INJECTION_PATTERNS)
+
+
+def test_the_fold_table_holds_every_character_that_ignorecase_matches_to_an_ascii_letter():
+    letters = {c: re.compile(c, re.IGNORECASE) for c in "abcdefghijklmnopqrstuvwxyz"}
+    any_letter = re.compile("[a-z]", re.IGNORECASE)
+    found = {
+        chr(cp): next(c for c, p in letters.items() if p.fullmatch(chr(cp)))
+        for cp in range(0x80, 0x110000)
+        if any_letter.fullmatch(chr(cp))
+    }
+    assert {ch: untrusted._fold(ch) for ch in found} == found
+
+
+@pytest.mark.parametrize("index", range(len(untrusted.INJECTION_PATTERNS)))
+def test_every_text_a_pattern_matches_passes_its_gate_and_its_guard(index):
+    pattern, guard = untrusted._CHECKS[index]
+
+    @given(st.from_regex(pattern, fullmatch=False))
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    def check(text):
+        if pattern.search(text[: untrusted.MAX_SCAN_CHARS]):
+            folded = untrusted._fold(text[: untrusted.MAX_SCAN_CHARS])
+            assert (pattern, guard) in untrusted._candidates(folded)
+            assert all(any(lit in folded for lit in group) for group in guard)
+
+    check()
+
+
+def test_the_guarded_detector_agrees_with_every_search_on_the_corpora():
+    texts = [t for items in attack_corpus().values() for t in items] + clinical_texts()
+    variants = [t.upper() for t in texts] + [t.replace("i", "\u0131").replace("s", "\u017f") for t in texts]
+    assert [looks_like_injection(t) for t in texts + variants] == [_unguarded(t) for t in texts + variants]
+    assert any(looks_like_injection(t) for t in variants)
+
+
+@given(HOSTILE | st.text(max_size=80))
+@settings(max_examples=300, deadline=None)
+def test_the_guarded_detector_agrees_with_every_search_on_hostile_text(text):
+    assert looks_like_injection(text) == _unguarded(text)
