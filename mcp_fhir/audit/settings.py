@@ -45,6 +45,7 @@ __all__ = [
     "SINKS",
     "WITNESSES",
     "AuditSettings",
+    "GroupCommit",
     "config_warnings",
 ]
 
@@ -89,6 +90,15 @@ def _number(default: float, low: float, high: float) -> Any:
 def host_name() -> str:
     """This host's name, reduced to writer-id characters."""
     return re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname() or "localhost")[:100]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupCommit:
+    """How the trail batches concurrent records into one durable write, and the deadline of every write."""
+
+    max_batch: int = DEFAULT_GROUP_COMMIT_MAX_BATCH
+    max_delay_seconds: float = DEFAULT_GROUP_COMMIT_MAX_DELAY_MS / 1000.0
+    write_timeout_seconds: float = DEFAULT_WRITE_TIMEOUT_SECONDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +221,13 @@ class AuditSettings:
             if key not in names:
                 raise ConfigError(f"audit.{key}", "unknown setting")
         return cls(**dict(data))
+
+    @property
+    def group_commit(self) -> GroupCommit:
+        """``group_commit_max_batch``, ``group_commit_max_delay_ms`` (as seconds) and ``write_timeout_seconds``."""
+        return GroupCommit(
+            self.group_commit_max_batch, self.group_commit_max_delay_ms / 1000.0, self.write_timeout_seconds
+        )
 
     @property
     def audit_dir(self) -> Path:
