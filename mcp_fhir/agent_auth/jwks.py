@@ -1,12 +1,13 @@
 """The issuer's JSON Web Key Set, fetched over one long-lived ``httpx2.AsyncClient`` and cached.
 
-Rules:
-- A fetched set is trusted for ``ttl`` seconds, then refetched on the next lookup.
+Rules (the durations are the ``auth.jwks`` section's, a ``JwksSettings``; the size bounds are
+``DEFAULT_JWKS_MAX_BYTES`` and ``DEFAULT_JWKS_MAX_KEYS``):
+- A fetched set is trusted for ``ttl_seconds``, then refetched on the next lookup.
 - A ``kid`` missing from a fresh set triggers a refetch (the issuer may have rotated),
-  but never more often than once per ``min_refresh_interval``: a stream of tokens with
+  but never more often than once per ``min_refresh_seconds``: a stream of tokens with
   made-up ``kid``s cannot turn us into a load generator against the issuer.
 - Concurrent lookups share one refresh (single flight, under an ``asyncio.Lock``).
-- A failed fetch is also remembered for ``min_refresh_interval``; until then lookups fail
+- A failed fetch is also remembered for ``min_refresh_seconds``; until then lookups fail
   fast with ``jwks_unavailable``. An expired set is never served (fail closed).
 - Only public, asymmetric signing keys with a ``kid`` are kept: ``oct`` keys, keys carrying
   private members, and keys with ``use`` other than ``sig`` are dropped.
@@ -14,7 +15,7 @@ Rules:
   (``/.well-known/oauth-authorization-server``), falling back to OpenID discovery
   (``/.well-known/openid-configuration``); the metadata ``issuer`` must equal ours.
 
-- One refresh (discovery and fetch together) has a total deadline of ``timeout`` seconds,
+- One refresh (discovery and fetch together) has a total deadline of ``timeout_seconds``,
   under ``asyncio.timeout``: a server that answers one byte at a time cannot hold it longer.
 - A cached key is served with no network call and no lock: the lookup comes first.
 
@@ -27,7 +28,7 @@ parsing), and ``PyJWKClient`` does not fit an async, fail-closed verifier:
   each refresh would need a thread, and every other lookup waits on that lock;
 - its refresh floor (``cooldown_duration``) starts only on a *successful* fetch: while the
   issuer is down, every token with an unknown ``kid`` fetches again (we remember a failure
-  for ``min_refresh_interval`` and fail fast);
+  for ``min_refresh_seconds`` and fail fast);
 - its ``timeout`` bounds each socket operation, not the whole fetch, and the body is read
   with no size bound;
 - its clock is ``time.monotonic`` with no injection, and it does no RFC 8414 discovery;
@@ -51,11 +52,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx2
 
 from mcp_fhir.agent_auth.errors import AgentAuthError
-from mcp_fhir.agent_auth.settings import (
-    DEFAULT_JWKS_MIN_REFRESH_INTERVAL,
-    DEFAULT_JWKS_TIMEOUT,
-    DEFAULT_JWKS_TTL,
-)
+from mcp_fhir.agent_auth.settings import JwksSettings
 
 __all__ = [
     "DEFAULT_JWKS_MAX_BYTES",
@@ -103,25 +100,15 @@ class JwksCache:
         *,
         jwks_url: str | None = None,
         issuer: str | None = None,
-        ttl: float = DEFAULT_JWKS_TTL,
-        min_refresh_interval: float = DEFAULT_JWKS_MIN_REFRESH_INTERVAL,
-        timeout: float = DEFAULT_JWKS_TIMEOUT,
-        max_bytes: int = DEFAULT_JWKS_MAX_BYTES,
-        max_keys: int = DEFAULT_JWKS_MAX_KEYS,
+        settings: JwksSettings = JwksSettings(),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if jwks_url is None and issuer is None:
             raise ValueError("JwksCache needs a jwks_url or an issuer to discover it from")
-        if ttl <= 0 or min_refresh_interval <= 0 or timeout <= 0 or max_bytes <= 0 or max_keys <= 0:
-            raise ValueError("JwksCache limits must be positive")
         self._client = client
         self._jwks_url = jwks_url
         self._issuer = issuer
-        self._ttl = ttl
-        self._min_refresh_interval = min_refresh_interval
-        self._timeout = timeout
-        self._max_bytes = max_bytes
-        self._max_keys = max_keys
+        self._settings = settings  # validated: every duration positive and finite
         self._clock = clock
         self._lock = asyncio.Lock()
         self._keys: Mapping[str, Jwk] = MappingProxyType({})
@@ -141,7 +128,8 @@ class JwksCache:
             if key is not None:
                 return key
             recently_tried = (
-                self._last_attempt is not None and now - self._last_attempt < self._min_refresh_interval
+                self._last_attempt is not None
+                and now - self._last_attempt < self._settings.min_refresh_seconds
             )
             if recently_tried:
                 if self._last_failed or not self._fresh(now):
@@ -154,7 +142,7 @@ class JwksCache:
         return key
 
     def _fresh(self, now: float) -> bool:
-        return self._fetched_at is not None and now - self._fetched_at < self._ttl
+        return self._fetched_at is not None and now - self._fetched_at < self._settings.ttl_seconds
 
     def _lookup(self, kid: str, now: float) -> Jwk | None:
         return self._keys.get(kid) if self._fresh(now) else None
@@ -164,13 +152,15 @@ class JwksCache:
         self._last_failed = True
         self.fetches += 1
         try:
-            async with asyncio.timeout(self._timeout):  # one deadline for discovery and fetch together
+            async with asyncio.timeout(
+                self._settings.timeout_seconds
+            ):  # one deadline for discovery and fetch together
                 url = self._jwks_url or await self._discover()
                 document = await self._get_json(url)
         except TimeoutError:
             logger.warning("jwks fetch failed: deadline passed")
             raise AgentAuthError("jwks_unavailable") from None
-        keys = _parse_jwks(document, self._max_keys)
+        keys = _parse_jwks(document, DEFAULT_JWKS_MAX_KEYS)
         self._keys = MappingProxyType(keys)
         self._fetched_at = now
         self._last_failed = False
@@ -198,14 +188,14 @@ class JwksCache:
         """GET a bounded JSON object; every failure is ``jwks_unavailable`` (the one seam)."""
         try:
             async with self._client.stream(
-                "GET", url, timeout=self._timeout, headers={"Accept": "application/json"}
+                "GET", url, timeout=self._settings.timeout_seconds, headers={"Accept": "application/json"}
             ) as response:
                 if response.status_code != 200:
                     raise AgentAuthError("jwks_unavailable")
                 body = bytearray()
                 async for chunk in response.aiter_bytes():
                     body.extend(chunk)
-                    if len(body) > self._max_bytes:
+                    if len(body) > DEFAULT_JWKS_MAX_BYTES:
                         raise AgentAuthError("jwks_unavailable")
             document = json.loads(bytes(body))
         except AgentAuthError:

@@ -158,9 +158,7 @@ def build_token_verifier(
             http_client,
             jwks_url=settings.jwks_url,
             issuer=settings.issuer,
-            ttl=settings.jwks.ttl_seconds,
-            min_refresh_interval=settings.jwks.min_refresh_seconds,
-            timeout=settings.jwks.timeout_seconds,
+            settings=settings.jwks,
         )
         jwt_verifier = JwtVerifier(settings, jwks)
     api_keys = ApiKeyStore(settings.api_keys) if settings.api_keys else None

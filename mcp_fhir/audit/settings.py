@@ -27,7 +27,7 @@ import re
 import socket
 import stat
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ __all__ = [
     "SINKS",
     "WITNESSES",
     "AuditSettings",
+    "GroupCommit",
     "config_warnings",
 ]
 
@@ -76,9 +77,28 @@ _FACTORY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
 _KEY_PREFIX = re.compile(r"^[A-Za-z0-9_.:@-]{0,100}$")
 
 
+def _count(default: int, low: int, high: int) -> Any:
+    """An integer setting checked on construction to lie in ``[low, high]``."""
+    return field(default=default, metadata={"count": (low, high)})
+
+
+def _number(default: float, low: float, high: float) -> Any:
+    """A number setting checked on construction to lie in ``[low, high]``, and stored as a float."""
+    return field(default=default, metadata={"number": (low, high)})
+
+
 def host_name() -> str:
     """This host's name, reduced to writer-id characters."""
     return re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname() or "localhost")[:100]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupCommit:
+    """How the trail batches concurrent records into one durable write, and the deadline of every write."""
+
+    max_batch: int = DEFAULT_GROUP_COMMIT_MAX_BATCH
+    max_delay_seconds: float = DEFAULT_GROUP_COMMIT_MAX_DELAY_MS / 1000.0
+    write_timeout_seconds: float = DEFAULT_WRITE_TIMEOUT_SECONDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,19 +109,21 @@ class AuditSettings:
     path: str | None = None
     dsn_env: str | None = None
     writer_id: str = ""
-    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
-    checkpoint_interval_seconds: float = DEFAULT_CHECKPOINT_INTERVAL_SECONDS
+    checkpoint_every: int = _count(DEFAULT_CHECKPOINT_EVERY, 1, 10_000_000)
+    checkpoint_interval_seconds: float = _number(DEFAULT_CHECKPOINT_INTERVAL_SECONDS, 0.001, 86_400.0)
     signing_key_file: str | None = None
     signing_key_env: str | None = None
     encryption_key_env: str | None = None
     encryption_key_file: str | None = None
     encryption_key_id: str | None = None
-    retention_days: int = DEFAULT_RETENTION_DAYS
-    group_commit_max_delay_ms: float = DEFAULT_GROUP_COMMIT_MAX_DELAY_MS
-    group_commit_max_batch: int = DEFAULT_GROUP_COMMIT_MAX_BATCH
-    write_timeout_seconds: float = DEFAULT_WRITE_TIMEOUT_SECONDS
-    denial_burst_threshold: int = DEFAULT_DENIAL_BURST_THRESHOLD
-    denial_burst_window_seconds: float = DEFAULT_DENIAL_BURST_WINDOW_SECONDS
+    retention_days: int = _count(DEFAULT_RETENTION_DAYS, 1, 36_500)
+    group_commit_max_delay_ms: float = _number(
+        DEFAULT_GROUP_COMMIT_MAX_DELAY_MS, 0.0, MAX_GROUP_COMMIT_DELAY_MS
+    )
+    group_commit_max_batch: int = _count(DEFAULT_GROUP_COMMIT_MAX_BATCH, 1, MAX_GROUP_COMMIT_BATCH)
+    write_timeout_seconds: float = _number(DEFAULT_WRITE_TIMEOUT_SECONDS, 0.001, MAX_WRITE_TIMEOUT_SECONDS)
+    denial_burst_threshold: int = _count(DEFAULT_DENIAL_BURST_THRESHOLD, 1, 1_000_000)
+    denial_burst_window_seconds: float = _number(DEFAULT_DENIAL_BURST_WINDOW_SECONDS, 0.001, 86_400.0)
     pg_schema: str = DEFAULT_PG_SCHEMA
     pg_table: str = DEFAULT_PG_TABLE
     pg_role: str | None = None
@@ -161,14 +183,10 @@ class AuditSettings:
             )
         if (self.encryption_key_file or self.encryption_key_env) and not self.encryption_key_id:
             raise ConfigError("audit.encryption_key_id", "required when an encryption key is configured")
-        self._check_int("checkpoint_every", 1, 10_000_000)
-        self._check_int("retention_days", 1, 36_500)
-        self._check_int("group_commit_max_batch", 1, MAX_GROUP_COMMIT_BATCH)
-        self._check_int("denial_burst_threshold", 1, 1_000_000)
-        self._check_float("checkpoint_interval_seconds", 0.001, 86_400.0)
-        self._check_float("group_commit_max_delay_ms", 0.0, MAX_GROUP_COMMIT_DELAY_MS)
-        self._check_float("write_timeout_seconds", 0.001, MAX_WRITE_TIMEOUT_SECONDS)
-        self._check_float("denial_burst_window_seconds", 0.001, 86_400.0)
+        for kind, check in (("count", self._check_int), ("number", self._check_float)):
+            for f in fields(self):
+                if kind in f.metadata:
+                    check(f.name, *f.metadata[kind])
 
     def _check_witness(self) -> None:
         if self.witness not in WITNESSES:
@@ -203,6 +221,13 @@ class AuditSettings:
             if key not in names:
                 raise ConfigError(f"audit.{key}", "unknown setting")
         return cls(**dict(data))
+
+    @property
+    def group_commit(self) -> GroupCommit:
+        """``group_commit_max_batch``, ``group_commit_max_delay_ms`` (as seconds) and ``write_timeout_seconds``."""
+        return GroupCommit(
+            self.group_commit_max_batch, self.group_commit_max_delay_ms / 1000.0, self.write_timeout_seconds
+        )
 
     @property
     def audit_dir(self) -> Path:

@@ -63,7 +63,7 @@ from mcp_fhir.audit.crypto import (
 from mcp_fhir.audit.disclosures import DisclosureReport, TrailNotVerified, build_disclosures
 from mcp_fhir.audit.query import AuditQuery, check_limit, decode_entries, page, parse_cursor
 from mcp_fhir.audit.record import AuditRecord, utc_now_ms
-from mcp_fhir.audit.settings import AuditSettings, host_name
+from mcp_fhir.audit.settings import AuditSettings, GroupCommit, host_name
 from mcp_fhir.audit.sinks.base import AuditSink
 from mcp_fhir.audit.sinks.file import FileSink
 from mcp_fhir.audit.sinks.sqlite import SQLiteSink
@@ -120,9 +120,7 @@ class AuditTrail:
         alerts: AlertEmitter | None = None,
         keyring: KeyRing | None = None,
         witness: Witness | None = None,
-        max_batch: int = 256,
-        max_delay_seconds: float = 0.002,
-        write_timeout_seconds: float = 5.0,
+        group_commit: GroupCommit = GroupCommit(),
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], str] = utc_now_ms,
         on_close: Callable[[], None] | None = None,
@@ -136,9 +134,7 @@ class AuditTrail:
         self._witness = witness
         self._cipher = cipher
         self._alerts = alerts or AlertEmitter()
-        self._max_batch = max_batch
-        self._max_delay = max_delay_seconds
-        self._write_timeout = write_timeout_seconds
+        self._commit = group_commit
         self._clock = clock
         self._wall = wall_clock
         self._on_close = on_close
@@ -183,7 +179,7 @@ class AuditTrail:
     async def _reopen(self) -> None:
         """(Re)open the sink and adopt its head. Caller holds ``_io``. Raises AuditUnavailable."""
         try:
-            opened = await asyncio.wait_for(self.sink.open(), self._write_timeout)
+            opened = await asyncio.wait_for(self.sink.open(), self._commit.write_timeout_seconds)
             if opened.head.seq < self._acked_seq:
                 raise AuditUnavailable("stored audit chain is shorter than what was acknowledged")
             head = ChainHead(opened.head.seq, opened.head.hash)
@@ -297,7 +293,7 @@ class AuditTrail:
         )  # fmt: skip
         entries.append(seal(head, self._body(alert, head)))
         entries.append(seal(head, await self._checkpoint_body(head)))
-        await asyncio.wait_for(self.sink.append(entries), self._write_timeout)
+        await asyncio.wait_for(self.sink.append(entries), self._commit.write_timeout_seconds)
         await self._witness_write(entries[-1])
         self.recoveries += 1
         metrics.AUDIT_ALERTS.labels(alert=AUDIT_RECOVERY_ALERT).inc()
@@ -455,14 +451,15 @@ class AuditTrail:
 
         Group commit without a fixed wait: take everything already queued (writers that
         arrived during the previous fsync). A lone writer is committed at once, so one call
-        at a time costs one fsync, not one fsync plus ``max_delay``. Only when other writers
+        at a time costs one fsync, not one fsync plus ``max_delay_seconds``. Only when other writers
         are queued behind ``first`` (concurrency is real) does the flusher yield to the event
-        loop, up to ``max_delay``, so writers that are already runnable join the same fsync.
+        loop, up to ``max_delay_seconds``, so writers that are already runnable join the same fsync.
         """
         batch: list[_Pending] = [first]
         size = len(first.records)
-        deadline = self._clock() + self._max_delay
-        while size < self._max_batch:
+        commit = self._commit
+        deadline = self._clock() + commit.max_delay_seconds
+        while size < commit.max_batch:
             try:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
@@ -496,7 +493,7 @@ class AuditTrail:
             if head.seq > 0 and (entries or not self._head_signed):
                 entries.append(seal(head, await self._checkpoint_body(head)))
             if entries:
-                await asyncio.wait_for(self.sink.append(entries), self._write_timeout)
+                await asyncio.wait_for(self.sink.append(entries), self._commit.write_timeout_seconds)
         except Exception as exc:
             self._healthy = False
             log.error("audit write failed on sink %s: %s", self.sink.name, type(exc).__name__)
@@ -526,7 +523,7 @@ class AuditTrail:
                 witness.write(checkpoint_entry)  # one small write and a rename: cheaper than a thread hop
             else:
                 await asyncio.wait_for(
-                    asyncio.to_thread(witness.write, checkpoint_entry), self._write_timeout
+                    asyncio.to_thread(witness.write, checkpoint_entry), self._commit.write_timeout_seconds
                 )
         except Exception as exc:
             self.witness_failures += 1
@@ -708,9 +705,7 @@ def build_trail(
             ),
             keyring=load_keyring(settings.public_key_files, [signer.public_key()]),
             witness=build_witness(settings, writer_id),
-            max_batch=settings.group_commit_max_batch,
-            max_delay_seconds=settings.group_commit_max_delay_ms / 1000.0,
-            write_timeout_seconds=settings.write_timeout_seconds,
+            group_commit=settings.group_commit,
             clock=clock,
             wall_clock=wall_clock,
             on_close=release,

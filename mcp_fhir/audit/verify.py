@@ -474,7 +474,7 @@ def verify_postgres(
     **options: Unpack[VerifyOptions],
 ) -> VerifyReport:
     """Verify one writer's chain in PostgreSQL (``line`` is the row's position in seq order)."""
-    from mcp_fhir.audit.sinks.postgres import iter_postgres_entries
+    from mcp_fhir.audit.sinks.postgres import PostgresSink
 
-    entries = iter_postgres_entries(dsn, writer, schema=schema, table=table, role=role)
+    entries = PostgresSink(dsn, writer, schema=schema, table=table, role=role).reader()
     return verify_entries(_numbered(entries), **options)

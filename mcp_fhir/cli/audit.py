@@ -214,9 +214,9 @@ def _dsn(args: argparse.Namespace) -> str:
 def _entries(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     _settings(args)
     if args.dsn_env:
-        from mcp_fhir.audit.sinks.postgres import iter_postgres_entries
+        from mcp_fhir.audit.sinks.postgres import PostgresSink
 
-        return iter_postgres_entries(_dsn(args), args.writer, schema=args.schema, table=args.table)
+        return PostgresSink(_dsn(args), args.writer, schema=args.schema, table=args.table).reader()
     path = _path(args)
     if path.suffix in SQLITE_SUFFIXES:
         from mcp_fhir.audit.sinks.sqlite import iter_sqlite_entries

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import httpx2
@@ -10,10 +11,12 @@ import pytest
 
 from mcp_fhir.agent_auth.errors import AgentAuthError
 from mcp_fhir.agent_auth.jwks import JwksCache, discovery_urls
+from mcp_fhir.agent_auth.settings import JwksSettings
 from tests.testbed.issuer import TestIssuer
 
 ISSUER = "https://login.example.org"
 JWKS_URL = "https://login.example.org/jwks"
+SETTINGS = JwksSettings(ttl_seconds=300, min_refresh_seconds=30)
 
 
 class FakeIssuer:
@@ -57,7 +60,8 @@ def _jwk(kid: str, kty: str = "RSA", **extra: Any) -> dict[str, Any]:
 def _cache(fake: FakeIssuer, clock: Clock, **kwargs: Any) -> JwksCache:
     client = httpx2.AsyncClient(transport=httpx2.MockTransport(fake))
     kwargs.setdefault("jwks_url", JWKS_URL)
-    return JwksCache(client, clock=clock, ttl=300, min_refresh_interval=30, **kwargs)
+    kwargs.setdefault("settings", SETTINGS)
+    return JwksCache(client, clock=clock, **kwargs)
 
 
 async def _reason(cache: JwksCache, kid: str) -> str:
@@ -214,7 +218,7 @@ async def test_rotation_against_a_real_issuer_is_picked_up_on_the_new_kid():
     with TestIssuer(default_audience="http://127.0.0.1:1/mcp") as issuer:
         clock = Clock()
         async with httpx2.AsyncClient() as client:
-            cache = JwksCache(client, issuer=issuer.issuer, clock=clock, min_refresh_interval=30)
+            cache = JwksCache(client, issuer=issuer.issuer, clock=clock, settings=SETTINGS)
             await cache.get_key(issuer.signing_kid)
             new_kid = issuer.rotate("ES256")
             assert await _reason(cache, new_kid) == "unknown_kid"  # within the floor: not refetched
@@ -227,7 +231,7 @@ async def test_rotation_against_a_real_issuer_is_picked_up_on_the_new_kid():
 async def test_a_fetch_that_never_finishes_is_cut_at_the_total_deadline_and_fails_closed():
     fake, clock = FakeIssuer([_jwk("k1")]), Clock()
     fake.gate = asyncio.Event()  # never set: the issuer accepts the request and never answers
-    cache = _cache(fake, clock, timeout=0.05)
+    cache = _cache(fake, clock, settings=replace(SETTINGS, timeout_seconds=0.05))
     async with asyncio.timeout(5):  # the bound on this test, far above the deadline under test
         assert await _reason(cache, "k1") == "jwks_unavailable"
     assert fake.jwks_hits == 1
@@ -239,7 +243,9 @@ async def test_the_deadline_covers_discovery_and_fetch_together():
     fake, clock = FakeIssuer([_jwk("k1")]), Clock()
     fake.metadata["/.well-known/oauth-authorization-server"] = {"issuer": ISSUER, "jwks_uri": JWKS_URL}
     fake.gate = asyncio.Event()
-    cache = _cache(fake, clock, jwks_url=None, issuer=ISSUER, timeout=0.05)
+    cache = _cache(
+        fake, clock, jwks_url=None, issuer=ISSUER, settings=replace(SETTINGS, timeout_seconds=0.05)
+    )
     async with asyncio.timeout(5):
         assert await _reason(cache, "k1") == "jwks_unavailable"
 
@@ -254,7 +260,7 @@ async def test_a_cached_key_costs_no_network_call_however_many_tokens_use_it():
 
     clock = Clock()
     client = httpx2.AsyncClient(transport=httpx2.MockTransport(counting))
-    cache = JwksCache(client, jwks_url=JWKS_URL, clock=clock, ttl=300, min_refresh_interval=30)
+    cache = JwksCache(client, jwks_url=JWKS_URL, clock=clock, settings=SETTINGS)
     for _ in range(1000):
         await cache.get_key("k1")
     assert calls["n"] == 1 and cache.fetches == 1

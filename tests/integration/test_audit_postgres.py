@@ -4,6 +4,7 @@ the schema made on first start, and the PostgreSQL and Redis witnesses that catc
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from mcp_fhir.audit.sinks.postgres import WRITER_ROLE, PostgresSink, setup_postg
 from mcp_fhir.audit.trail import AuditTrail, build_trail
 from mcp_fhir.audit.verify import verify_postgres
 from mcp_fhir.audit.witness import PostgresWitness, RedisWitness
+from mcp_fhir.cli.audit import main
 from tests.conftest import require_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -94,6 +96,22 @@ async def test_a_restarted_writer_resumes_its_own_chain(dsn: str, schema: str, t
     assert report.ok, report.problem
     assert report.records == 40
     assert verify_postgres(dsn, "other-writer", schema=schema, public_key=_pub(tmp_path)).records == 1
+
+
+async def test_the_cli_reads_one_writers_chain_from_postgres(
+    dsn: str, schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for writer in ("pg-writer", "other-writer"):
+        trail = _trail(dsn, schema, tmp_path, writer=writer)
+        await trail.start()
+        await asyncio.gather(*(trail.record(_record(n)) for n in range(5)))
+        await trail.close()
+    monkeypatch.setenv("AUDIT_CLI_DSN", dsn)
+    argv = ["--dsn-env", "AUDIT_CLI_DSN", "--writer", "pg-writer", "--schema", schema]
+    pub = str(tmp_path / "signing.pem.pub")
+    assert main(["audit", "verify", *argv, "--public-key", pub, "--no-witness", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["records"] == 5
 
 
 async def test_the_writer_role_cannot_update_delete_or_truncate(

@@ -30,7 +30,7 @@ from mcp_fhir._secret import Secret
 from mcp_fhir.audit.chain import ChainHead
 from mcp_fhir.audit.sinks.base import AuditSink, Opened, SinkError
 
-__all__ = ["WRITER_ROLE", "PostgresSink", "iter_postgres_entries", "setup_postgres_schema"]
+__all__ = ["WRITER_ROLE", "PostgresSink", "setup_postgres_schema"]
 
 WRITER_ROLE = "mcp_fhir_audit_writer"
 CONNECT_TIMEOUT_SECONDS = 5
@@ -80,33 +80,6 @@ def setup_postgres_schema(
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (SETUP_LOCK_KEY,))  # replicas starting together
             for stmt in statements:
                 conn.execute(stmt)
-
-
-def iter_postgres_entries(
-    dsn: str,
-    writer: str,
-    *,
-    schema: str = "public",
-    table: str = "audit_log",
-    role: str | None = None,
-    after_seq: int = 0,
-    newest_first: bool = False,
-) -> Iterator[dict[str, Any]]:
-    """Every entry of one writer's chain with ``seq > after_seq``, in order (blocking, server-side cursor)."""
-    order = sql.SQL("DESC" if newest_first else "ASC")
-    with psycopg.connect(dsn, connect_timeout=CONNECT_TIMEOUT_SECONDS) as conn:
-        if role:
-            conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
-        with conn.cursor(name="mcp_fhir_audit_read") as cur:
-            cur.itersize = READ_BATCH_ROWS
-            cur.execute(
-                sql.SQL("SELECT entry FROM {} WHERE writer = %s AND seq > %s ORDER BY seq {}").format(
-                    _table(schema, table), order
-                ),
-                (writer, after_seq),
-            )
-            for (entry,) in cur:
-                yield entry
 
 
 class PostgresSink(AuditSink):
@@ -211,12 +184,21 @@ class PostgresSink(AuditSink):
         return self._entries(newest_first=True)
 
     def _entries(self, *, after_seq: int = 0, newest_first: bool = False) -> Iterator[dict[str, Any]]:
-        return iter_postgres_entries(
-            self._dsn.reveal(),
-            self.writer,
-            schema=self.schema,
-            table=self.table,
-            role=self.role,
-            after_seq=after_seq,
-            newest_first=newest_first,
-        )
+        """Every entry of this writer's chain with ``seq > after_seq``, in order (blocking, server-side cursor).
+
+        On a connection of its own, so it needs no ``open``: ``audit verify`` and the CLI read a chain here.
+        """
+        order = sql.SQL("DESC" if newest_first else "ASC")
+        with psycopg.connect(self._dsn.reveal(), connect_timeout=CONNECT_TIMEOUT_SECONDS) as conn:
+            if self.role:
+                conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(self.role)))
+            with conn.cursor(name="mcp_fhir_audit_read") as cur:
+                cur.itersize = READ_BATCH_ROWS
+                cur.execute(
+                    sql.SQL("SELECT entry FROM {} WHERE writer = %s AND seq > %s ORDER BY seq {}").format(
+                        _table(self.schema, self.table), order
+                    ),
+                    (self.writer, after_seq),
+                )
+                for (entry,) in cur:
+                    yield entry
