@@ -160,6 +160,13 @@ class SidecarServer(MCPServer[AppContext]):
             structured_output=True,
         )
 
+    async def run_streams(self, read_stream: Any, write_stream: Any) -> None:
+        """Serve one session on the given streams: `run_stdio_async`, but on streams the caller made
+        (`cli/stdio.py` gives the SDK its own stdin reader). The SDK has no public door for this, so this
+        adapter is the one place that names its low-level server."""
+        lowlevel = self._lowlevel_server
+        await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
+
     def withdraw(self, name: str) -> None:
         """Stop offering a tool (not enabled in the configuration)."""
         self.declared.pop(name, None)

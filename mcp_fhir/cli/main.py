@@ -56,8 +56,10 @@ def _serve(args: argparse.Namespace) -> int:
         _start_metrics(settings.server.host, settings.server.metrics_port)
     if settings.server.transport == "stdio":
         from mcp_fhir.cli.stdio import serve_stdio
+        from mcp_fhir.http_app import ServeState, reload_on_signal
 
-        asyncio.run(serve_stdio(server, drain_timeout=DRAIN_TIMEOUT))
+        on_hup = reload_on_signal(server, ServeState(settings, config_path=args.config))
+        asyncio.run(serve_stdio(server, drain_timeout=DRAIN_TIMEOUT, on_hup=on_hup))
         return 0
     return _serve_http(settings, server, args.config)
 

@@ -1,4 +1,5 @@
-"""`mcp-fhir serve` over stdio, with our signals: SIGTERM or SIGINT is a drained, sealed, clean exit.
+"""`mcp-fhir serve` over stdio, with our signals: SIGTERM or SIGINT is a drained, sealed, clean exit,
+and SIGHUP reloads the config file's policy data as it does over HTTP (``on_hup``).
 
 On SIGTERM or SIGINT the server stops reading calls from stdin, lets the calls in flight finish (bounded
 by ``drain_timeout``), then ends the session as if the client had closed stdin: the SDK's session
@@ -25,7 +26,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 __all__ = ["serve_stdio"]
@@ -163,8 +164,9 @@ class _CountingWriter:
         return getattr(self._inner, name)
 
 
-async def serve_stdio(server: Any, *, drain_timeout: float) -> None:
-    """Run ``server`` (an ``MCPServer``) over stdin/stdout until EOF, SIGTERM or SIGINT (drained)."""
+async def serve_stdio(server: Any, *, drain_timeout: float, on_hup: Callable[[], None] | None = None) -> None:
+    """Run ``server`` (a ``SidecarServer``) over stdin/stdout until EOF, SIGTERM or SIGINT (drained);
+    SIGHUP runs ``on_hup`` on the event loop (the session goes on)."""
     from mcp.server.stdio import stdio_server
 
     loop = asyncio.get_running_loop()
@@ -180,6 +182,8 @@ async def serve_stdio(server: Any, *, drain_timeout: float) -> None:
 
     for sig in HANDLED_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
+    if on_hup is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
     fd = os.dup(0)  # the wire; fd 0 itself points at the null device while serving, as the SDK does
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
@@ -188,12 +192,11 @@ async def serve_stdio(server: Any, *, drain_timeout: float) -> None:
     try:
         lines = _StdinLines(fd, inflight, stop, drain_timeout)
         async with stdio_server(stdin=cast(Any, lines)) as (read_stream, write_stream):
-            lowlevel = server._lowlevel_server
-            await lowlevel.run(
-                read_stream, _CountingWriter(write_stream, inflight), lowlevel.create_initialization_options()
-            )
+            await server.run_streams(read_stream, _CountingWriter(write_stream, inflight))
     finally:
         for sig in HANDLED_SIGNALS:
             loop.remove_signal_handler(sig)
+        if on_hup is not None:
+            loop.remove_signal_handler(signal.SIGHUP)
         with contextlib.suppress(OSError):
             os.dup2(fd, 0)  # `fd` stays open: the daemon reader may still be blocked on it

@@ -15,15 +15,18 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 import yaml
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration._ops_harness import wait_for
 from tests.testbed import data
@@ -84,6 +87,21 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _reload_restarts(port: int) -> float:
+    text = httpx2.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "mcp_fhir_opa_restarts_total" and sample.labels.get("reason") == "reload":
+                return float(sample.value)
+    return 0.0
+
+
 def _entries(trail: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in trail.read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -133,3 +151,37 @@ async def test_a_signal_over_stdio_seals_the_trail_stops_opa_and_exits_zero(
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(done.stdout)
     assert (report["ok"], report["after_last_checkpoint"]) == (True, 0)
+
+
+async def test_sighup_over_stdio_restarts_the_managed_opa_and_the_session_goes_on(
+    tmp_path: Path, fhir_server: Any
+) -> None:
+    config_path, trail, _ = _config(tmp_path, fhir_server.base_url)
+    cfg = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    port = _free_port()
+    cfg.setdefault("server", {})["metrics_port"] = port
+    config_path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "mcp_fhir.cli.main", "serve", "--config", str(config_path), "--log-level", "INFO"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=str(REPO),
+    )
+    stderr_path = tmp_path / "stderr.log"
+    with stderr_path.open("w", encoding="utf-8") as errlog:
+        async with Client(stdio_client(params, errlog=errlog), read_timeout_seconds=READ_TIMEOUT_S) as client:
+            first = await client.call_tool("read_patient", ARGS)
+            assert not first.is_error, first.content[0].text
+            pid = _server_pid(config_path)
+            before = _opa_children(pid)
+            assert before, "the server manages its own OPA"
+            os.kill(pid, signal.SIGHUP)
+            # the restart counter moves once the new child answers its health check
+            wait_for(lambda: _reload_restarts(port) == 1.0, timeout=EXIT_TIMEOUT_S, what="the OPA reload")
+            assert set(_opa_children(pid)).isdisjoint(before)
+            assert _alive(pid)
+            second = await client.call_tool("read_patient", ARGS)
+            assert not second.is_error, second.content[0].text
+    assert "Traceback" not in stderr_path.read_text(encoding="utf-8")
+    records = [e["record"] for e in _entries(trail) if "record" in e]
+    assert [(r["tool"], r["result"]) for r in records] == [("read_patient", "allowed")] * 2
