@@ -1,10 +1,12 @@
-"""Issue #17: the docs name no command, flag, settings key or make target that the code does not have.
+"""Issue #17: the docs name no command, flag, settings key, make target or file that the code does not have.
 
 Cheap drift checks over every page the procedures runner reads (README.md, SECURITY.md, docs/*.md,
 policies/README.md, examples/**/README.md): each `mcp-fhir SUB [SUBSUB] ... --flag` the docs show must
 parse as a subcommand path with that option, each backticked settings key (`opa.url`,
-`backends.NAME.smart.client_id`, ...) must be a key of the settings models, and each `make TARGET`
-must be a Makefile target.
+`backends.NAME.smart.client_id`, ...) must be a key of the settings models, each `make TARGET`
+must be a Makefile target, and each backticked repository path (`mcp_fhir/...`, `tests/...`,
+`examples/...`) must exist, read from the repository's root or the page's folder, unless a documented
+procedure creates it (`file=PATH`). The README's module map names every module of the package.
 """
 
 from __future__ import annotations
@@ -142,7 +144,33 @@ def make_problems(text: str) -> list[str]:
     ]
 
 
+_PATH = re.compile(
+    r"`((?:mcp_fhir|tests|scripts|examples|policies|docs|bench|\.ci|\.github)/[A-Za-z0-9_./-]+)`"
+)
+_CREATED = re.compile(r"^```+[^\n]*\bfile=(\S+)", re.MULTILINE)
+
+
+def path_problems(
+    page: str, text: str, root: Path = REPO, created: frozenset[str] = frozenset()
+) -> list[str]:
+    """Each backticked repository path on `page` that does not exist and no procedure creates."""
+    folder = (root / page).parent
+    problems = []
+    for path in _PATH.findall(text):
+        path = path.split("::")[0].rstrip("/.")
+        if "*" in path:
+            continue
+        candidates = [root / path, folder / path]
+        if any(c.exists() for c in candidates):
+            continue
+        if any(str(c.resolve().relative_to(root.resolve())) in created for c in candidates):
+            continue
+        problems.append(f"{path}: no such file or folder")
+    return problems
+
+
 PAGE_TEXTS = pages()
+CREATED = frozenset(p for text in PAGE_TEXTS.values() for p in _CREATED.findall(text))
 
 
 def test_the_drift_checks_read_every_page():
@@ -165,6 +193,43 @@ def test_a_page_names_only_settings_keys_the_models_have(page: str):
 def test_a_page_names_only_make_targets_the_makefile_has(page: str):
     problems = make_problems(PAGE_TEXTS[page])
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("page", sorted(PAGE_TEXTS))
+def test_a_page_names_only_repository_paths_that_exist(page: str):
+    problems = path_problems(page, PAGE_TEXTS[page], created=CREATED)
+    assert not problems, "\n".join(problems)
+
+
+def test_the_readme_module_map_names_every_module_of_the_package():
+    readme = PAGE_TEXTS["README.md"]
+    package = REPO / "mcp_fhir"
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package)
+        if rel.name in ("__init__.py", "_version.py") or rel.parts[0] in (
+            "governance",
+            "audit",
+            "agent_auth",
+            "cli",
+        ):
+            continue  # a package the map names as a whole (`mcp_fhir/audit/`), or the package's own door
+        if len(rel.parts) > 2 and rel.parts[-2] == "profiles":
+            continue  # `profiles/`, named as a folder
+        short = "/".join(rel.parts[-2:]) if len(rel.parts) > 1 else rel.name
+        if (
+            f"`{rel.as_posix()}`" not in readme
+            and f"`mcp_fhir/{rel.as_posix()}`" not in readme
+            and f"`{short}`" not in readme
+            and f"`{rel.name}`" not in readme
+        ):
+            missing.append(rel.as_posix())
+    assert not missing, "the README's module map does not name: " + ", ".join(missing)
+
+
+def test_a_page_naming_a_missing_path_is_caught():
+    assert path_problems("docs/x.md", "see `mcp_fhir/tools/no_such_module.py`") != []
+    assert path_problems("docs/x.md", "see `mcp_fhir/tools/callpath.py` and `tests/docs/`") == []
 
 
 @pytest.mark.parametrize(
