@@ -19,7 +19,10 @@ def test_the_docs_hold_procedures_to_run():
     assert len(PROCEDURES) >= 1
 
 
+# A procedure runs the steps of those it needs first (each bounded by STEP_TIMEOUT): `policy test` twice,
+# or the test bed, a server and an audit trail, take minutes on a shared 2-core machine.
 @pytest.mark.integration
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("procedure", PROCEDURES, ids=[f"{p.source}:{p.name}" for p in PROCEDURES])
 def test_a_documented_procedure_does_what_its_doc_says(procedure, tmp_path: Path):
     run(procedure, sandbox(tmp_path / "repo"))
