@@ -16,9 +16,9 @@ echo "== policy: derived tables fresh, fmt, check --strict, test --coverage (thr
 "$OPA" fmt --fail -l policies/
 .venv/bin/mcp-fhir policy build --check   # policies/mcp_fhir/derived/data.json matches the YAML
 "$OPA" check --strict policies/
-"$OPA" test policies/ --fail-on-empty --coverage --threshold "$COVERAGE_THRESHOLD" --format json > "$COVERAGE_JSON" \
-  || { echo "opa test failed or coverage below ${COVERAGE_THRESHOLD}%"; "$OPA" test policies/ --fail-on-empty | tail -20; exit 1; }
-"$OPA" test policies/ --fail-on-empty | tail -1
+"$OPA" test policies/ --timeout 120s --fail-on-empty --coverage --threshold "$COVERAGE_THRESHOLD" --format json > "$COVERAGE_JSON" \
+  || { echo "opa test failed or coverage below ${COVERAGE_THRESHOLD}%"; "$OPA" test policies/ --timeout 120s --fail-on-empty | tail -20; exit 1; }
+"$OPA" test policies/ --timeout 120s --fail-on-empty | tail -1
 .venv/bin/python -c "import json, sys; print('policy coverage: %.1f%%' % json.load(open(sys.argv[1]))['coverage'])" "$COVERAGE_JSON"
 if command -v regal >/dev/null 2>&1; then regal lint policies/; else
   echo "regal: not run (it cannot be installed here: the Go module proxy answers 403); run 'regal lint policies/' where it is available"

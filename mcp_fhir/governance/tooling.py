@@ -112,7 +112,10 @@ def run_tests(
         raise ConfigError("policy.test.policies", "must be a folder")
     opa = find_opa(binary)
     result = TestResult(threshold=threshold)
-    base = [opa, "test", str(policies), "--format", "json", "--fail-on-empty", *_ignores()]
+    # OPA cuts each test at 5 s by default; a heavy table-driven test passes that on a loaded machine, so
+    # each test gets the whole run's bound instead (the run itself is bounded by `timeout`).
+    per_test = f"{int(timeout)}s"
+    base = [opa, "test", str(policies), "--format", "json", "--fail-on-empty", "--timeout", per_test, *_ignores()]
     proc = _exec(base, timeout)
     try:
         cases = json.loads(proc.stdout) if proc.stdout.strip() else []
