@@ -9,8 +9,12 @@ command, `policy diff BASE HEAD --replay TRAIL --no-grid --no-fixtures --format 
 widening, so the classification work is included), and prints the end-to-end rate: inputs
 replayed per second, trail reading, evaluation and classification all included. Because wall time
 on a shared machine says more about the neighbours than about the code, it also prints the CPU
-spent per input (every `opa eval` child, both sides, and this Python process) and the rate that CPU
-cost gives on this machine's cores when they are idle.
+seconds of each part, as the command itself measures them (`--cpu-out`): reading the trail,
+building the distinct decision inputs, serialising them, each side's `opa eval` children, decoding
+OPA's answers, comparing, writing the report, and the rest of this process; then inputs per
+CPU-second (the figure that a noisy machine does not move), OPA's share of the CPU, and the rate
+that CPU cost gives on this machine's cores when they are idle. Records are the trail's access
+records; distinct inputs are those the diff evaluates (equal but for the request id = one).
 
     python -m bench.replay [--records 100000] [--policies policies] [--keep DIR] [--trail FILE] [--json]
 
@@ -24,7 +28,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
 import sys
 import tempfile
@@ -100,10 +103,7 @@ def _widened_copy(policies: Path, workdir: Path) -> Path:
     return copy
 
 
-def _cpu() -> tuple[float, float]:
-    """(CPU seconds of finished children, i.e. every `opa eval`; CPU seconds of this process)."""
-    children, own = resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(resource.RUSAGE_SELF)
-    return children.ru_utime + children.ru_stime, own.ru_utime + own.ru_stime
+OPA_PARTS = ("opa_base", "opa_head")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,29 +124,36 @@ def main(argv: list[str] | None = None) -> int:
         size = trail.stat().st_size if args.trail else write_trail(trail, args.records, args.policies)
         written = time.perf_counter() - started
         head = _widened_copy(args.policies, workdir)
-        out = workdir / "report.json"
-        cpu_before = _cpu()
+        out, cpu_out = workdir / "report.json", workdir / "cpu.json"
         started = time.perf_counter()
         code = cli_main(["policy", "diff", str(args.policies), str(head), "--replay", str(trail), "--no-grid",
-                         "--no-fixtures", "--format", "json", "--out", str(out), "--quiet"])  # fmt: skip
+                         "--no-fixtures", "--format", "json", "--out", str(out), "--quiet",
+                         "--cpu-out", str(cpu_out)])  # fmt: skip
         seconds = time.perf_counter() - started
-        cpu_after = _cpu()
         report = json.loads(out.read_text(encoding="utf-8"))
+        measured = json.loads(cpu_out.read_text(encoding="utf-8"))
+        cpu, counts = measured["cpu_s"], measured["counts"]
         inputs = report["evaluated"]
-        opa_ms = (cpu_after[0] - cpu_before[0]) / inputs * 1e3
-        py_ms = (cpu_after[1] - cpu_before[1]) / inputs * 1e3
+        opa_s = sum(cpu.get(k, 0.0) for k in OPA_PARTS)
+        python_s = cpu["total"] - opa_s
         cores = os.cpu_count() or 1
+        per_cpu_s = inputs / cpu["total"]
         figures = {
             "records": sum(1 for _ in trail.open("rb")) if args.trail else args.records,
             "trail_mb": round(size / 1e6, 1),
             "trail_write_s": round(written, 2),
             "inputs": inputs,
+            "distinct_inputs": counts.get("distinct", inputs),
+            "opa_runs": counts.get("opa_base_runs", 0) + counts.get("opa_head_runs", 0),
             "seconds": round(seconds, 2),
             "inputs_per_s": round(inputs / seconds),
-            "opa_cpu_ms_per_input": round(opa_ms, 3),
-            "python_cpu_ms_per_input": round(py_ms, 3),
+            "cpu_s": cpu,
+            "inputs_per_cpu_s": round(per_cpu_s),
+            "opa_cpu_share": round(opa_s / cpu["total"], 3),
+            "opa_cpu_ms_per_input": round(opa_s / inputs * 1e3, 3),
+            "python_cpu_ms_per_input": round(python_s / inputs * 1e3, 3),
             "cores": cores,
-            "inputs_per_s_on_idle_cores": round(cores / ((opa_ms + py_ms) / 1e3)),
+            "inputs_per_s_on_idle_cores": round(cores * per_cpu_s),
             "loadavg_1m": round(os.getloadavg()[0], 1),
             "counts": report["counts"],
             "exit_code": code,
@@ -159,11 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"trail: {figures['records']:,} records, {figures['trail_mb']} MB (written in "
               f"{figures['trail_write_s']} s)")  # fmt: skip
-        print(f"policy diff --replay: {figures['inputs']:,} inputs in {figures['seconds']} s = "
-              f"{figures['inputs_per_s']:,} inputs/s (target >= 2,000)")  # fmt: skip
-        print(f"CPU per input: OPA {figures['opa_cpu_ms_per_input']} ms (both sides) + Python "
+        print(f"policy diff --replay: {figures['inputs']:,} inputs ({figures['distinct_inputs']:,} distinct, "
+              f"{figures['opa_runs']} opa runs) in {figures['seconds']} s = {figures['inputs_per_s']:,} inputs/s "
+              f"(target >= 2,000; load average {figures['loadavg_1m']})")  # fmt: skip
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in cpu.items() if k != "total")
+        print(f"CPU seconds: {parts}; total {cpu['total']:.2f}")
+        print(f"= {figures['inputs_per_cpu_s']:,} inputs per CPU-second; OPA {figures['opa_cpu_ms_per_input']} ms "
+              f"per input (both sides, {figures['opa_cpu_share']:.0%} of the CPU) + Python "
               f"{figures['python_cpu_ms_per_input']} ms; on {cores} idle core(s) that is "
-              f"{figures['inputs_per_s_on_idle_cores']:,} inputs/s (load average {figures['loadavg_1m']})")  # fmt: skip
+              f"{figures['inputs_per_s_on_idle_cores']:,} inputs/s")  # fmt: skip
         print(
             f"changes: {figures['counts']} (exit {code}; 1 when a widened input is unapproved, as intended)"
         )

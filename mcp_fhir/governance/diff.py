@@ -3,13 +3,19 @@
     sources (grid, fixtures, audit replay) ──▶ BatchEvaluator(base) ─┐
                                            └─▶ BatchEvaluator(head) ─┴─▶ classify ─▶ DiffReport
 
-Both sides are evaluated by the real OPA in batch: one `opa eval` per chunk of 2,000 inputs, with a
-wrapper query (`{i: d | some i, x in input.cases; d := decision with input as x}`) that decides
-every input of the chunk in one process, compact output (`--format raw`), and the Go garbage
-collector relaxed (`GOGC=400`: a short-lived process whose heap the chunk bounds). Chunks of both
-sides run in parallel, a bounded window ahead of the classifier, so a trail of any length is
-replayed in bounded memory. What is left per input is OPA's own evaluation of the policy (see the
-Replay section of docs/performance.md). A change is a *widening* when the head
+Each distinct decision input is evaluated once per side (`decision_key`: inputs equal but for the
+request id, which the decision does not depend on, share one evaluation; every record is still
+counted and reported on its own). Both sides are evaluated by the real OPA in batch: one `opa eval`
+per chunk of 2,000 distinct inputs, fed on stdin as one JSON document of the inputs' own bytes,
+with a wrapper query (`{i: d | some i, x in input.cases; d := decision with input as x}`) that
+decides every input of the chunk in one process, compact output (`--format raw`), and the Go
+garbage collector relaxed (`GOGC=400`: a short-lived process whose heap the chunk bounds). The
+answer is split per input without being decoded (msgspec `Raw`): a pair of decisions whose JSON is
+the same is no change, and only a pair that differs is decoded and classified, once per distinct
+pair. Chunks of both sides run in parallel, a bounded window ahead of the classifier, so a trail of
+any length is replayed in bounded memory. What is left per input is OPA's own evaluation of the
+policy (see the Replay section of docs/performance.md; `CpuMeter` says where the CPU goes, and
+`policy diff --cpu-out` writes it). A change is a *widening* when the head
 grants more than the base did (deny→allow, fewer excluded labels, more categories, a removed
 redaction, a longer lookback, a higher max_results), a *narrowing* when it grants less, and
 *changed* otherwise (different deny reasons, different audit alerts). Widenings must be approved
@@ -27,16 +33,21 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import tempfile
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import yaml
 
 from mcp_fhir._exceptions import ConfigError, PolicyUnavailable
@@ -52,11 +63,15 @@ __all__ = [
     "BatchEvaluator",
     "Case",
     "Change",
+    "CpuMeter",
     "DiffReport",
     "Group",
     "approvals_changes",
     "classify",
+    "decision_key",
+    "decode_decision",
     "diff_cases",
+    "encode_input",
     "evaluate_pairs",
 ]
 
@@ -90,6 +105,86 @@ class Case:
     input: Mapping[str, Any]
 
 
+class CpuMeter:
+    """CPU seconds (user + sys) by part of a diff: Python parts per thread, OPA children per side.
+
+    A Python part is timed with the CPU clock of the thread that runs it (`time.thread_time`), so
+    parts running at once in the evaluation threads are each counted once; an `opa` child's CPU is
+    its own rusage, read when it is reaped (`opa_base`, `opa_head`). `summary()` adds `other`: the
+    rest of this process's CPU since the meter began (start-up, thread hand-offs, the report).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.parts: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self._began = _own_cpu()
+
+    def add(self, part: str, seconds: float) -> None:
+        with self._lock:
+            self.parts[part] = self.parts.get(part, 0.0) + seconds
+
+    def count(self, name: str, n: int) -> None:
+        with self._lock:
+            self.counts[name] = self.counts.get(name, 0) + n
+
+    @contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        began = time.thread_time()
+        try:
+            yield
+        finally:
+            self.add(name, time.thread_time() - began)
+
+    def summary(self) -> dict[str, float]:
+        """CPU seconds of each part, `other`, and `total` (this process and every OPA child)."""
+        with self._lock:
+            parts = dict(self.parts)
+        python = sum(v for k, v in parts.items() if not k.startswith("opa_"))
+        parts["other"] = max(0.0, _own_cpu() - self._began - python)
+        parts["total"] = sum(parts.values())
+        return parts
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _enc_hook(obj: Any) -> Any:
+    return dict(obj) if isinstance(obj, Mapping) else str(obj)
+
+
+_ENCODER = msgspec.json.Encoder(enc_hook=_enc_hook)
+_SORTED_ENCODER = msgspec.json.Encoder(enc_hook=_enc_hook, order="sorted")
+_DECISION_MAP = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_NULL = b"null"
+
+
+def encode_input(inp: Mapping[str, Any]) -> bytes:
+    """Compact JSON of one decision input, as OPA reads it."""
+    return _ENCODER.encode(inp)
+
+
+def decision_key(inp: Mapping[str, Any]) -> bytes:
+    """Inputs with equal keys get equal decisions: the canonical JSON (keys sorted) of the input
+    without the one field that is unique to each call and that the decision does not depend on, the
+    request id (`context.request_id`) when it is a string. Its presence and type are kept in the key
+    (a policy may check them: a well-formed input has a string or null there). Time, patient and
+    everything else stay: only inputs byte-identical but for the request id share a decision.
+    """
+    context = inp.get("context")
+    if isinstance(context, Mapping) and isinstance(context.get("request_id"), str):
+        rest = {k: v for k, v in context.items() if k != "request_id"}
+        return b"s" + _SORTED_ENCODER.encode({**inp, "context": rest})
+    return b"=" + _SORTED_ENCODER.encode(inp)
+
+
+def decode_decision(raw: bytes | None) -> Any:
+    """A decision's JSON (from `decide_raw`) as Python values; None when undefined."""
+    return None if raw is None else msgspec.json.decode(raw)
+
+
 class BatchEvaluator:
     """`data.mcp_fhir.authz.decision` for many inputs, by the real OPA over one policies/ folder."""
 
@@ -101,6 +196,8 @@ class BatchEvaluator:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         workers: int | None = None,
         timeout: float = DEFAULT_EVAL_TIMEOUT,
+        name: str = "opa",
+        meter: CpuMeter | None = None,
     ) -> None:
         if not policies.is_dir():
             raise ConfigError("policy.diff", f"not a policies folder: {policies.name}")
@@ -112,46 +209,94 @@ class BatchEvaluator:
         # Both sides run at once: half the cores each.
         self.workers = workers or max(1, (os.cpu_count() or 2) // 2)
         self.timeout = timeout
+        self.name = name
+        self.meter = meter or CpuMeter()
 
-    def _command(self, input_file: Path, query: str, fmt: str = "json") -> list[str]:
-        cmd = [self.binary, "eval", "--format", fmt, "-d", str(self.policies), "-i", str(input_file)]
+    def _command(self, input_file: Path | None, query: str, fmt: str = "json") -> list[str]:
+        cmd = [self.binary, "eval", "--format", fmt, "-d", str(self.policies)]
+        cmd += ["-i", str(input_file)] if input_file is not None else ["--stdin-input"]
         for name in NON_POLICY_FILES:
             cmd += ["--ignore", name]
         return [*cmd, query]
 
     def query(self, query: str) -> Any:
         """The value of one query with no input (e.g. `data.mcp_fhir.config`); None when undefined."""
-        with tempfile.TemporaryDirectory() as tmp:
-            empty = Path(tmp) / "input.json"
-            empty.write_text("{}", encoding="utf-8")
-            return _first_value(self._run(self._command(empty, query)))
+        return _first_value(_loads(self._exec(self._command(None, query), b"{}")))
 
     def _run(self, cmd: list[str]) -> Any:
+        return _loads(self._exec(cmd, b""))
+
+    def _exec(self, cmd: list[str], stdin: bytes) -> bytes:
+        """stdout of one `opa` run fed `stdin`; its CPU (rusage at reaping) goes to `opa_<name>`."""
         env = {**os.environ, "GOGC": os.environ.get("MCP_FHIR_OPA_GOGC", OPA_GOGC)}
-        try:
-            proc = subprocess.run(cmd, capture_output=True, timeout=self.timeout, check=False, env=env)
-        except subprocess.TimeoutExpired as exc:
-            raise PolicyUnavailable("opa eval did not finish in time") from exc
-        if proc.returncode != 0:
-            detail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[:3]
-            raise PolicyUnavailable("opa eval failed: " + " | ".join(detail))
-        try:
-            return json.loads(proc.stdout)
-        except json.JSONDecodeError as exc:
-            raise PolicyUnavailable("opa eval answered with something that is not JSON") from exc
+        with tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env)
+            expired = threading.Event()
+
+            def expire() -> None:
+                expired.set()
+                proc.kill()
+
+            timer = threading.Timer(self.timeout, expire)
+            timer.start()
+            try:
+                to_opa, from_opa = proc.stdin, proc.stdout
+                if to_opa is None or from_opa is None:  # never: both are pipes
+                    raise PolicyUnavailable("opa eval could not be started")
+                try:
+                    to_opa.write(stdin)
+                    to_opa.close()
+                except BrokenPipeError:
+                    pass  # opa stopped before reading its input: its exit code and stderr say why
+                out = from_opa.read()
+                from_opa.close()
+            finally:
+                timer.cancel()
+                _, status, usage = os.wait4(proc.pid, 0)
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                self.meter.add(f"opa_{self.name}", usage.ru_utime + usage.ru_stime)
+                self.meter.count(f"opa_{self.name}_runs", 1)
+            if expired.is_set():
+                raise PolicyUnavailable("opa eval did not finish in time")
+            if proc.returncode != 0:
+                err.seek(0)
+                detail = err.read().decode("utf-8", "replace").strip().splitlines()[:3]
+                raise PolicyUnavailable("opa eval failed: " + " | ".join(detail))
+        return out
+
+    def decide_raw(self, payloads: Sequence[bytes]) -> list[bytes | None]:
+        """One decision's compact JSON (None when undefined) per encoded input, in order, from one
+        `opa eval` whose input (`{"cases": [...]}`) is written to its stdin as is."""
+        if not payloads:
+            return []
+        query = f"{{i: d | some i, x in input.cases; d := {DECISION_QUERY} with input as x}}"
+        with self.meter.part("serialise"):
+            document = b'{"cases":[' + b",".join(payloads) + b"]}"
+        # raw: the compact JSON of the value only
+        out = self._exec(self._command(None, query, fmt="raw"), document)
+        with self.meter.part("decode"):
+            try:
+                value = _DECISION_MAP.decode(out)
+            except msgspec.ValidationError as exc:
+                raise PolicyUnavailable(
+                    "opa eval answered with something that is not a decision map"
+                ) from exc
+            except msgspec.DecodeError as exc:
+                raise PolicyUnavailable("opa eval answered with something that is not JSON") from exc
+            # Keys come back as strings; a missing key is an undefined decision (a deny, fail closed).
+            decisions: list[bytes | None] = []
+            for i in range(len(payloads)):
+                raw = value.get(str(i))
+                decisions.append(None if raw is None or raw == _NULL else bytes(raw))
+        return decisions
 
     def decide_chunk(self, inputs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any] | None]:
         """One decision (or None when undefined) per input, in order, from one `opa eval`."""
-        query = f"{{i: d | some i, x in input.cases; d := {DECISION_QUERY} with input as x}}"
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "cases.json"
-            path.write_text(json.dumps({"cases": list(inputs)}), encoding="utf-8")
-            # raw: the compact JSON of the value only
-            value = self._run(self._command(path, query, fmt="raw")) if inputs else {}
-        if not isinstance(value, Mapping):
-            raise PolicyUnavailable("opa eval answered with something that is not a decision map")
-        # Keys come back as strings; a missing key is an undefined decision (a deny, fail closed).
-        return [value.get(str(i)) for i in range(len(inputs))]
+        with self.meter.part("serialise"):
+            payloads = [encode_input(x) for x in inputs]
+        raws = self.decide_raw(payloads)
+        with self.meter.part("decode"):
+            return [decode_decision(r) for r in raws]
 
     def chunks(self, inputs: Sequence[Mapping[str, Any]]) -> list[Sequence[Mapping[str, Any]]]:
         return [inputs[i : i + self.chunk_size] for i in range(0, len(inputs), self.chunk_size)]
@@ -167,6 +312,13 @@ class BatchEvaluator:
                 if progress is not None:
                     progress(len(out))
         return out
+
+
+def _loads(out: bytes) -> Any:
+    try:
+        return json.loads(out)
+    except json.JSONDecodeError as exc:
+        raise PolicyUnavailable("opa eval answered with something that is not JSON") from exc
 
 
 def evaluate_pairs(
@@ -581,57 +733,53 @@ def diff_cases(
     today: date | None = None,
     examples_per_group: int = DEFAULT_EXAMPLES_PER_GROUP,
     progress: Progress | None = None,
+    meter: CpuMeter | None = None,
 ) -> DiffReport:
     """Evaluate every case on both sides and report each decision that changed.
+
+    Each distinct decision input (`decision_key`: equal but for the request id) is evaluated once
+    per side, and its two decisions are compared as OPA's JSON: only a pair that differs is decoded
+    and classified (once per distinct pair). Every case is still counted and reported on its own.
 
     `approvals` must come from the base (the protected branch), never from the change under review;
     `approvals_changes` (from `approvals_changes(base_file, head_file)`) are carried into the report.
     """
     started = datetime.now(UTC)
     today = today or started.date()
-    inputs = [c.input for c in cases]
+    meter = meter or getattr(base, "meter", None) or CpuMeter()
     report = DiffReport(
-        base_label=base_label, head_label=head_label, evaluated=len(inputs),
+        base_label=base_label, head_label=head_label, evaluated=len(cases),
         approvals_changes=list(approvals_changes), approvals_source=approvals_source,
     )  # fmt: skip
     for c in cases:
         report.by_source[c.source] = report.by_source.get(c.source, 0) + 1
+    with meter.part("inputs"):
+        slots, representatives, payloads = _distinct(cases)
+    meter.count("records", len(cases))
+    meter.count("distinct", len(payloads))
     groups: dict[tuple[str, ...], Group] = {}
-    for case, b_raw, h_raw in _decided(cases, inputs, base, head, progress):
-        verdict = classify(b_raw, h_raw)
-        if verdict is None:
-            continue
-        classification, facets = verdict
-        b, h = _as_decision(b_raw), _as_decision(h_raw)
-        action = case.input.get("action") or {}
-        context = case.input.get("context") or {}
-        change = Change(
-            case=case, classification=classification, facets=tuple(facets), base=b, head=h,
-            role=_role_of(case.input, role_claim), tool=str(action.get("tool") or "(none)"),
-            purpose=str(context.get("purpose") or "(none)"), reason=_group_reason(classification, b, h),
-        )  # fmt: skip
-        report.changes.append(change)
-        if classification == "changed":
-            names = (classification, VARIOUS, VARIOUS, VARIOUS, change.reason)
-            key: tuple[str, ...] = (*names, *sorted(set(change.kinds)))
-        else:
-            names = (classification, change.role, change.tool, change.purpose, change.reason)
-            key = names
-        group = groups.setdefault(key, Group(*names))
-        group.count += 1
-        group.kinds.update(change.kinds)
-        group.roles.add(change.role)
-        group.tools.add(change.tool)
-        group.purposes.add(change.purpose)
-        if len(group.examples) < examples_per_group:
-            group.examples.append(change)
-        if classification == "widening":
-            approval = approvals.approving(change, today) if approvals else None
-            if approval is None:
-                group.unapproved += 1
-                report.unapproved_widenings += 1
-            else:
-                group.approved_by.add(f"{approval.id} ({approval.reviewer}, {approval.ticket})")
+    verdicts: dict[tuple[bytes | None, bytes | None], _Verdict | None] = {}
+    differing: dict[int, tuple[bytes | None, bytes | None]] = {}
+    total, n = len(cases), 0
+    for offset, b_raws, h_raws in _raw_pairs(representatives, payloads, base, head):
+        with meter.part("compare"):
+            for j, pair in enumerate(zip(b_raws, h_raws, strict=True)):
+                if pair[0] != pair[1]:
+                    differing[offset + j] = pair
+            decided = offset + len(b_raws)
+            while n < total and slots[n] < decided:  # every case whose input is decided by now
+                changed = differing.get(slots[n])
+                if changed is not None:
+                    if changed not in verdicts:
+                        verdicts[changed] = _verdict(*changed)
+                    verdict = verdicts[changed]
+                    if verdict is not None:
+                        _add_change(report, groups, cases[n], verdict, role_claim, approvals, today,
+                                    examples_per_group)  # fmt: skip
+                n += 1
+        if progress is not None:
+            progress("base", n, total)
+            progress("head", n, total)
     order = {"widening": 0, "narrowing": 1, "changed": 2}
     report.groups = sorted(
         groups.values(), key=lambda g: (order[g.classification], g.unapproved == 0, -g.count, g.key)
@@ -641,24 +789,133 @@ def diff_cases(
     return report
 
 
-def _decided(
-    cases: Sequence[Case],
+@dataclass(frozen=True, slots=True)
+class _Verdict:
+    """How one pair of decisions differs: what `Change` holds besides the case and its names."""
+
+    classification: str
+    facets: tuple[tuple[str, str], ...]
+    base: Mapping[str, Any]
+    head: Mapping[str, Any]
+    reason: str
+
+
+def _verdict(b_raw: bytes | None, h_raw: bytes | None) -> _Verdict | None:
+    b_decision, h_decision = decode_decision(b_raw), decode_decision(h_raw)
+    verdict = classify(b_decision, h_decision)
+    if verdict is None:
+        return None
+    classification, facets = verdict
+    b, h = _as_decision(b_decision), _as_decision(h_decision)
+    return _Verdict(classification, tuple(facets), b, h, _group_reason(classification, b, h))
+
+
+def _add_change(
+    report: DiffReport,
+    groups: dict[tuple[str, ...], Group],
+    case: Case,
+    verdict: _Verdict,
+    role_claim: str,
+    approvals: Approvals | None,
+    today: date,
+    examples_per_group: int,
+) -> None:
+    classification = verdict.classification
+    action = case.input.get("action") or {}
+    context = case.input.get("context") or {}
+    change = Change(
+        case=case, classification=classification, facets=verdict.facets, base=verdict.base,
+        head=verdict.head, role=_role_of(case.input, role_claim), tool=str(action.get("tool") or "(none)"),
+        purpose=str(context.get("purpose") or "(none)"), reason=verdict.reason,
+    )  # fmt: skip
+    report.changes.append(change)
+    if classification == "changed":
+        names = (classification, VARIOUS, VARIOUS, VARIOUS, change.reason)
+        key: tuple[str, ...] = (*names, *sorted(set(change.kinds)))
+    else:
+        names = (classification, change.role, change.tool, change.purpose, change.reason)
+        key = names
+    group = groups.setdefault(key, Group(*names))
+    group.count += 1
+    group.kinds.update(change.kinds)
+    group.roles.add(change.role)
+    group.tools.add(change.tool)
+    group.purposes.add(change.purpose)
+    if len(group.examples) < examples_per_group:
+        group.examples.append(change)
+    if classification == "widening":
+        approval = approvals.approving(change, today) if approvals else None
+        if approval is None:
+            group.unapproved += 1
+            report.unapproved_widenings += 1
+        else:
+            group.approved_by.add(f"{approval.id} ({approval.reviewer}, {approval.ticket})")
+
+
+def _distinct(cases: Sequence[Case]) -> tuple[list[int], list[Mapping[str, Any]], list[bytes]]:
+    """For each case the index of its distinct input (numbered in order of first appearance), and
+    each distinct input (its first case's) with its JSON."""
+    index: dict[bytes, int] = {}
+    slots: list[int] = []
+    representatives: list[Mapping[str, Any]] = []
+    payloads: list[bytes] = []
+    for case in cases:
+        key = decision_key(case.input)
+        slot = index.get(key)
+        if slot is None:
+            slot = index[key] = len(payloads)
+            representatives.append(case.input)
+            payloads.append(key[1:] if key[:1] == b"=" else encode_input(case.input))
+        slots.append(slot)
+    return slots, representatives, payloads
+
+
+def _side_raw(
+    side: Any, inputs: Sequence[Mapping[str, Any]], payloads: Sequence[bytes]
+) -> list[bytes | None]:
+    decide_raw = getattr(side, "decide_raw", None)
+    if decide_raw is not None:
+        return list(decide_raw(payloads))
+    # any evaluator with `decide_chunk` (a test's stand-in): its decisions, as JSON to compare
+    return [None if d is None else encode_input(d) for d in side.decide_chunk(inputs)]
+
+
+def _raw_pairs(
     inputs: Sequence[Mapping[str, Any]],
+    payloads: Sequence[bytes],
     base: BatchEvaluator,
     head: BatchEvaluator,
-    progress: Progress | None,
-) -> Iterator[tuple[Case, dict[str, Any] | None, dict[str, Any] | None]]:
-    for offset, b_results, h_results in evaluate_pairs(inputs, base, head, progress):
-        for i, (b_raw, h_raw) in enumerate(zip(b_results, h_results, strict=True)):
-            yield cases[offset + i], b_raw, h_raw
+) -> Iterator[tuple[int, list[bytes | None], list[bytes | None]]]:
+    """(offset, base decisions' JSON, head decisions' JSON) chunk by chunk, in order.
+
+    Both sides' chunks run at once on one pool (each side's `workers`), at most a window of chunks
+    ahead of the consumer: memory stays bounded by the window, not by the length of the trail.
+    """
+    size = base.chunk_size
+    workers = base.workers + head.workers
+    window = 2 * workers
+    starts = range(0, len(payloads), size)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque[tuple[int, Future[list[bytes | None]], Future[list[bytes | None]]]] = deque()
+        queued = iter(starts)
+        for start in queued:
+            part = (inputs[start : start + size], payloads[start : start + size])
+            pending.append((start, pool.submit(_side_raw, base, *part), pool.submit(_side_raw, head, *part)))
+            if len(pending) < window:
+                continue
+            offset, b_future, h_future = pending.popleft()
+            yield offset, b_future.result(), h_future.result()
+        while pending:
+            offset, b_future, h_future = pending.popleft()
+            yield offset, b_future.result(), h_future.result()
 
 
 def unique_cases(cases: Iterable[Case]) -> list[Case]:
     """Drop exact duplicate inputs (the first occurrence keeps its source and label)."""
-    seen: set[str] = set()
+    seen: set[bytes] = set()
     out = []
     for c in cases:
-        key = json.dumps(c.input, sort_keys=True, default=str)
+        key = _SORTED_ENCODER.encode(c.input)
         if key not in seen:
             seen.add(key)
             out.append(c)

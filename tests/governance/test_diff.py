@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from mcp_fhir._exceptions import ConfigError
-from mcp_fhir.governance.diff import Approvals, BatchEvaluator, Case, classify, diff_cases, unique_cases
+from mcp_fhir.governance.diff import (
+    Approvals,
+    BatchEvaluator,
+    Case,
+    classify,
+    decision_key,
+    diff_cases,
+    unique_cases,
+)
 from mcp_fhir.governance.grid import GRID_PATIENT, fixture_cases, grid_cases
 from tests.testbed.sidecar import policies_with_nurse_reading_medications
 
@@ -139,6 +147,48 @@ def test_duplicate_inputs_are_replayed_once():
     inp = {"action": {"tool": "read_patient"}}
     cases = unique_cases([Case("fixture", "a", inp), Case("replay", "b", dict(inp))])
     assert [c.label for c in cases] == ["a"]
+
+
+def call(request_id, *, time="2026-11-02T09:00:00.000Z", role="nurse"):
+    return {
+        "subject": {"claims": {"roles": [role]}},
+        "action": {"tool": "read_patient"},
+        "context": {"purpose": "treatment", "request_id": request_id, "time": time},
+    }
+
+
+class Counting:
+    """A stand-in evaluator that decides by role and counts the inputs it was asked to decide."""
+
+    def __init__(self, allow_roles):
+        self.allow_roles, self.decided, self.workers, self.chunk_size = allow_roles, 0, 1, 3
+
+    def decide_chunk(self, inputs):
+        self.decided += len(inputs)
+        return [ALLOW if x["subject"]["claims"]["roles"][0] in self.allow_roles else DENY for x in inputs]
+
+
+def test_calls_that_differ_only_in_their_request_id_are_decided_once_and_each_reported():
+    cases = [Case("replay", f"t#{i}", call(f"req-{i}", role=("nurse", "clerk")[i % 2])) for i in range(10)]
+    base, head = Counting({"nurse"}), Counting({"nurse", "clerk"})
+    report = diff_cases(cases, base, head, base_label="b", head_label="h")
+    assert (base.decided, head.decided) == (2, 2)
+    assert report.evaluated == 10
+    assert report.count("widening") == 5
+    assert sorted(c.case.label for c in report.changes) == sorted(f"t#{i}" for i in range(1, 10, 2))
+
+
+def test_calls_at_other_instants_are_decided_apart():
+    assert decision_key(call("a")) == decision_key(call("b"))
+    assert decision_key(call("a")) != decision_key(call("a", time="2026-11-02T09:00:00.001Z"))
+
+
+def test_a_missing_or_null_request_id_is_not_taken_for_a_string_one():
+    keys = {decision_key(call("a")), decision_key(call(None))}
+    no_id = call("a")
+    del no_id["context"]["request_id"]
+    keys.add(decision_key(no_id))
+    assert len(keys) == 3
 
 
 # -- against the real OPA ---------------------------------------------------------------------

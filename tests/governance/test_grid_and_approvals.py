@@ -6,6 +6,7 @@ granted by a `research_consent` claim: a widening that only a grid varying that 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -173,3 +174,45 @@ def test_a_new_reason_code_on_many_denies_is_one_changed_row_that_lists_its_spre
     text = to_markdown(report, max_chars=60_000)
     rows = [line for line in text.splitlines() if line.startswith("| ✳️ changed |") and "→" in line]
     assert len(rows) == 1 and "**reason**:" in text
+
+
+def trail_of(path, bodies):
+    """A JSON-lines trail of these entry bodies, chained as the audit trail writes them."""
+    from mcp_fhir.audit.chain import ChainHead, canonical_json, seal
+
+    head = ChainHead()
+    path.write_bytes(b"".join(canonical_json(seal(head, body)) + b"\n" for body in bodies))
+    return path
+
+
+def test_a_trail_replays_the_input_of_every_access_record_plain_or_encrypted(tmp_path):
+    import os
+
+    from mcp_fhir.audit.chain import GENESIS, entry_hash
+    from mcp_fhir.audit.crypto import RecordCipher
+    from mcp_fhir.governance.grid import replay_cases
+
+    inputs = [{"action": {"tool": "read_patient"}, "context": {"request_id": f"r{i}"}} for i in range(3)]
+    bodies = [
+        {"record": {"kind": "access", "decision_input": inputs[0], "tool": "read_patient"}},
+        {"record": {"kind": "alert", "decision_input": inputs[1]}},
+        {"checkpoint": {"sig": "x"}},
+        {"record": {"decision_input": inputs[2]}},  # no kind: an access record
+    ]
+    plain = replay_cases(trail_of(tmp_path / "plain.jsonl", bodies))
+    assert [(c.label, c.input) for c in plain] == [
+        ("plain.jsonl#seq1", inputs[0]),
+        ("plain.jsonl#seq4", inputs[2]),
+    ]
+
+    cipher = RecordCipher(os.urandom(32), None)
+    lines, prev = [], GENESIS
+    for seq, body in enumerate(bodies, start=1):
+        entry = {"seq": seq, "prev": prev, **(cipher.encrypt(body["record"], seq=seq, prev=prev)
+                                              if "record" in body else body)}  # fmt: skip
+        entry["hash"] = prev = entry_hash(entry)
+        lines.append(json.dumps(entry))
+    encrypted = tmp_path / "encrypted.jsonl"
+    encrypted.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert [c.input for c in replay_cases(encrypted, cipher)] == [inputs[0], inputs[2]]
+    assert replay_cases(encrypted) == []  # no key, no records
