@@ -16,6 +16,8 @@ present or absent; then each field of a few valid inputs mutated into a malforme
     python -m bench.decision_corpus --policies other/policies --against /tmp/corpus.jsonl
     python -m bench.decision_corpus --variant ...   # the same on a copy with changed YAML data
 
+`--server` evaluates through one `opa run --server` (`--server-flags=--optimize-store-for-read-speed`
+adds flags) instead of `opa eval`, so a server setting is checked too.
 `--variant` copies the policies folder, changes its YAML data (other business hours and time
 zone, labels released to roles, an extra tool and type, consent and audit-log switches, a deny
 activity rule) and runs `policy build` on the copy before evaluating, so decisions that depend on
@@ -29,9 +31,12 @@ import copy
 import json
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -409,42 +414,99 @@ def _key(case: Any) -> str:
     return json.dumps(case, sort_keys=True)
 
 
-def evaluate(policies: Path, cases: list[Any], opa: Path = OPA) -> list[str]:
-    """One JSON line per case, {"input", "decision", "visible_tools", "mask"}, sorted by input."""
+IGNORES = ["--ignore", "*_test.rego", "--ignore", "fixtures"]
+
+
+def _eval_batch(policies: Path, batch: list[Any], opa: Path, tmp: Path) -> list[Any]:
+    """One `opa eval` process for a batch of cases."""
+    batch_file = tmp / "batch.json"
+    batch_file.write_text(json.dumps({"cases": batch}), encoding="utf-8")
+    command = [
+        str(opa),
+        "eval",
+        *IGNORES,
+        "-d",
+        str(policies),
+        "--input",
+        str(batch_file),
+        "--format",
+        "json",
+        QUERY,
+    ]
+    out = subprocess.run(command, check=True, capture_output=True, text=True)
+    return list(json.loads(out.stdout)["result"][0]["expressions"][0]["value"])
+
+
+class _Server:
+    """`opa run --server` on the policies folder (with extra flags, as a deployment runs it), asked
+    each batch through POST /v1/query: the corpus evaluated by the server's own store."""
+
+    def __init__(self, policies: Path, opa: Path, flags: list[str]) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        addr = f"127.0.0.1:{self.port}"
+        command = [
+            str(opa),
+            "run",
+            "--server",
+            "--skip-version-check",
+            "--addr",
+            addr,
+            *IGNORES,
+            *flags,
+            str(policies),
+        ]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(600):
+            try:
+                with urllib.request.urlopen(f"http://{addr}/health", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.1)  # the server is still compiling: poll its health endpoint
+        self.close()
+        raise SystemExit("opa run --server did not become healthy")
+
+    def __call__(self, policies: Path, batch: list[Any], opa: Path, tmp: Path) -> list[Any]:
+        body = json.dumps({"query": f"r := {QUERY}", "input": {"cases": batch}}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/v1/query", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return list(json.loads(response.read())["result"][0]["r"])
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def evaluate(
+    policies: Path, cases: list[Any], opa: Path = OPA, server_flags: list[str] | None = None
+) -> list[str]:
+    """One JSON line per case, {"input", "decision", "visible_tools", "mask"}, sorted by input.
+    With server_flags (a list, possibly empty) the cases go to one `opa run --server` instead."""
     unique = {_key(c): c for c in cases}
     keys = sorted(unique)
     lines: list[str] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        batch_file = Path(tmp) / "batch.json"
-        for start in range(0, len(keys), BATCH):
-            chunk = keys[start : start + BATCH]
-            batch_file.write_text(json.dumps({"cases": [unique[k] for k in chunk]}), encoding="utf-8")
-            out = subprocess.run(
-                [
-                    str(opa),
-                    "eval",
-                    "--ignore",
-                    "*_test.rego",
-                    "--ignore",
-                    "fixtures",
-                    "-d",
-                    str(policies),
-                    "--input",
-                    str(batch_file),
-                    "--format",
-                    "json",
-                    QUERY,
-                ],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            results = json.loads(out.stdout)["result"][0]["expressions"][0]["value"]
-            if len(results) != len(chunk):
-                raise SystemExit(f"opa returned {len(results)} results for {len(chunk)} inputs")
-            for key, (decision, visible, mask) in zip(chunk, results, strict=True):
-                row = {"input": json.loads(key), "decision": decision, "visible_tools": visible, "mask": mask}
-                lines.append(json.dumps(row, sort_keys=True))
+    server = _Server(policies, opa, server_flags) if server_flags is not None else None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for start in range(0, len(keys), BATCH):
+                chunk = keys[start : start + BATCH]
+                results = (server or _eval_batch)(policies, [unique[k] for k in chunk], opa, Path(tmp))
+                if len(results) != len(chunk):
+                    raise SystemExit(f"opa returned {len(results)} results for {len(chunk)} inputs")
+                for key, (decision, visible, mask) in zip(chunk, results, strict=True):
+                    row = {
+                        "input": json.loads(key),
+                        "decision": decision,
+                        "visible_tools": visible,
+                        "mask": mask,
+                    }
+                    lines.append(json.dumps(row, sort_keys=True))
+    finally:
+        if server is not None:
+            server.close()
     return lines
 
 
@@ -519,11 +581,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=12000, help="random decision inputs (default 12000)")
     parser.add_argument("--sample", type=int, default=1, help="evaluate only every N-th input")
     parser.add_argument("--opa", type=Path, default=OPA)
+    parser.add_argument("--server", action="store_true", help="evaluate through one `opa run --server`")
+    parser.add_argument(
+        "--server-flags", default="", help="its extra flags, e.g. =--optimize-store-for-read-speed"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         policies = make_variant(args.policies, Path(tmp) / "policies") if args.variant else args.policies
         cases = corpus(policies, args.size)[:: args.sample]
-        lines = evaluate(policies, cases, args.opa)
+        lines = evaluate(policies, cases, args.opa, args.server_flags.split() if args.server else None)
     text = "\n".join(lines) + "\n"
     if args.out:
         args.out.write_text(text, encoding="utf-8")

@@ -31,3 +31,10 @@ def test_a_sample_compares_equal_with_itself_and_differs_from_an_edited_output(t
     assert main(["--size", "100", "--sample", "40", "--against", str(out)]) == 0
     out.write_text("\n".join([lines[0].replace('"allow": false', '"allow": true'), *lines[1:]]) + "\n")
     assert main(["--size", "100", "--sample", "40", "--against", str(out)]) == 1
+
+
+def test_the_server_with_a_read_optimised_store_decides_the_sample_as_opa_eval_does(tmp_path):
+    out = tmp_path / "corpus.jsonl"
+    assert main(["--size", "60", "--sample", "50", "--out", str(out)]) == 0
+    flags = "--server-flags=--optimize-store-for-read-speed"
+    assert main(["--size", "60", "--sample", "50", "--server", flags, "--against", str(out)]) == 0
