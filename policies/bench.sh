@@ -4,11 +4,13 @@
 # points for a few representative inputs: allow, deny, malformed, visible_tools.
 # Usage: policies/bench.sh [count]   (count: repetitions per input, the median is printed)
 #        POLICIES=/other/checkout/policies policies/bench.sh
+#        STORE= policies/bench.sh   (OPA's default store instead of the read-optimised one the sidecar runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OPA=${OPA:-.tools/bin/opa}
 POLICIES=${POLICIES:-policies/} # e.g. another checkout's policies/, to compare before and after
 COUNT=${1:-3}
+STORE=${STORE---optimize-store-for-read-speed} # as the managed OPA and compose run it
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
@@ -36,7 +38,8 @@ JSON
 
 bench() { # query input -> median ns/op over COUNT runs
 	for _ in $(seq "$COUNT"); do
-		"$OPA" bench --ignore '*_test.rego' --ignore fixtures -d "$POLICIES" --input "$2" "$1" \
+		# shellcheck disable=SC2086 # STORE is one flag or empty
+		"$OPA" bench $STORE --ignore '*_test.rego' --ignore fixtures -d "$POLICIES" --input "$2" "$1" \
 			--format gobench --metrics=false | awk '/^BenchmarkOPAEval/ {print $3}'
 	done | sort -n | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'
 }

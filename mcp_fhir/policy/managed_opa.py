@@ -200,6 +200,9 @@ class ManagedOpa:
             # revision there instead of asking ?provenance=true on every decision (`policy/opa.py`).
             "--set",
             "status.prometheus=true",
+            # Keep the policy data in the store as Rego values: by default every decision converts
+            # each data section it reads (roles, tools, the derived tables' sources it compares).
+            "--optimize-store-for-read-speed",
         ]
         if self.decision_log is not None:
             cmd += ["--set", "decision_logs.console=true"]

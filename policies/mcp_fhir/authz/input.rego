@@ -212,84 +212,52 @@ default well_formed := false
 
 # well_formed holds when the whole input matches the contract: exactly when malformed is empty
 # (input_test.rego pins the two together on a table of inputs; edit both when a check changes).
-# Three builtins check every field at once instead of one expression per check: json.filter keeps
-# only the contract's fields (a claims or params object shrinks to {} through a path no JSON key can
-# match, a break_glass object to its reason), json.marshal writes them as canonical JSON (keys sorted,
-# no spaces), and one regex (_contract) checks that text. So a well-formed request (the common case)
-# costs four evaluation steps here and never builds the malformed set. The pattern and paths are
-# written out as literals (a rule would cost steps on every query); they are _contract and
-# _contract_paths below, composed from readable pieces, and input_test.rego pins them equal.
+# The same checks as malformed, written out in one body with cheap builtins (type_name, trim_space,
+# object.get), so a well-formed request (the common case) never builds the malformed set. Each field
+# is read once into a local; a missing or non-object section makes its first read undefined.
 well_formed if {
-	is_object(input)
-	regex.match(`^\{"action":\{"operation":"(?:create|read|search|update)","resource_type":"(?:[ \p{Z}\x{85}]|\\[tnrf]|\\u000[bc]|\\u202[89])*(?:[^"\\ \p{Z}\x{85}]|\\["\\/b]|\\u(?:[13-9a-f][0-9a-f]{3}|0(?:[1-9a-f][0-9a-f]{2}|0(?:[1-9a-f][0-9a-f]|0[0-9ad-f]))|2(?:[1-9a-f][0-9a-f]{2}|0(?:[013-9a-f][0-9a-f]|2[0-7a-f]))))(?:[^"\\]|\\.)*","tool":"(?:[ \p{Z}\x{85}]|\\[tnrf]|\\u000[bc]|\\u202[89])*(?:[^"\\ \p{Z}\x{85}]|\\["\\/b]|\\u(?:[13-9a-f][0-9a-f]{3}|0(?:[1-9a-f][0-9a-f]{2}|0(?:[1-9a-f][0-9a-f]|0[0-9ad-f]))|2(?:[1-9a-f][0-9a-f]{2}|0(?:[013-9a-f][0-9a-f]|2[0-7a-f]))))(?:[^"\\]|\\.)*"\},"context":\{(?:"activity":(?:null|\{(?:"[0-9]+":\{"calls":[0-9]+,"denials":[0-9]+,"distinct_patients":[0-9]+\}(?:,"[0-9]+":\{"calls":[0-9]+,"denials":[0-9]+,"distinct_patients":[0-9]+\})*)?\}),)?(?:"backend":(?:null|"(?:[^"\\]|\\.)*"),)?(?:"break_glass":(?:null|\{(?:"reason":(?:null|"(?:[^"\\]|\\.)*"))?\}),)?(?:"consent":(?:null|\{\}),)?(?:"purpose":(?:null|"(?:[^"\\]|\\.)*"),)?(?:"request_id":(?:null|"(?:[^"\\]|\\.)*"),)?"time":"((167[89]|16[89][0-9]|1[7-9][0-9]{2}|2[01][0-9]{2}|22[0-5][0-9]|226[01])-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)|02-(0[1-9]|1[0-9]|2[0-8]))|(16(8[048]|9[26])|(1[7-9]|2[01])(0[48]|[2468][048]|[13579][26])|2000|22(0[48]|[24][048]|60|[135][26]))-02-29)T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"\},"resource":\{(?:"params":\{\}(?:,"patient":(?:null|"(?:[ \p{Z}\x{85}]|\\[tnrf]|\\u000[bc]|\\u202[89])*(?:[^"\\ \p{Z}\x{85}]|\\["\\/b]|\\u(?:[13-9a-f][0-9a-f]{3}|0(?:[1-9a-f][0-9a-f]{2}|0(?:[1-9a-f][0-9a-f]|0[0-9ad-f]))|2(?:[1-9a-f][0-9a-f]{2}|0(?:[013-9a-f][0-9a-f]|2[0-7a-f]))))(?:[^"\\]|\\.)*"))?|"patient":(?:null|"(?:[ \p{Z}\x{85}]|\\[tnrf]|\\u000[bc]|\\u202[89])*(?:[^"\\ \p{Z}\x{85}]|\\["\\/b]|\\u(?:[13-9a-f][0-9a-f]{3}|0(?:[1-9a-f][0-9a-f]{2}|0(?:[1-9a-f][0-9a-f]|0[0-9ad-f]))|2(?:[1-9a-f][0-9a-f]{2}|0(?:[013-9a-f][0-9a-f]|2[0-7a-f]))))(?:[^"\\]|\\.)*"))?\},"subject":\{"authn":"(?:api_key|local|oauth)","claims":\{\},"id":"(?:[ \p{Z}\x{85}]|\\[tnrf]|\\u000[bc]|\\u202[89])*(?:[^"\\ \p{Z}\x{85}]|\\["\\/b]|\\u(?:[13-9a-f][0-9a-f]{3}|0(?:[1-9a-f][0-9a-f]{2}|0(?:[1-9a-f][0-9a-f]|0[0-9ad-f]))|2(?:[1-9a-f][0-9a-f]{2}|0(?:[013-9a-f][0-9a-f]|2[0-7a-f]))))(?:[^"\\]|\\.)*",(?:"on_behalf_of":(?:null|"(?:[^"\\]|\\.)*"),)?"scopes":\[(?:"(?:[^"\\]|\\.)*"(?:,"(?:[^"\\]|\\.)*")*)?\]\}\}$`, json.marshal(json.filter(input, [["subject", "authn"], ["subject", "claims", 0], ["subject", "id"], ["subject", "on_behalf_of"], ["subject", "scopes"], ["action", "operation"], ["action", "resource_type"], ["action", "tool"], ["resource", "params", 0], ["resource", "patient"], ["context", "activity"], ["context", "backend"], ["context", "break_glass", "reason"], ["context", "consent", 0], ["context", "purpose"], ["context", "request_id"], ["context", "time"]])))
-	_consent_ok(object.get(input.context, "consent", null)) # the regex checks only that it is null or an object
+	_subject_fields_ok(input.subject)
+	a := input.action
+	a.operation in {"read", "search", "create", "update"}
+	is_string(a.tool)
+	trim_space(a.tool) != ""
+	is_string(a.resource_type)
+	trim_space(a.resource_type) != ""
+	r := input.resource
+	is_object(r)
+	_patient_ok(object.get(r, "patient", null))
+	is_object(object.get(r, "params", {}))
+	c := input.context
+	valid_time(c.time)
+	type_name(object.get(c, "purpose", null)) in {"null", "string"}
+	type_name(object.get(c, "backend", null)) in {"null", "string"}
+	type_name(object.get(c, "request_id", null)) in {"null", "string"}
+	_break_glass_ok(object.get(c, "break_glass", null))
+	_consent_ok(object.get(c, "consent", null))
+	_activity_ok(object.get(c, "activity", null))
 }
 
 default subject_well_formed := false
 
-# subject_well_formed holds when input.subject alone matches the contract (visible_tools).
-subject_well_formed if {
-	is_object(input)
-	regex.match(`^\{"subject":\{"authn":"(?:api_key|local|oauth)","claims":\{\},"id":"(?:[ \p{Z}\x{85}]|\\[tnrf]|\\u000[bc]|\\u202[89])*(?:[^"\\ \p{Z}\x{85}]|\\["\\/b]|\\u(?:[13-9a-f][0-9a-f]{3}|0(?:[1-9a-f][0-9a-f]{2}|0(?:[1-9a-f][0-9a-f]|0[0-9ad-f]))|2(?:[1-9a-f][0-9a-f]{2}|0(?:[013-9a-f][0-9a-f]|2[0-7a-f]))))(?:[^"\\]|\\.)*",(?:"on_behalf_of":(?:null|"(?:[^"\\]|\\.)*"),)?"scopes":\[(?:"(?:[^"\\]|\\.)*"(?:,"(?:[^"\\]|\\.)*")*)?\]\}\}$`, json.marshal(json.filter(input, [["subject", "authn"], ["subject", "claims", 0], ["subject", "id"], ["subject", "on_behalf_of"], ["subject", "scopes"]])))
+# subject_well_formed holds when input.subject alone matches the contract (visible_tools): exactly
+# when malformed_subject is empty and the input is an object.
+subject_well_formed if _subject_fields_ok(input.subject)
+
+# _subject_fields_ok: the subject's checks (malformed_subject), one body. A non-object subject has
+# no id, so the first expression fails.
+_subject_fields_ok(s) if {
+	id := s.id
+	is_string(id)
+	trim_space(id) != ""
+	s.authn in {"oauth", "api_key", "local"}
+	is_object(s.claims)
+	scopes := s.scopes
+	is_array(scopes)
+	every scope in scopes {
+		is_string(scope)
+	}
+	type_name(object.get(s, "on_behalf_of", null)) in {"null", "string"}
 }
-
-# The contract's fields as json.filter paths. The number 0 matches no key of a JSON object, so a
-# claims or params object becomes {} (anything else stays what it is, and fails the pattern).
-_subject_paths := [
-	["subject", "authn"], ["subject", "claims", 0], ["subject", "id"],
-	["subject", "on_behalf_of"], ["subject", "scopes"],
-]
-
-_contract_paths := array.concat(_subject_paths, [
-	["action", "operation"], ["action", "resource_type"], ["action", "tool"],
-	["resource", "params", 0], ["resource", "patient"],
-	["context", "activity"], ["context", "backend"], ["context", "break_glass", "reason"],
-	["context", "consent", 0], ["context", "purpose"],
-	["context", "request_id"], ["context", "time"],
-])
-
-# The canonical JSON of a well-formed filtered input, keys in sorted order (optional keys may be
-# absent). Pieces, as JSON text written by json.marshal (it escapes ", \, control characters as \t
-# \n \r \f \b or \u00XX, <>& and U+2028/9 as \uXXXX, and writes every other character raw):
-#   string   "(?:[^"\\]|\\.)*"
-#   nonblank a string holding a character that trim_space keeps: any number of white-space units
-#            (space, \p{Z}, U+0085, \t \n \r \f, \u000b \u000c \u2028 \u2029), then one that is not.
-#   time     RFC 3339 within the years 1678-2261 (see valid_time; no character needs escaping).
-_string := `"(?:[^"\\]|\\.)*"`
-
-_nonblank := concat("", [
-	`"(?:[ \p{Z}\x{85}]|\\[tnrf]|\\u000[bc]|\\u202[89])*`,
-	`(?:[^"\\ \p{Z}\x{85}]|\\["\\/b]|\\u(?:[13-9a-f][0-9a-f]{3}|0(?:[1-9a-f][0-9a-f]{2}|0(?:[1-9a-f][0-9a-f]|0[0-9ad-f]))|2(?:[1-9a-f][0-9a-f]{2}|0(?:[013-9a-f][0-9a-f]|2[0-7a-f]))))`,
-	`(?:[^"\\]|\\.)*"`,
-])
-
-_null_or_string := concat("", ["(?:null|", _string, ")"])
-
-_subject_object := concat("", [
-	`\{"authn":"(?:api_key|local|oauth)","claims":\{\},"id":`, _nonblank,
-	`,(?:"on_behalf_of":`, _null_or_string, `,)?"scopes":\[(?:`, _string, `(?:,`, _string, `)*)?\]\}`,
-])
-
-_subject_contract := concat("", [`^\{"subject":`, _subject_object, `\}$`])
-
-_contract := concat("", [
-	`^\{"action":\{"operation":"(?:create|read|search|update)","resource_type":`, _nonblank,
-	`,"tool":`, _nonblank, `\},"context":\{`,
-	`(?:"activity":(?:null|\{(?:`, _activity_window, `(?:,`, _activity_window, `)*)?\}),)?`,
-	`(?:"backend":`, _null_or_string, `,)?`,
-	`(?:"break_glass":(?:null|\{(?:"reason":`, _null_or_string, `)?\}),)?`,
-	`(?:"consent":(?:null|\{\}),)?`,
-	`(?:"purpose":`, _null_or_string, `,)?`,
-	`(?:"request_id":`, _null_or_string, `,)?`,
-	`"time":"`, _time_pattern, `"\},"resource":\{`,
-	`(?:"params":\{\}(?:,"patient":(?:null|`, _nonblank, `))?|"patient":(?:null|`, _nonblank, `))?`,
-	`\},"subject":`, _subject_object, `\}$`,
-])
-
-# One window of context.activity: its length in seconds -> the three counters, whole numbers.
-_activity_window := `"[0-9]+":\{"calls":[0-9]+,"denials":[0-9]+,"distinct_patients":[0-9]+\}`
-
-_time_pattern := `((167[89]|16[89][0-9]|1[7-9][0-9]{2}|2[01][0-9]{2}|22[0-5][0-9]|226[01])-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)|02-(0[1-9]|1[0-9]|2[0-8]))|(16(8[048]|9[26])|(1[7-9]|2[01])(0[48]|[2468][048]|[13579][26])|2000|22(0[48]|[24][048]|60|[135][26]))-02-29)T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])`
 
 # METADATA
 # title: Input malformed
