@@ -14,6 +14,7 @@ block is prose to the runner:
                                     (default 60); a block that exits first fails the procedure. It is
                                     stopped (SIGTERM, then SIGKILL) when the procedure ends, pass or fail
     ```text expect                  each non-blank line must appear, in order, in the last run's output
+    ```text expect unordered        ... in any order (tests that OPA runs in parallel print in any order)
     ```json expect                  the last run's stdout is JSON that contains this JSON (objects as subsets)
 
 `<!-- procedure: NAME needs=OTHER -->` runs procedure OTHER's steps first (in the same copy), so a doc can
@@ -318,6 +319,8 @@ def _run(
                 for line in (ln.strip() for ln in step.body.splitlines()):
                     if not line:
                         continue
+                    if "unordered" in step.attrs:
+                        cursor = 0
                     found = last.find(line, cursor)
                     if found < 0:
                         raise ProcedureError(

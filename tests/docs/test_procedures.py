@@ -70,6 +70,27 @@ def test_a_procedure_whose_doc_and_behaviour_disagree_fails(broken: str, why: st
         run(procedure, tmp_path)
 
 
+ORDER_DOC = """
+<!-- procedure: order -->
+```sh run
+printf 'second\\nfirst\\n'
+```
+```text expect{attrs}
+first
+second
+```
+<!-- /procedure -->
+"""
+
+
+def test_an_unordered_expectation_accepts_its_lines_in_any_order_and_an_ordered_one_does_not(tmp_path: Path):
+    (unordered,) = parse(ORDER_DOC.format(attrs=" unordered"))
+    run(unordered, tmp_path)
+    (ordered,) = parse(ORDER_DOC.format(attrs=""))
+    with pytest.raises(ProcedureError):
+        run(ordered, tmp_path)
+
+
 def test_an_unclosed_or_empty_procedure_is_refused():
     with pytest.raises(ProcedureError):
         parse("<!-- procedure: a -->\n```sh run\ntrue\n```\n")
