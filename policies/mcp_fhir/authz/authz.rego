@@ -128,7 +128,7 @@ allowed_categories := {request.resource_type: cats} if {
 _purpose_categories := util.as_set(purpose.definition.resource_types[request.resource_type].categories)
 
 _closed_obligations := {
-	"exclude_security_labels": sort(sensitivity.all_labels),
+	"exclude_security_labels": sensitivity.sorted_labels,
 	"allowed_categories": {},
 	"redact": [],
 	"max_lookback_days": 0,
