@@ -216,7 +216,7 @@ default well_formed := false
 # object.get), so a well-formed request (the common case) never builds the malformed set. Each field
 # is read once into a local; a missing or non-object section makes its first read undefined.
 well_formed if {
-	_subject_fields_ok(input.subject)
+	subject_well_formed
 	a := input.action
 	a.operation in {"read", "search", "create", "update"}
 	t := a.tool
