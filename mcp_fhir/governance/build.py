@@ -19,6 +19,9 @@ never changes a decision.
   the table (a query, another type) is parsed at decision time.
 * `tools`: operation -> resource type -> the tool names with that operation and type.
 * `operations`: access kind -> the operations of that kind (`defaults.access` inverted).
+* `visible`: role -> purpose -> what visible_tools needs of each grant the role holds under that
+  purpose (`rbac.grants`, each access kind expanded to its operations): `[resource type, scope
+  letter, tool names]`, sorted, for each operation and type that some tool has.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ SOURCES = {
     "scopes": ("defaults",),
     "tools": ("tools",),
     "operations": ("defaults",),
+    "visible": ("defaults", "purposes", "roles", "tools"),
 }
 
 
@@ -152,6 +156,42 @@ def _operations(config: Mapping[str, Any]) -> dict[str, list[str]]:
     return table
 
 
+def _visible_table(config: Mapping[str, Any]) -> dict[str, dict[str, list[list[Any]]]]:
+    """Role -> purpose -> [type, letter, tool names] per grant, as visible_tools reads rbac.grants: the
+    role permits the access on the type and lists the purpose, and that purpose (defined) covers the
+    access and type (a `false` entry is no entry, as in Rego); each operation of that access that has
+    a scope letter and some tool for the type gives one entry."""
+    purposes = config.get("purposes") or {}
+    letters = (config.get("defaults") or {}).get("scope_letter") or {}
+    operations = _operations(config)
+    tools = _tool_table(config)
+    table: dict[str, dict[str, list[list[Any]]]] = {}
+    for name, role in sorted((config.get("roles") or {}).items()):
+        if not isinstance(role, Mapping):
+            continue
+        by_purpose: dict[str, list[list[Any]]] = {}
+        for purpose in role.get("purposes") or []:
+            definition = purposes.get(purpose)
+            if not isinstance(definition, Mapping):
+                continue
+            types = definition.get("resource_types") or {}
+            grants = {
+                (operation, str(rtype))
+                for access in definition.get("access") or []
+                for rtype in role.get(access) or []
+                if rtype in types and types[rtype] is not False
+                for operation in operations.get(str(access), [])
+            }
+            entries = [
+                [rtype, letters[operation], tools[operation][rtype]]
+                for operation, rtype in sorted(grants)
+                if operation in letters and rtype in tools.get(operation, {})
+            ]
+            by_purpose[str(purpose)] = sorted(entries, key=lambda e: json.dumps(e, sort_keys=True))
+        table[str(name)] = by_purpose
+    return table
+
+
 def derived_tables(config: Mapping[str, Any]) -> dict[str, Any]:
     """The derived tables for one `data.mcp_fhir.config`, with the sources they came from."""
     labels = config.get("labels") or {}
@@ -164,6 +204,7 @@ def derived_tables(config: Mapping[str, Any]) -> dict[str, Any]:
         "scopes": _scope_table(config),
         "tools": _tool_table(config),
         "operations": _operations(config),
+        "visible": _visible_table(config),
     }
 
 

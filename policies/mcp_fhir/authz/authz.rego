@@ -128,7 +128,7 @@ allowed_categories := {request.resource_type: cats} if {
 _purpose_categories := util.as_set(purpose.definition.resource_types[request.resource_type].categories)
 
 _closed_obligations := {
-	"exclude_security_labels": sort(sensitivity.all_labels),
+	"exclude_security_labels": sensitivity.sorted_labels,
 	"allowed_categories": {},
 	"redact": [],
 	"max_lookback_days": 0,
@@ -186,14 +186,48 @@ _granted_alerts := anomalies.alerts | {"sensitive_access_non_clinician"} if {
 default visible_tools := []
 
 visible_tools := sort({name |
-	some [operation, rt] in grants # a local, not a rule reference: one step per pair
-	_scope_grants(rt, letters[operation])
-	some name in by_operation[operation][rt]
+	some [rt, letter, names] in entries # a local, not a rule reference: one step per entry
+	_scope_grants(rt, letter)
+	some name in names
 }) if {
 	request.subject_well_formed
+	entries := _subject_entries
+}
+
+# _subject_entries: [resource type, scope letter, tool names] for each [operation, type] pair of
+# _subject_grants that some tool has: from the derived visible table (role -> purpose -> entries)
+# while it is fresh, else computed here.
+_subject_entries := {e |
+	some r in rbac.roles
+	some e in table[r][effective]
+} if {
+	_visible_fresh
+	effective := purpose.effective
+	table := _derived.visible
+} else := {e |
+	some r in rbac.roles
+	some entries in table[r]
+	some e in entries
+} if {
+	_visible_fresh
+	not purpose.effective
+	table := _derived.visible
+} else := {[rt, letters[operation], names] |
+	some [operation, rt] in grants
+	names := by_operation[operation][rt]
+} if {
 	grants := _subject_grants
 	letters := data.mcp_fhir.config.defaults.scope_letter
 	by_operation := _tools_by_operation
+}
+
+# The visible table was derived from the live roles, purposes, defaults and tools (not stale, not
+# replaced in a test).
+_visible_fresh if {
+	_derived.source.roles == data.mcp_fhir.config.roles
+	_derived.source.purposes == data.mcp_fhir.config.purposes
+	_derived.source.defaults == data.mcp_fhir.config.defaults
+	_derived.source.tools == _catalogue
 }
 
 # _subject_grants: the [operation, resource type] pairs of the subject's grants (rbac.grants, the

@@ -216,13 +216,15 @@ default well_formed := false
 # object.get), so a well-formed request (the common case) never builds the malformed set. Each field
 # is read once into a local; a missing or non-object section makes its first read undefined.
 well_formed if {
-	_subject_fields_ok(input.subject)
+	subject_well_formed
 	a := input.action
 	a.operation in {"read", "search", "create", "update"}
-	is_string(a.tool)
-	trim_space(a.tool) != ""
-	is_string(a.resource_type)
-	trim_space(a.resource_type) != ""
+	t := a.tool
+	is_string(t)
+	trim_space(t) != ""
+	rt := a.resource_type
+	is_string(rt)
+	trim_space(rt) != ""
 	r := input.resource
 	is_object(r)
 	_patient_ok(object.get(r, "patient", null))
@@ -232,6 +234,15 @@ well_formed if {
 	type_name(object.get(c, "purpose", null)) in {"null", "string"}
 	type_name(object.get(c, "backend", null)) in {"null", "string"}
 	type_name(object.get(c, "request_id", null)) in {"null", "string"}
+	_context_extras_ok(c)
+}
+
+# _context_extras_ok: break_glass, consent and activity each null/absent or matching the contract.
+# The common case (all three null or absent) is one filter and one subset test; else each is
+# checked. Constants are written inline (a rule holding them would cost a step per query).
+_context_extras_ok(c) if {
+	object.subset({"break_glass": null, "consent": null, "activity": null}, object.filter(c, ["break_glass", "consent", "activity"]))
+} else if {
 	_break_glass_ok(object.get(c, "break_glass", null))
 	_consent_ok(object.get(c, "consent", null))
 	_activity_ok(object.get(c, "activity", null))

@@ -13,9 +13,21 @@ import data.mcp_fhir.authz.request
 import data.mcp_fhir.authz.util
 import data.mcp_fhir.config.labels as _labels
 import data.mcp_fhir.config.roles as _roles_data
+import data.mcp_fhir.derived as _derived
 
-# all_labels is every label withheld by default.
-all_labels := util.as_set(_labels.sensitivity) | util.as_set(_labels.confidentiality)
+# all_labels is every label withheld by default: from the derived table (mcp-fhir policy build)
+# while it is fresh, else computed from the YAML.
+all_labels := {label | some label in _derived.labels} if {
+	_labels_fresh
+} else := util.as_set(_labels.sensitivity) | util.as_set(_labels.confidentiality)
+
+# sorted_labels: all_labels, sorted (the closed obligations' exclude_security_labels).
+sorted_labels := _derived.labels if {
+	_labels_fresh
+} else := sort(all_labels)
+
+# The labels table was derived from the live labels (not stale, not replaced in a test).
+_labels_fresh if _derived.source.labels == _labels
 
 _break_glass_roles := {r | some r in rbac.granting_roles; _roles_data[r].break_glass == true}
 
