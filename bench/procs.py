@@ -168,7 +168,10 @@ async def start_peer(
         "FHIR_MCP_PORT": str(port),
     }
     argv = [str(PEER_BINARY), "--transport", "streamable-http", "--log-level", "error"]
-    process, log = _spawn("peer", argv, workdir / "peer.log", env)
+    try:
+        process, log = _spawn("peer", argv, workdir / "peer.log", env)
+    except OSError as exc:  # e.g. a venv copied from elsewhere: its scripts name an interpreter that is gone
+        raise BenchError(f"the peer at {PEER_VENV} cannot start ({exc.strerror}); reinstall it") from exc
     url = f"http://127.0.0.1:{port}/mcp/"
     child = Child("peer", process, url, workdir / "peer.log", log)
     # Any HTTP answer on the MCP path (405/406/400 to a bare GET) means it is listening.
