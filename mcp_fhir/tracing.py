@@ -212,10 +212,12 @@ def _clean_value(value: Any) -> Any:
 
 def annotate(span: Any, **attributes: Any) -> None:
     """Add attributes to a span, through the same allow-list."""
+    if not span.is_recording():  # tracing off: no attribute work on the call path
+        return
     kept, dropped = safe_attributes(attributes)
     if kept:
         span.set_attributes(kept)
-    if dropped and span.is_recording():
+    if dropped:
         before = (getattr(span, "attributes", None) or {}).get(DROPPED, 0)  # an SDK span can be read
         span.set_attribute(DROPPED, before + dropped)
 
@@ -252,17 +254,18 @@ class CallTracer:
         context: Context | None = None,
         kind: SpanKind = SpanKind.INTERNAL,
     ) -> Iterator[Any]:
-        kept, dropped = safe_attributes(attributes)
-        if dropped:
-            kept[DROPPED] = dropped
         with self._tracer.start_as_current_span(
             name,
             context=context,
             kind=kind,
-            attributes=kept,
             record_exception=False,  # an exception's message may quote data
             set_status_on_exception=False,
         ) as span:
+            if span.is_recording():  # tracing off (the default): the allow-list is not even run
+                kept, dropped = safe_attributes(attributes)
+                if dropped:
+                    kept[DROPPED] = dropped
+                span.set_attributes(kept)
             try:
                 yield span
             except BaseException as exc:
