@@ -570,7 +570,7 @@ def make_variant(policies: Path, dest: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.decision_corpus", description=__doc__.split("\n")[0]
+        prog="python -m bench.decision_corpus", description=__doc__.split("\n\n")[0].replace("\n", " ")
     )
     parser.add_argument("--policies", type=Path, default=Path("policies"))
     parser.add_argument("--out", type=Path, help="write the sorted JSON lines here")
