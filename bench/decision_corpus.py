@@ -12,8 +12,8 @@ present or absent; then each field of a few valid inputs mutated into a malforme
 `opa eval` process per batch. The output is JSON lines sorted by input, so two runs compare with
 `cmp` or with `--against`.
 
-    python -m bench.decision_corpus --policies policies --out /tmp/corpus.jsonl
-    python -m bench.decision_corpus --policies other/policies --against /tmp/corpus.jsonl
+    python -m bench.decision_corpus --policies policies --out "${TMPDIR:-/tmp}/corpus.jsonl"
+    python -m bench.decision_corpus --policies other/policies --against "${TMPDIR:-/tmp}/corpus.jsonl"
     python -m bench.decision_corpus --variant ...   # the same on a copy with changed YAML data
 
 `--server` evaluates through one `opa run --server` (`--server-flags=--optimize-store-for-read-speed`

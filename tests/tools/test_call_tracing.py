@@ -52,8 +52,10 @@ class RecordingTracer:
         self._stack: list[Span] = []
 
     @contextlib.contextmanager
-    def start_as_current_span(self, name: str, *, attributes: dict[str, Any], **_kw: Any) -> Iterator[Span]:
-        span = Span(name, attributes, self._stack[-1] if self._stack else None)
+    def start_as_current_span(
+        self, name: str, *, attributes: dict[str, Any] | None = None, **_kw: Any
+    ) -> Iterator[Span]:
+        span = Span(name, attributes or {}, self._stack[-1] if self._stack else None)
         self.spans.append(span)
         self._stack.append(span)
         try:
