@@ -4,16 +4,14 @@ the OpenTelemetry SDK's in-memory exporter (the SDK is a dev dependency, so CI r
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from mcp_fhir import tracing
 from mcp_fhir._exceptions import PolicyDenied
 from mcp_fhir.policy.engine import Obligations
+from tests.test_tracing import RecordedSpan, RecordingTracer
 from tests.tools.conftest import PATIENT, allow_with, deny_with, make_harness, observation
 
 PHI = ("pat-1", "Wetherall", "collapsed in the car park", "laboratory|718-7")
@@ -27,43 +25,6 @@ NOTE = {
 }
 
 
-class Span:
-    def __init__(self, name: str, attributes: dict[str, Any], parent: Span | None) -> None:
-        self.name, self.attributes, self.parent, self.status = name, dict(attributes), parent, None
-
-    def set_attributes(self, attrs: dict[str, Any]) -> None:
-        self.attributes.update(attrs)
-
-    def set_attribute(self, key: str, value: Any) -> None:
-        self.attributes[key] = value
-
-    def is_recording(self) -> bool:
-        return True
-
-    def set_status(self, status: Any) -> None:
-        self.status = status
-
-
-class RecordingTracer:
-    """The part of an OpenTelemetry tracer the call path uses, keeping every span."""
-
-    def __init__(self) -> None:
-        self.spans: list[Span] = []
-        self._stack: list[Span] = []
-
-    @contextlib.contextmanager
-    def start_as_current_span(
-        self, name: str, *, attributes: dict[str, Any] | None = None, **_kw: Any
-    ) -> Iterator[Span]:
-        span = Span(name, attributes or {}, self._stack[-1] if self._stack else None)
-        self.spans.append(span)
-        self._stack.append(span)
-        try:
-            yield span
-        finally:
-            self._stack.pop()
-
-
 @pytest.fixture
 def recorded(monkeypatch: pytest.MonkeyPatch) -> RecordingTracer:
     tracer = RecordingTracer()
@@ -71,7 +32,7 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> RecordingTracer:
     return tracer
 
 
-def _no_phi(spans: list[Span]) -> None:
+def _no_phi(spans: list[RecordedSpan]) -> None:
     text = json.dumps([[s.name, s.attributes] for s in spans], default=str)
     for value in PHI:
         assert value not in text
