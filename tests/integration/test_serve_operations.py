@@ -298,21 +298,22 @@ def test_a_right_backend_base_url_is_ready_per_backend(sidecar: ServedSidecar):
     assert report["checks"]["backends"] == {"testbed": {"ready": True, "metadata": True, "breaker": "closed"}}
 
 
-def test_serve_with_its_metrics_port_in_use_exits_non_zero_with_one_line_and_no_traceback(
-    tmp_path: Path, fhir_server, nurse
-):
+def serve_with_a_taken_port(
+    tmp_path: Path, fhir_url: str, nurse: Any, key: str
+) -> subprocess.CompletedProcess[str]:
+    """`serve` as a process, with `server.<key>` set to a port another socket holds."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        cfg = http_config(tmp_path, fhir_server.base_url, [nurse])
-        cfg["server"]["metrics_port"] = taken.getsockname()[1]
+        cfg = http_config(tmp_path, fhir_url, [nurse])
+        cfg["server"][key] = taken.getsockname()[1]
         path = tmp_path / "mcp-fhir.yaml"
         path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("MCP_FHIR_")},
             "PYTHONPATH": str(REPO),
         }
-        done = subprocess.run(
+        return subprocess.run(
             [sys.executable, "-m", "mcp_fhir.cli.main", "serve", "--config", str(path)],
             capture_output=True,
             text=True,
@@ -321,6 +322,12 @@ def test_serve_with_its_metrics_port_in_use_exits_non_zero_with_one_line_and_no_
             cwd=tmp_path,
             check=False,
         )
+
+
+def test_serve_with_its_metrics_port_in_use_exits_non_zero_with_one_line_and_no_traceback(
+    tmp_path: Path, fhir_server, nurse
+):
+    done = serve_with_a_taken_port(tmp_path, fhir_server.base_url, nurse, "metrics_port")
     assert done.returncode == 2
     assert "Traceback" not in done.stderr + done.stdout
     [line] = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
@@ -346,26 +353,7 @@ def test_metrics_carry_the_process_collectors_and_the_build_info(sidecar: Served
 def test_serve_with_its_http_port_in_use_exits_non_zero_and_names_the_address_without_a_traceback(
     tmp_path: Path, fhir_server, nurse
 ):
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        cfg = http_config(tmp_path, fhir_server.base_url, [nurse])
-        cfg["server"]["port"] = taken.getsockname()[1]
-        path = tmp_path / "mcp-fhir.yaml"
-        path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("MCP_FHIR_")},
-            "PYTHONPATH": str(REPO),
-        }
-        done = subprocess.run(
-            [sys.executable, "-m", "mcp_fhir.cli.main", "serve", "--config", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=EXIT_TIMEOUT_S,
-            env=env,
-            cwd=tmp_path,
-            check=False,
-        )
+    done = serve_with_a_taken_port(tmp_path, fhir_server.base_url, nurse, "port")
     assert done.returncode == 3
     assert "Traceback" not in done.stderr + done.stdout
     assert "address already in use" in done.stderr and done.stderr.rstrip().endswith("in the log above)")
