@@ -4,7 +4,7 @@ Starts the FHIR test bed, one managed OPA with decision logging on, and sidecar 
 (`mcp-fhir serve`, streamable HTTP, API-key auth, durable file audit), then measures:
 
     a  bare HTTP POST of the decision input to OPA (aiohttp, keep-alive, like the load generator)
-    b  the sidecar's decision step in-process (decision_input + OpaPolicyEngine.evaluate)
+    b  the sidecar's decision step in-process (DecisionInput.to_opa + OpaPolicyEngine.evaluate)
     c  bare FHIR GET Patient/<id>
     d  read_patient through the sidecar, cache off
     e  read_patient through a second sidecar, cache on and warm
@@ -358,7 +358,7 @@ class Bench:
         from mcp_fhir.agent_auth.subject import Subject
         from mcp_fhir.policy.decide import Decider, DecisionCache
         from mcp_fhir.policy.engine import Decision
-        from mcp_fhir.policy.input import DecisionInput, decision_input
+        from mcp_fhir.policy.input import DecisionInput
         from mcp_fhir.policy.opa import OpaPolicyEngine, OpaSettings
 
         arguments = {"patient_id": PATIENT, "purpose": PURPOSE}
@@ -392,8 +392,8 @@ class Bench:
             await old_client.__aenter__()
             self._closers.append(old_client.close_connection)
 
-            def bench_input() -> dict[str, Any]:
-                return decision_input(
+            def bench_decision_input() -> DecisionInput:
+                return DecisionInput(
                     subject=subject,
                     tool=action["tool"],
                     operation=action["operation"],
@@ -405,6 +405,9 @@ class Bench:
                     backend="testbed",
                     request_id=os.urandom(16).hex(),
                 )
+
+            def bench_input() -> dict[str, Any]:
+                return bench_decision_input().to_opa()
 
             async def decide_provenance() -> None:
                 if not (await engine_provenance.evaluate(bench_input())).allow:
@@ -427,19 +430,7 @@ class Bench:
             cached_decider = Decider(engine, audit=_no_audit, cache=DecisionCache())
 
             async def decide_cached() -> None:
-                d_input = DecisionInput(
-                    subject=subject,
-                    tool=action["tool"],
-                    operation=action["operation"],
-                    resource_type=action["resource_type"],
-                    patient=resource["patient"],
-                    params=resource["params"],
-                    purpose=PURPOSE,
-                    break_glass_reason=None,
-                    backend="testbed",
-                    request_id=os.urandom(16).hex(),
-                )
-                if not (await cached_decider.decide(d_input)).allow:
+                if not (await cached_decider.decide(bench_decision_input())).allow:
                     raise BenchError("the benchmark decision was a deny")
 
             # The bare cells use the load generator's client (aiohttp, `bench/mcp_session.py`).
