@@ -74,8 +74,9 @@ _VERBS = r"(?:call|invoke|use|run|execute|trigger|launch|fire|send|perform|issue
 # the gate let each one through, and compares the guarded answer with the plain one on the corpora.
 _NAMES = tuple(sorted(t.lower() for t in CATALOGUE if "_" in t))
 _ALL_NAMES = tuple(sorted(t.lower() for t in CATALOGUE))
-_ROLES = ("system", "assistant", "developer", "user", "human", "ai", "admin", "operator")
-_ROLE_MARKER = rf"(^|\n)\s*(#+\s*)?({'|'.join(_ROLES)})\s*(message|prompt)?\s*[:>\]]"
+# Who a chat message claims to come from (a role marker in text), not an RBAC role: it decides no access.
+_CHAT_ROLES = ("system", "assistant", "developer", "user", "human", "ai", "admin", "operator")
+_ROLE_MARKER = rf"(^|\n)\s*(#+\s*)?({'|'.join(_CHAT_ROLES)})\s*(message|prompt)?\s*[:>\]]"
 _GUARDED: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
     # overriding what the model was told
     (
@@ -124,7 +125,7 @@ _GUARDED: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
         (("<",), (">",)),
     ),
     # role markers: text posing as a message from the system or another party
-    (_ROLE_MARKER, ((":", ">", "]"), _ROLES)),
+    (_ROLE_MARKER, ((":", ">", "]"), _CHAT_ROLES)),
     (
         r"(^|\n)\s*#+\s*(system|assistant|developer|instructions?)\b",
         (("#",), ("system", "assistant", "developer", "instruction")),
@@ -181,7 +182,7 @@ def _candidates(folded: str) -> list[tuple[re.Pattern[str], tuple[tuple[str, ...
             if lit in folded:
                 found.update(indexes)
     # the role-marker pattern: at a line break, or at the text's start (`\s*` and `#+\s*` are what lstrip takes)
-    if "\n" in folded or folded.lstrip().lstrip("#").lstrip().startswith(_ROLES):
+    if "\n" in folded or folded.lstrip().lstrip("#").lstrip().startswith(_CHAT_ROLES):
         found.add(_ROLE_INDEX)
     return [_CHECKS[i] for i in sorted(found)]
 
