@@ -13,6 +13,14 @@ for the benchmark's `read_patient` allow (the nurse, with decision logging on as
     GOGC default   the shipped engine against a second OPA at Go's default GC target (GOGC=100)
     no decision log  the shipped engine against a third OPA without decision logging (not shippable: shows
                    what logging and its mask cost)
+    constant       the floor: the shipped engine against an OPA whose policy is one constant `decision`
+                   (the shipped allow's own value) beside the shipped decision-log mask, logging on, so what
+                   is left is OPA's HTTP server, input parsing, the mask and the decision log
+    constant, no mask  the same without the mask policy (logging on): what the console log alone costs
+    constant, no log   the same without decision logging: OPA's HTTP server and input parsing alone
+
+The shipped figure less the constant one is what evaluating the policy costs; the constant figure is
+what any policy, however cheap, would cost through OPA's REST API with decision logging as shipped.
 
 It also prints OPA's own timers for the shipped decision (`?metrics=true`: evaluation, input parse,
 server handler), which say how much of OPA's CPU per decision is the policy. Wall time is printed
@@ -27,15 +35,38 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from bench.procs import REPO, cpu_seconds
+
+
+def shipped_decision(url: str, inp: dict[str, Any]) -> Any:
+    """The shipped policy's decision for `inp`, as OPA answers it (loopback)."""
+    body = json.dumps({"input": inp}).encode()
+    request = urllib.request.Request(
+        f"{url}/v1/data/mcp_fhir/authz/decision", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as answer:  # a loopback URL we built
+        return json.load(answer)["result"]
+
+
+def constant_policy(folder: Path, value: Any) -> Path:
+    """A policies folder whose `decision` is `value`, whatever the input, beside the shipped mask."""
+    authz = folder / "mcp_fhir" / "authz"
+    authz.mkdir(parents=True)
+    (authz / "constant.rego").write_text(
+        f"package mcp_fhir.authz\n\ndecision := {json.dumps(value)}\n", encoding="utf-8"
+    )
+    shutil.copytree(REPO / "policies" / "system", folder / "system")
+    return folder
 
 
 async def measure(decisions: int, rounds: int, workdir: Path) -> dict[str, Any]:
@@ -69,10 +100,27 @@ async def measure(decisions: int, rounds: int, workdir: Path) -> dict[str, Any]:
     default_gc_opa = ManagedOpa([POLICIES], decision_log=workdir / "gogc-default.log", gogc="100")
     no_log_opa = ManagedOpa([POLICIES])
     async with shipped_opa, default_gc_opa, no_log_opa:
+        constant_folder = constant_policy(
+            workdir / "constant", shipped_decision(shipped_opa.url, bench_input())
+        )
+        constant_opa = ManagedOpa([constant_folder], decision_log=workdir / "constant.log")
+        unmasked_opa = ManagedOpa(
+            [constant_folder], decision_log=workdir / "unmasked.log", extra_args=["--ignore", "mask.rego"]
+        )
+        constant_no_log_opa = ManagedOpa([constant_folder])
+        await constant_opa.start()
+        await unmasked_opa.start()
+        await constant_no_log_opa.start()
         shipped = OpaPolicyEngine(OpaSettings(url=shipped_opa.url))
         provenance = OpaPolicyEngine(OpaSettings(url=shipped_opa.url, revision_from="provenance"))
         default_gc = OpaPolicyEngine(OpaSettings(url=default_gc_opa.url))
         no_log = OpaPolicyEngine(OpaSettings(url=no_log_opa.url))
+        constant = OpaPolicyEngine(OpaSettings(url=constant_opa.url))
+        unmasked = OpaPolicyEngine(OpaSettings(url=unmasked_opa.url))
+        constant_no_log = OpaPolicyEngine(OpaSettings(url=constant_no_log_opa.url))
+        engines = (constant, unmasked, constant_no_log)
+        for engine in engines:
+            await engine.__aenter__()
         port = int(shipped_opa.url.rsplit(":", 1)[1])
         old = AsyncOpaClient(host="127.0.0.1", port=port, retries=0, timeout=0.5)
         async with shipped, provenance, default_gc, no_log:
@@ -95,6 +143,12 @@ async def measure(decisions: int, rounds: int, workdir: Path) -> dict[str, Any]:
                     "old client": (old_client, shipped_opa),
                     "GOGC default": (lambda: default_gc.evaluate(bench_input()), default_gc_opa),
                     "no decision log": (lambda: no_log.evaluate(bench_input()), no_log_opa),
+                    "constant": (lambda: constant.evaluate(bench_input()), constant_opa),
+                    "constant, no mask": (lambda: unmasked.evaluate(bench_input()), unmasked_opa),
+                    "constant, no log": (
+                        lambda: constant_no_log.evaluate(bench_input()),
+                        constant_no_log_opa,
+                    ),
                 }
                 found: dict[str, dict[str, list[float]]] = {
                     k: {"opa": [], "python": [], "wall": []} for k in variants
@@ -132,6 +186,10 @@ async def measure(decisions: int, rounds: int, workdir: Path) -> dict[str, Any]:
                             timers.setdefault(key, []).append(value / 1000.0)
             finally:
                 await old.close_connection()
+                for engine in engines:
+                    await engine.__aexit__(None, None, None)
+                for managed in (constant_opa, unmasked_opa, constant_no_log_opa):
+                    await managed.stop()
     return {
         "opa_timers_us": {key: round(statistics.median(values)) for key, values in sorted(timers.items())},
         "decisions_per_round": decisions,
