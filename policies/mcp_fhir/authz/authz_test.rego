@@ -259,3 +259,23 @@ test_visible_tools_are_the_same_without_the_derived_tables if {
 	listed := authz.visible_tools with input as {"subject": subjects[2]}
 	count(listed) > 0
 }
+
+# _ok (what allow asks) is exactly "no deny reason of this package", on every input of
+# testing.ok_inputs.
+test_ok_is_no_deny_reason if {
+	mismatches := {i |
+		some i in testing.ok_inputs
+		authz._ok with input as i
+		count(authz.deny) > 0 with input as i
+	} | {i |
+		some i in testing.ok_inputs
+		count(authz.deny) == 0 with input as i
+		not authz._ok with input as i
+	}
+	count(mismatches) == 0
+}
+
+test_ok_fails_on_some_input if {
+	some i in testing.ok_inputs
+	not authz._ok with input as i
+}

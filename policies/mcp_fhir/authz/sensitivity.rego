@@ -76,6 +76,16 @@ non_clinician_release if {
 	not _clinical_grant
 }
 
+default ok := false
+
+# ok: no break-glass deny reason (count(deny) == 0; sensitivity_test.rego pins the two together).
+# Both deny rules need a break_glass object, so without one they are not evaluated.
+ok if {
+	not request.break_glass_requested
+} else if {
+	count(deny) == 0
+}
+
 # METADATA
 # title: Break-glass reason required
 # description: Break-glass needs a non-empty reason

@@ -40,3 +40,22 @@ test_break_glass_without_reason_denied if {
 test_clinician_release_is_not_a_non_clinician_release if {
 	not sensitivity.non_clinician_release with input as _bg(testing.clinician_obs, "arrest")
 }
+
+# ok (what allow asks) is exactly "no sensitivity deny reason", on every input of testing.ok_inputs.
+test_ok_is_no_deny_reason if {
+	mismatches := {i |
+		some i in testing.ok_inputs
+		data.mcp_fhir.authz.sensitivity.ok with input as i
+		count(data.mcp_fhir.authz.sensitivity.deny) > 0 with input as i
+	} | {i |
+		some i in testing.ok_inputs
+		count(data.mcp_fhir.authz.sensitivity.deny) == 0 with input as i
+		not data.mcp_fhir.authz.sensitivity.ok with input as i
+	}
+	count(mismatches) == 0
+}
+
+test_ok_fails_on_some_input if {
+	some i in testing.ok_inputs
+	not data.mcp_fhir.authz.sensitivity.ok with input as i
+}
