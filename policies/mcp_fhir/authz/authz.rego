@@ -198,14 +198,27 @@ _granted_alerts := anomalies.alerts | {"sensitive_access_non_clinician"} if {
 # entrypoint: true
 default visible_tools := []
 
-visible_tools := sort({name |
-	some [rt, letter, names] in entries # a local, not a rule reference: one step per entry
-	_scope_grants(rt, letter)
-	some name in names
-}) if {
+visible_tools := sort(typed | wild) if {
 	request.subject_well_formed
 	entries := _subject_entries
+	pairs := _scope_pairs
+	typed := {name |
+		some [rt, letter, names] in entries # a local, not a rule reference: one step per entry
+		[rt, letter] in pairs
+		some name in names
+	}
+	wild := _wildcard_tools(entries, pairs)
 }
+
+# _wildcard_tools: the tools of entries whose letter a scope grants on every type ("*"); nothing is
+# iterated when no scope has a "*" type (the common case).
+_wildcard_tools(entries, pairs) := {name |
+	some [_, letter, names] in entries
+	["*", letter] in pairs
+	some name in names
+} if {
+	some ["*", _] in pairs
+} else := set()
 
 # _subject_entries: [resource type, scope letter, tool names] for each [operation, type] pair of
 # _subject_grants that some tool has: from the derived visible table (role -> purpose -> entries)
@@ -279,13 +292,8 @@ _operations := _derived.operations if {
 # _scope_pairs: the [type, letter] pairs the subject's honoured scopes grant ("*" type kept),
 # parsed once. visible_tools lists a tool for any scope context (a patient/ scope covers the
 # call that names a patient).
-_scope_pairs contains [s.type, letter] if {
+_scope_pairs := {[t, letter] |
 	some s in scopes.subject_scopes
+	t := s.type
 	some letter in s.letters
-}
-
-_scope_grants(rt, letter) if {
-	[rt, letter] in _scope_pairs
-} else if {
-	["*", letter] in _scope_pairs
 }

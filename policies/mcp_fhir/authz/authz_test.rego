@@ -279,3 +279,18 @@ test_ok_fails_on_some_input if {
 	some i in testing.ok_inputs
 	not authz._ok with input as i
 }
+
+# _wildcard_tools: the entries' tools whose letter a "*" scope grants; none without a "*" scope.
+test_wildcard_tools[note] if {
+	entries := [["Observation", "s", ["search_observations"]], ["Patient", "r", ["read_patient"]]]
+	some note, case in {
+		"a * scope grants s": [{["*", "s"]}, {"search_observations"}],
+		"a * scope grants both": [{["*", "s"], ["*", "r"], ["Patient", "r"]}, {"search_observations", "read_patient"}],
+		"typed scopes only": [{["Observation", "s"], ["Patient", "r"]}, set()],
+		"a * scope with another letter": [{["*", "c"]}, set()],
+	}
+	[pairs, want] := case
+	authz._wildcard_tools(entries, pairs) == want
+}
+
+test_every_wildcard_tools_case_passes if count(test_wildcard_tools) == 4
