@@ -77,9 +77,40 @@ _ok if {
 
 _deny := request.deny if not request.well_formed
 
-_deny := ((((((tools.deny | rbac.deny) | purpose.deny) | patient.deny) | scopes.deny) | sensitivity.deny) | consent.deny) | deny if {
+_deny := ((((((_tools_deny | _rbac_deny) | _purpose_deny) | _patient_deny) | scopes.deny) | _sensitivity_deny) | _consent_deny) | _own_deny if {
 	request.well_formed
 }
+
+# Each package's deny set, read only when a positive fact that rules out all of its reasons (often
+# already known from allow) fails: the tool matches the catalogue; some role grants the request;
+# the purpose permits it; the package's ok. authz_test.rego pins _deny to the union of the deny sets.
+_tools_deny := set() if tools.matches
+
+else := tools.deny
+
+_rbac_deny := set() if count(rbac.granting_roles) > 0
+
+else := rbac.deny
+
+_purpose_deny := set() if purpose.permitted
+
+else := purpose.deny
+
+_patient_deny := set() if patient.ok
+
+else := patient.deny
+
+_sensitivity_deny := set() if sensitivity.ok
+
+else := sensitivity.deny
+
+_consent_deny := set() if consent.ok
+
+else := consent.deny
+
+_own_deny := set() if _ok
+
+else := deny
 
 # METADATA
 # title: Category not permitted

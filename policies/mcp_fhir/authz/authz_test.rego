@@ -294,3 +294,27 @@ test_wildcard_tools[note] if {
 }
 
 test_every_wildcard_tools_case_passes if count(test_wildcard_tools) == 4
+
+# _deny skips a package's deny set when a positive fact rules out its reasons; on every well-formed
+# input of testing.ok_inputs it must equal the union of every package's deny set.
+test_deny_is_the_union_of_every_deny_set if {
+	mismatches := {i |
+		some i in testing.ok_inputs
+		data.mcp_fhir.authz.request.well_formed with input as i
+		full := _all_deny with input as i
+		authz._deny != full with input as i
+	}
+	count(mismatches) == 0
+}
+
+_all_deny := ((((((data.mcp_fhir.authz.tools.deny | data.mcp_fhir.authz.rbac.deny) | data.mcp_fhir.authz.purpose.deny) | data.mcp_fhir.authz.patient.deny) | data.mcp_fhir.authz.scopes.deny) | data.mcp_fhir.authz.sensitivity.deny) | data.mcp_fhir.authz.consent.deny) | authz.deny
+
+# Every package's deny set is non-empty on some input of testing.ok_inputs (the test above compares
+# more than empty sets).
+test_ok_inputs_reach_every_deny_set[pkg] if {
+	some pkg in ["tools", "rbac", "purpose", "patient", "scopes", "sensitivity", "consent"]
+	some i in testing.ok_inputs
+	count(data.mcp_fhir.authz[pkg].deny) > 0 with input as i
+}
+
+test_every_deny_set_is_reached if count(test_ok_inputs_reach_every_deny_set) == 7
