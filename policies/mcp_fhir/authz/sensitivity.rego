@@ -17,7 +17,7 @@ import data.mcp_fhir.derived as _derived
 
 # all_labels is every label withheld by default: from the derived table (mcp-fhir policy build)
 # while it is fresh, else computed from the YAML.
-all_labels := {label | some label in _derived.labels} if {
+all_labels := object.keys(_derived.label_set) if {
 	_labels_fresh
 } else := util.as_set(_labels.sensitivity) | util.as_set(_labels.confidentiality)
 

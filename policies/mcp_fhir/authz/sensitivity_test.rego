@@ -59,3 +59,12 @@ test_ok_fails_on_some_input if {
 	some i in testing.ok_inputs
 	not data.mcp_fhir.authz.sensitivity.ok with input as i
 }
+
+# The derived label_set (read as a set with object.keys) holds exactly the derived labels, and
+# all_labels is the same with and without the derived tables.
+test_label_set_is_the_labels if {
+	object.keys(data.mcp_fhir.derived.label_set) == {l | some l in data.mcp_fhir.derived.labels}
+	fast := sensitivity.all_labels
+	slow := sensitivity.all_labels with data.mcp_fhir.derived as {}
+	fast == slow
+}
