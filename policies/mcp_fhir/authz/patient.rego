@@ -71,8 +71,8 @@ default ok := false
 # common case first (patient data, a patient named, no binding), where no deny rule can apply;
 # only otherwise are the deny rules evaluated.
 ok if {
-	patient_data
-	_patient_given
+	not request.resource_type in _non_patient_types # patient_data, written out
+	request.patient != null # _patient_given, written out
 	not bound
 } else if {
 	count(deny) == 0
