@@ -190,7 +190,11 @@ _base_obligations := {
 # The obligations of an allow: the base ones; an audit-log tool's also carry audit_patients
 # (config/audit_log); a tool whose data names `confirm` also carries it (a person confirms the write
 # through MCP elicitation before it is made). No other tool's obligations change.
-_granted_obligations := object.union(object.union(_base_obligations, _audit_obligations), _confirm_obligations)
+_granted_obligations := _base_obligations if {
+	tool := request.tool # the common case: neither an audit-log tool nor one with confirm
+	not tool in data.mcp_fhir.config.audit_log.tools
+	not data.mcp_fhir.config.tools[tool].confirm # absent (or false): no confirm obligation
+} else := object.union(object.union(_base_obligations, _audit_obligations), _confirm_obligations)
 
 _audit_obligations := {"audit_patients": patient.audit_patients} if {
 	request.tool in data.mcp_fhir.config.audit_log.tools

@@ -318,3 +318,23 @@ test_ok_inputs_reach_every_deny_set[pkg] if {
 }
 
 test_every_deny_set_is_reached if count(test_ok_inputs_reach_every_deny_set) == 7
+
+# _granted_obligations skips the audit and confirm unions in the common case; on every allowed input
+# of testing.ok_inputs it equals the base obligations joined with both.
+test_granted_obligations_are_base_audit_and_confirm if {
+	mismatches := {i |
+		some i in testing.ok_inputs
+		authz.allow with input as i
+		full := object.union(object.union(authz._base_obligations, authz._audit_obligations), authz._confirm_obligations) with input as i
+		authz._granted_obligations != full with input as i
+	}
+	count(mismatches) == 0
+}
+
+# ok_inputs allow an audit-log tool and a tool with confirm (the comparison above covers both).
+test_ok_inputs_allow_audit_and_confirm_tools if {
+	some i in testing.ok_inputs
+	authz.decision.obligations.confirm with input as i
+	some j in testing.ok_inputs
+	"audit_patients" in object.keys(authz.decision.obligations) with input as j
+}

@@ -64,6 +64,7 @@ _ok_variants := [
 	{"/subject/scopes": ["user/Observation.rs?category=laboratory"]},
 	{"/subject/scopes": ["user/Observation.rs?category=laboratory"], "/resource/params": {"category": "vital-signs"}},
 	{"/context/purpose": "research"},
+	{"/action/tool": "create_clinical_note", "/action/operation": "create", "/action/resource_type": "DocumentReference"},
 	{"/context/activity": {"600": {"calls": 40, "denials": 0, "distinct_patients": 21}}},
 	{"/context/activity": {"60": {"calls": 12, "denials": 10, "distinct_patients": 1}}},
 ]
