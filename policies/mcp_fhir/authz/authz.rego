@@ -60,30 +60,19 @@ allow if {
 	patient.ok
 	sensitivity.ok
 	consent.ok
-	_ok
-}
-
-default _ok := false
-
-# _ok: no deny reason of this package (count(deny) == 0; authz_test.rego pins the two together).
-# Every deny rule here needs a category restriction for the request's type or context.activity, so
-# without both they are not evaluated (allowed_categories is needed by the obligations anyway).
-_ok if {
-	not request.activity
-	not allowed_categories[request.resource_type]
-} else if {
-	count(deny) == 0
+	count(deny) == 0 # this package's deny set is open to new rules (README: add a deny rule)
 }
 
 _deny := request.deny if not request.well_formed
 
-_deny := ((((((_tools_deny | _rbac_deny) | _purpose_deny) | _patient_deny) | scopes.deny) | _sensitivity_deny) | _consent_deny) | _own_deny if {
+_deny := ((((((_tools_deny | _rbac_deny) | _purpose_deny) | _patient_deny) | scopes.deny) | _sensitivity_deny) | _consent_deny) | deny if {
 	request.well_formed
 }
 
 # Each package's deny set, read only when a positive fact that rules out all of its reasons (often
 # already known from allow) fails: the tool matches the catalogue; some role grants the request;
-# the purpose permits it; the package's ok. authz_test.rego pins _deny to the union of the deny sets.
+# the purpose permits it; the package's ok. This package's own deny set is always read (new deny
+# rules are added here). authz_test.rego pins _deny to the union of the deny sets.
 _tools_deny := set() if tools.matches
 
 else := tools.deny
@@ -107,10 +96,6 @@ else := sensitivity.deny
 _consent_deny := set() if consent.ok
 
 else := consent.deny
-
-_own_deny := set() if _ok
-
-else := deny
 
 # METADATA
 # title: Category not permitted

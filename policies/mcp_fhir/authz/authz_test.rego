@@ -260,26 +260,6 @@ test_visible_tools_are_the_same_without_the_derived_tables if {
 	count(listed) > 0
 }
 
-# _ok (what allow asks) is exactly "no deny reason of this package", on every input of
-# testing.ok_inputs.
-test_ok_is_no_deny_reason if {
-	mismatches := {i |
-		some i in testing.ok_inputs
-		authz._ok with input as i
-		count(authz.deny) > 0 with input as i
-	} | {i |
-		some i in testing.ok_inputs
-		count(authz.deny) == 0 with input as i
-		not authz._ok with input as i
-	}
-	count(mismatches) == 0
-}
-
-test_ok_fails_on_some_input if {
-	some i in testing.ok_inputs
-	not authz._ok with input as i
-}
-
 # _wildcard_tools: the entries' tools whose letter a "*" scope grants; none without a "*" scope.
 test_wildcard_tools[note] if {
 	entries := [["Observation", "s", ["search_observations"]], ["Patient", "r", ["read_patient"]]]
