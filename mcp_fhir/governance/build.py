@@ -11,9 +11,10 @@ data with `with data.mcp_fhir.config... as ...`, falls back to the computation f
 never changes a decision.
 
 * `labels`: every label withheld by default, sorted (the closed obligations' list).
-* `hours`: the business days as an object, and by local `[hour][minute]` (as `time.clock` gives
-  them): whether that minute is inside business hours, and the seconds left to the next boundary
-  (`valid_for_s`).
+* `label_set`: the same labels as the keys of an object (`object.keys` gives the set in one step).
+* `hours`: the business days as an object (`days`: day -> true; `kind`: day -> "business", the key
+  of `left`), and by local `[hour][minute]` (as `time.clock` gives them): whether that minute is
+  inside business hours, and the seconds left to the next boundary (`valid_for_s`).
 * `scopes`: every SMART scope string without a query (`[ctx/]Type.perm`, v1 and v2, for each
   resource type the data names and `*`) -> its parse, as `scopes.parse` gives it. A scope not in
   the table (a query, another type) is parsed at decision time.
@@ -53,6 +54,7 @@ V2_LETTERS = "cruds"
 # The config sections each table depends on (the freshness guard compares exactly these).
 SOURCES = {
     "labels": ("labels",),
+    "label_set": ("labels",),
     "hours": ("hours",),
     "scopes": ("defaults",),
     "tools": ("tools",),
@@ -96,6 +98,7 @@ def _hours_table(hours: Mapping[str, Any]) -> dict[str, Any]:
 
     return {
         "days": {str(day): True for day in hours.get("days") or []},
+        "kind": {str(day): "business" for day in hours.get("days") or []},
         "in_hours": [[start <= h * 60 + m < end for m in range(60)] for h in range(24)],
         "left": {
             kind: [[left(h * 60 + m, kind == "business") for m in range(60)] for h in range(24)]
@@ -197,9 +200,11 @@ def derived_tables(config: Mapping[str, Any]) -> dict[str, Any]:
     labels = config.get("labels") or {}
     hours = config.get("hours") or {}
     sections = sorted({s for names in SOURCES.values() for s in names})
+    withheld = sorted(set(labels.get("sensitivity") or []) | set(labels.get("confidentiality") or []))
     return {
         "source": {section: config.get(section) for section in sections},
-        "labels": sorted(set(labels.get("sensitivity") or []) | set(labels.get("confidentiality") or [])),
+        "labels": withheld,
+        "label_set": dict.fromkeys(withheld, True),
         "hours": _hours_table(hours),
         "scopes": _scope_table(config),
         "tools": _tool_table(config),

@@ -28,52 +28,48 @@ business_hours(ns, hours) if {
 }
 
 # _in_hours: the request's instant falls on a business day, inside business hours, in the
-# configured time zone. The instant is parsed once (request.time_ns) and the zone applied once per
-# builtin (_clock, _weekday: one time.clock and one time.weekday per decision, shared with
-# valid_for_s). While the derived table is fresh, the day and the local [hour][minute] are lookups
-# (no arithmetic per request); else business_hours computes the same from the YAML.
+# configured time zone. While the derived table is fresh, _now gives the day's kind and the local
+# hour and minute in one rule, and the minute is a lookup (no arithmetic per request); else
+# business_hours computes the same from the YAML.
 _in_hours if {
 	_derived_fresh
-	_business_day
-	[h, m, _] := _clock
+	[kind, h, m, _] := _now
+	kind == "business"
 	_derived.hours.in_hours[h][m]
 } else if {
 	not _derived_fresh
 	business_hours(request.time_ns, _hours)
 }
 
-_clock := time.clock([request.time_ns, _hours.timezone])
-
-_weekday := time.weekday([request.time_ns, _hours.timezone])
-
-_business_day if {
-	_derived_fresh
-	_derived.hours.days[_weekday]
-} else if {
-	not _derived_fresh
-	_weekday in _hours.days
+# _now: [day kind, hour, minute, second] of the request's instant in the configured time zone: the
+# instant parsed once (request.time_ns), the zone applied by one time.clock and one time.weekday;
+# the kind ("business" or "other", the keys of the derived left table) read from the derived table,
+# so _now is used only while that table is fresh.
+_now := [kind, h, m, s] if {
+	at := [request.time_ns, _hours.timezone]
+	[h, m, s] := time.clock(at)
+	kind := object.get(_derived.hours.kind, time.weekday(at), "other")
 }
 
 # valid_for_s: how long, in whole seconds from the request's instant, this decision stays what the
 # policy would decide for the same input: until the next business-hours boundary (end of hours,
 # start of hours later today, else midnight, when the weekday changes), less one second for the
 # instant's fraction, and never more than defaults.decision_valid_for_s. Only after_hours depends on
-# the time, so this is the whole of the decision's lifetime. 0 for a malformed input.
+# the time, so this is the whole of the decision's lifetime. 0 for a malformed input. The seconds
+# left from hh:mm:00 are a lookup in the derived table while it is fresh, else computed from the YAML.
 default valid_for_s := 0
 
-valid_for_s := min({_defaults.decision_valid_for_s, _left(h, m) - s}) if [h, m, s] := _clock
-
-# _left: seconds from hh:mm:00 to the next boundary, less one: a lookup in the derived table, else
-# computed from the YAML.
-_left(h, m) := _derived.hours.left[_day_kind][h][m] if {
+valid_for_s := min({_defaults.decision_valid_for_s, _derived.hours.left[kind][h][m] - s}) if {
+	[kind, h, m, s] := _now # first: undefined for a malformed input
 	_derived_fresh
-} else := ((_next_boundary(now) - now) * 60) - 1 if {
+} else := min({_defaults.decision_valid_for_s, (((_next_boundary(now) - now) * 60) - 1) - s}) if {
+	[h, m, s] := time.clock([request.time_ns, _hours.timezone])
+	not _derived_fresh
 	now := (h * 60) + m
 }
 
-_day_kind := "business" if _business_day
-
-else := "other"
+# _business_day (the YAML path only): the instant's weekday is one of the configured days.
+_business_day if time.weekday([request.time_ns, _hours.timezone]) in _hours.days
 
 _next_boundary(now) := minutes(_hours.end) if {
 	_business_day

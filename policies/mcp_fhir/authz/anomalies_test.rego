@@ -100,3 +100,16 @@ _malformed_activities := {
 test_every_activity_case_passes if count(test_activity_thresholds) == count(_activity_cases)
 
 test_every_malformed_activity_is_named if count(test_malformed_activity_is_named) == count(_malformed_activities)
+
+# _now: [day kind, hour, minute, second] in the configured zone (Sydney, UTC+10 in June).
+test_now_gives_the_day_kind_and_the_local_clock[note] if {
+	some note, case in {
+		"Tuesday 11:00:05": ["2025-06-03T01:00:05Z", ["business", 11, 0, 5]],
+		"Saturday 11:00": ["2025-06-07T01:00:00Z", ["other", 11, 0, 0]],
+		"Monday 00:30 local, Sunday UTC": ["2025-06-01T14:30:00Z", ["business", 0, 30, 0]],
+	}
+	[t, want] := case
+	anomalies._now == want with input as testing.patched(testing.clinician_obs, {"/context/time": t})
+}
+
+test_every_now_case_passes if count(test_now_gives_the_day_kind_and_the_local_clock) == 3

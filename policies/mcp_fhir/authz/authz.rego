@@ -44,7 +44,8 @@ decision := {
 
 default allow := false
 
-# allow needs a well-formed request, every positive grant present, and no deny reason. The
+# allow needs a well-formed request, every positive grant present, and no deny reason (each
+# remaining package's ok: its deny set is empty, tested cheaply for the common case). The
 # tools, rbac, purpose and scopes deny rules each fire only when one of these grants is missing
 # (tools.matches implies a known tool; a grant for the request's access, type and effective purpose
 # implies a known role, a permitting and granting role, an effective, unambiguous and known purpose
@@ -56,17 +57,45 @@ allow if {
 	tools.matches
 	rbac.grants[[purpose.access, request.resource_type, purpose.effective]]
 	scopes.covered
-	count(patient.deny) == 0
-	count(sensitivity.deny) == 0
-	count(consent.deny) == 0
-	count(deny) == 0
+	patient.ok
+	sensitivity.ok
+	consent.ok
+	count(deny) == 0 # this package's deny set is open to new rules (README: add a deny rule)
 }
 
 _deny := request.deny if not request.well_formed
 
-_deny := ((((((tools.deny | rbac.deny) | purpose.deny) | patient.deny) | scopes.deny) | sensitivity.deny) | consent.deny) | deny if {
+_deny := ((((((_tools_deny | _rbac_deny) | _purpose_deny) | _patient_deny) | scopes.deny) | _sensitivity_deny) | _consent_deny) | deny if {
 	request.well_formed
 }
+
+# Each package's deny set, read only when a positive fact that rules out all of its reasons (often
+# already known from allow) fails: the tool matches the catalogue; some role grants the request;
+# the purpose permits it; the package's ok. This package's own deny set is always read (new deny
+# rules are added here). authz_test.rego pins _deny to the union of the deny sets.
+_tools_deny := set() if tools.matches
+
+else := tools.deny
+
+_rbac_deny := set() if count(rbac.granting_roles) > 0
+
+else := rbac.deny
+
+_purpose_deny := set() if purpose.permitted
+
+else := purpose.deny
+
+_patient_deny := set() if patient.ok
+
+else := patient.deny
+
+_sensitivity_deny := set() if sensitivity.ok
+
+else := sensitivity.deny
+
+_consent_deny := set() if consent.ok
+
+else := consent.deny
 
 # METADATA
 # title: Category not permitted
@@ -146,7 +175,11 @@ _base_obligations := {
 # The obligations of an allow: the base ones; an audit-log tool's also carry audit_patients
 # (config/audit_log); a tool whose data names `confirm` also carries it (a person confirms the write
 # through MCP elicitation before it is made). No other tool's obligations change.
-_granted_obligations := object.union(object.union(_base_obligations, _audit_obligations), _confirm_obligations)
+_granted_obligations := _base_obligations if {
+	tool := request.tool # the common case: neither an audit-log tool nor one with confirm
+	not tool in data.mcp_fhir.config.audit_log.tools
+	not data.mcp_fhir.config.tools[tool].confirm # absent (or false): no confirm obligation
+} else := object.union(object.union(_base_obligations, _audit_obligations), _confirm_obligations)
 
 _audit_obligations := {"audit_patients": patient.audit_patients} if {
 	request.tool in data.mcp_fhir.config.audit_log.tools
@@ -185,14 +218,27 @@ _granted_alerts := anomalies.alerts | {"sensitive_access_non_clinician"} if {
 # entrypoint: true
 default visible_tools := []
 
-visible_tools := sort({name |
-	some [rt, letter, names] in entries # a local, not a rule reference: one step per entry
-	_scope_grants(rt, letter)
-	some name in names
-}) if {
+visible_tools := sort(typed | wild) if {
 	request.subject_well_formed
 	entries := _subject_entries
+	pairs := _scope_pairs
+	typed := {name |
+		some [rt, letter, names] in entries # a local, not a rule reference: one step per entry
+		[rt, letter] in pairs
+		some name in names
+	}
+	wild := _wildcard_tools(entries, pairs)
 }
+
+# _wildcard_tools: the tools of entries whose letter a scope grants on every type ("*"); nothing is
+# iterated when no scope has a "*" type (the common case).
+_wildcard_tools(entries, pairs) := {name |
+	some [_, letter, names] in entries
+	["*", letter] in pairs
+	some name in names
+} if {
+	some ["*", _] in pairs
+} else := set()
 
 # _subject_entries: [resource type, scope letter, tool names] for each [operation, type] pair of
 # _subject_grants that some tool has: from the derived visible table (role -> purpose -> entries)
@@ -266,13 +312,8 @@ _operations := _derived.operations if {
 # _scope_pairs: the [type, letter] pairs the subject's honoured scopes grant ("*" type kept),
 # parsed once. visible_tools lists a tool for any scope context (a patient/ scope covers the
 # call that names a patient).
-_scope_pairs contains [s.type, letter] if {
+_scope_pairs := {[t, letter] |
 	some s in scopes.subject_scopes
+	t := s.type
 	some letter in s.letters
-}
-
-_scope_grants(rt, letter) if {
-	[rt, letter] in _scope_pairs
-} else if {
-	["*", letter] in _scope_pairs
 }

@@ -259,3 +259,62 @@ test_visible_tools_are_the_same_without_the_derived_tables if {
 	listed := authz.visible_tools with input as {"subject": subjects[2]}
 	count(listed) > 0
 }
+
+# _wildcard_tools: the entries' tools whose letter a "*" scope grants; none without a "*" scope.
+test_wildcard_tools[note] if {
+	entries := [["Observation", "s", ["search_observations"]], ["Patient", "r", ["read_patient"]]]
+	some note, case in {
+		"a * scope grants s": [{["*", "s"]}, {"search_observations"}],
+		"a * scope grants both": [{["*", "s"], ["*", "r"], ["Patient", "r"]}, {"search_observations", "read_patient"}],
+		"typed scopes only": [{["Observation", "s"], ["Patient", "r"]}, set()],
+		"a * scope with another letter": [{["*", "c"]}, set()],
+	}
+	[pairs, want] := case
+	authz._wildcard_tools(entries, pairs) == want
+}
+
+test_every_wildcard_tools_case_passes if count(test_wildcard_tools) == 4
+
+# _deny skips a package's deny set when a positive fact rules out its reasons; on every well-formed
+# input of testing.ok_inputs it must equal the union of every package's deny set.
+test_deny_is_the_union_of_every_deny_set if {
+	mismatches := {i |
+		some i in testing.ok_inputs
+		data.mcp_fhir.authz.request.well_formed with input as i
+		full := _all_deny with input as i
+		authz._deny != full with input as i
+	}
+	count(mismatches) == 0
+}
+
+_all_deny := ((((((data.mcp_fhir.authz.tools.deny | data.mcp_fhir.authz.rbac.deny) | data.mcp_fhir.authz.purpose.deny) | data.mcp_fhir.authz.patient.deny) | data.mcp_fhir.authz.scopes.deny) | data.mcp_fhir.authz.sensitivity.deny) | data.mcp_fhir.authz.consent.deny) | authz.deny
+
+# Every package's deny set is non-empty on some input of testing.ok_inputs (the test above compares
+# more than empty sets).
+test_ok_inputs_reach_every_deny_set[pkg] if {
+	some pkg in ["tools", "rbac", "purpose", "patient", "scopes", "sensitivity", "consent"]
+	some i in testing.ok_inputs
+	count(data.mcp_fhir.authz[pkg].deny) > 0 with input as i
+}
+
+test_every_deny_set_is_reached if count(test_ok_inputs_reach_every_deny_set) == 7
+
+# _granted_obligations skips the audit and confirm unions in the common case; on every allowed input
+# of testing.ok_inputs it equals the base obligations joined with both.
+test_granted_obligations_are_base_audit_and_confirm if {
+	mismatches := {i |
+		some i in testing.ok_inputs
+		authz.allow with input as i
+		full := object.union(object.union(authz._base_obligations, authz._audit_obligations), authz._confirm_obligations) with input as i
+		authz._granted_obligations != full with input as i
+	}
+	count(mismatches) == 0
+}
+
+# ok_inputs allow an audit-log tool and a tool with confirm (the comparison above covers both).
+test_ok_inputs_allow_audit_and_confirm_tools if {
+	some i in testing.ok_inputs
+	authz.decision.obligations.confirm with input as i
+	some j in testing.ok_inputs
+	"audit_patients" in object.keys(authz.decision.obligations) with input as j
+}

@@ -117,3 +117,22 @@ _malformed_consents := {
 test_every_consent_case_passes if count(test_consent_decisions) == count(_cases)
 
 test_every_malformed_consent_is_named if count(test_malformed_consent_is_named) == count(_malformed_consents)
+
+# ok (what allow asks) is exactly "no consent deny reason", on every input of testing.ok_inputs.
+test_ok_is_no_deny_reason if {
+	mismatches := {i |
+		some i in testing.ok_inputs
+		data.mcp_fhir.authz.consent.ok with input as i
+		count(data.mcp_fhir.authz.consent.deny) > 0 with input as i
+	} | {i |
+		some i in testing.ok_inputs
+		count(data.mcp_fhir.authz.consent.deny) == 0 with input as i
+		not data.mcp_fhir.authz.consent.ok with input as i
+	}
+	count(mismatches) == 0
+}
+
+test_ok_fails_on_some_input if {
+	some i in testing.ok_inputs
+	not data.mcp_fhir.authz.consent.ok with input as i
+}

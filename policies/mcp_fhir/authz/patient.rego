@@ -65,6 +65,19 @@ _binding_waived if {
 	_audit_log.bound_subject_own_patient_only == false
 }
 
+default ok := false
+
+# ok: no patient deny reason (count(deny) == 0; patient_test.rego pins the two together). The
+# common case first (patient data, a patient named, no binding), where no deny rule can apply;
+# only otherwise are the deny rules evaluated.
+ok if {
+	not request.resource_type in _non_patient_types # patient_data, written out
+	request.patient != null # _patient_given, written out
+	not bound
+} else if {
+	count(deny) == 0
+}
+
 _filter_permitted if {
 	some r in rbac.granting_roles
 	_roles_data[r].patient_filter == true

@@ -120,3 +120,22 @@ test_the_binding_waiver_is_only_for_audit_log_tools if {
 test_every_audit_log_case_passes if count(test_audit_log_patient_decisions) == count(_audit_cases)
 
 test_every_waived_case_passes if count(test_audit_log_binding_waived_by_data) == count(_waived_cases)
+
+# ok (what allow asks) is exactly "no patient deny reason", on every input of testing.ok_inputs.
+test_ok_is_no_deny_reason if {
+	mismatches := {i |
+		some i in testing.ok_inputs
+		data.mcp_fhir.authz.patient.ok with input as i
+		count(data.mcp_fhir.authz.patient.deny) > 0 with input as i
+	} | {i |
+		some i in testing.ok_inputs
+		count(data.mcp_fhir.authz.patient.deny) == 0 with input as i
+		not data.mcp_fhir.authz.patient.ok with input as i
+	}
+	count(mismatches) == 0
+}
+
+test_ok_fails_on_some_input if {
+	some i in testing.ok_inputs
+	not data.mcp_fhir.authz.patient.ok with input as i
+}

@@ -35,7 +35,8 @@ effective := p if {
 	p := request.declared_purpose # _declared, written out: the value is needed anyway
 	p != null
 	not _mismatch
-} else := _bound_purpose if {
+} else := p if {
+	p := _bound_purpose # first: without a bound purpose (the common case) _mismatch is not evaluated
 	not _mismatch
 }
 

@@ -17,7 +17,7 @@ import data.mcp_fhir.derived as _derived
 
 # all_labels is every label withheld by default: from the derived table (mcp-fhir policy build)
 # while it is fresh, else computed from the YAML.
-all_labels := {label | some label in _derived.labels} if {
+all_labels := object.keys(_derived.label_set) if {
 	_labels_fresh
 } else := util.as_set(_labels.sensitivity) | util.as_set(_labels.confidentiality)
 
@@ -74,6 +74,16 @@ default non_clinician_release := false
 non_clinician_release if {
 	count(let_through) > 0
 	not _clinical_grant
+}
+
+default ok := false
+
+# ok: no break-glass deny reason (count(deny) == 0; sensitivity_test.rego pins the two together).
+# Both deny rules need a break_glass object, so without one they are not evaluated.
+ok if {
+	not request.break_glass_requested
+} else if {
+	count(deny) == 0
 }
 
 # METADATA

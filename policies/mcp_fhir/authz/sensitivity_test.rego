@@ -40,3 +40,31 @@ test_break_glass_without_reason_denied if {
 test_clinician_release_is_not_a_non_clinician_release if {
 	not sensitivity.non_clinician_release with input as _bg(testing.clinician_obs, "arrest")
 }
+
+# ok (what allow asks) is exactly "no sensitivity deny reason", on every input of testing.ok_inputs.
+test_ok_is_no_deny_reason if {
+	mismatches := {i |
+		some i in testing.ok_inputs
+		data.mcp_fhir.authz.sensitivity.ok with input as i
+		count(data.mcp_fhir.authz.sensitivity.deny) > 0 with input as i
+	} | {i |
+		some i in testing.ok_inputs
+		count(data.mcp_fhir.authz.sensitivity.deny) == 0 with input as i
+		not data.mcp_fhir.authz.sensitivity.ok with input as i
+	}
+	count(mismatches) == 0
+}
+
+test_ok_fails_on_some_input if {
+	some i in testing.ok_inputs
+	not data.mcp_fhir.authz.sensitivity.ok with input as i
+}
+
+# The derived label_set (read as a set with object.keys) holds exactly the derived labels, and
+# all_labels is the same with and without the derived tables.
+test_label_set_is_the_labels if {
+	object.keys(data.mcp_fhir.derived.label_set) == {l | some l in data.mcp_fhir.derived.labels}
+	fast := sensitivity.all_labels
+	slow := sensitivity.all_labels with data.mcp_fhir.derived as {}
+	fast == slow
+}

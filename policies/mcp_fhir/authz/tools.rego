@@ -15,10 +15,13 @@ _type_matches if request.resource_type in _catalogue[request.tool].resource_type
 
 default matches := false
 
-# matches holds when tool, operation and resource type agree with the catalogue.
+# matches holds when tool, operation and resource type agree with the catalogue: _operation_matches
+# and _type_matches written out in one body (the tool's entry read once; tools_test.rego pins the two
+# together).
 matches if {
-	_operation_matches
-	_type_matches
+	entry := _catalogue[request.tool]
+	entry.operation == request.operation
+	request.resource_type in entry.resource_types
 }
 
 # METADATA

@@ -25,3 +25,22 @@ test_resource_type_mismatch_denied if {
 test_catalogue_has_the_sixteen_tools if {
 	count(data.mcp_fhir.config.tools) == 16
 }
+
+# matches is exactly _operation_matches and _type_matches, on every input of testing.ok_inputs.
+test_matches_is_operation_and_type_matching if {
+	mismatches := {i |
+		some i in testing.ok_inputs
+		tools.matches with input as i
+		not _both(i)
+	} | {i |
+		some i in testing.ok_inputs
+		_both(i)
+		not tools.matches with input as i
+	}
+	count(mismatches) == 0
+}
+
+_both(i) if {
+	tools._operation_matches with input as i
+	tools._type_matches with input as i
+}
