@@ -55,7 +55,8 @@ default allow := false
 allow if {
 	request.well_formed
 	tools.matches
-	rbac.grants[[purpose.access, request.resource_type, purpose.effective]]
+	count(rbac.granting_roles) > 0 # with purpose.permitted: rbac.grants holds [access, type, effective]
+	purpose.permitted
 	scopes.covered
 	patient.ok
 	sensitivity.ok

@@ -181,6 +181,32 @@ test_allow_equals_no_reason_and_every_grant if {
 	count(mismatches) == 0
 }
 
+# allow asks for a granting role and purpose.permitted instead of the request's rbac.grants triple;
+# the two agree on every fixture input and every input of testing.ok_inputs.
+_grant_triple(x) if {
+	acc := data.mcp_fhir.authz.purpose.access with input as x
+	rt := data.mcp_fhir.authz.request.resource_type with input as x
+	p := data.mcp_fhir.authz.purpose.effective with input as x
+	data.mcp_fhir.authz.rbac.grants[[acc, rt, p]] with input as x
+}
+
+_granting_and_permitted(x) if {
+	count(data.mcp_fhir.authz.rbac.granting_roles) > 0 with input as x
+	data.mcp_fhir.authz.purpose.permitted with input as x
+}
+
+test_granting_role_and_permitted_equal_the_grant_triple if {
+	inputs := {case.input | some case in data.fixtures} | {i | some i in testing.ok_inputs}
+	mismatches := {x | some x in inputs; _grant_triple(x); not _granting_and_permitted(x)} | {x |
+		some x in inputs
+		_granting_and_permitted(x)
+		not _grant_triple(x)
+	}
+	count(mismatches) == 0
+	some y in inputs
+	_grant_triple(y)
+}
+
 # valid_for_s: up to the next business-hours boundary (less a second for the instant's fraction),
 # capped by defaults.decision_valid_for_s; Sydney is UTC+10 in June, UTC+11 in December.
 test_valid_for_s_shortens_near_a_boundary[note] if {
