@@ -63,3 +63,22 @@ test_nurse_under_discharge_summary_denied_role_purpose if {
 	i := testing.req(["nurse"], ["user/*.rs"], "search_observations", "search", "Observation", "p1", "discharge_summary")
 	{r.code | some r in rbac.deny with input as i} == {"ROLE_PURPOSE_NOT_PERMITTED"}
 }
+
+# granting_roles is written from roles; it is the permitting roles that list the effective purpose
+# on every fixture input and every input of testing.ok_inputs.
+_granting_from_permitting := {r |
+	some r in rbac.permitting_roles
+	data.mcp_fhir.authz.purpose.effective in _roles[r].purposes
+}
+
+test_granting_roles_are_the_permitting_roles_listing_the_purpose if {
+	inputs := {case.input | some case in data.fixtures} | {i | some i in testing.ok_inputs}
+	mismatches := {x |
+		some x in inputs
+		g := rbac.granting_roles with input as x
+		g != _granting_from_permitting with input as x
+	}
+	count(mismatches) == 0
+	some y in inputs
+	count(rbac.granting_roles) > 0 with input as y
+}
