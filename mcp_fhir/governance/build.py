@@ -12,9 +12,9 @@ never changes a decision.
 
 * `labels`: every label withheld by default, sorted (the closed obligations' list).
 * `label_set`: the same labels as the keys of an object (`object.keys` gives the set in one step).
-* `hours`: the business days as an object (`days`: day -> true; `kind`: day -> "business", the key
-  of `left`), and by local `[hour][minute]` (as `time.clock` gives them): whether that minute is
-  inside business hours, and the seconds left to the next boundary (`valid_for_s`).
+* `hours`: the business days as an object (`kind`: day -> "business", the key of `left`), and by
+  local `[hour][minute]` (as `time.clock` gives them): whether that minute is inside business hours,
+  and the seconds left to the next boundary (`valid_for_s`).
 * `scopes`: every SMART scope string without a query (`[ctx/]Type.perm`, v1 and v2, for each
   resource type the data names and `*`) -> its parse, as `scopes.parse` gives it. A scope not in
   the table (a query, another type) is parsed at decision time.
@@ -97,7 +97,6 @@ def _hours_table(hours: Mapping[str, Any]) -> dict[str, Any]:
         return (boundary - minute) * 60 - 1
 
     return {
-        "days": {str(day): True for day in hours.get("days") or []},
         "kind": {str(day): "business" for day in hours.get("days") or []},
         "in_hours": [[start <= h * 60 + m < end for m in range(60)] for h in range(24)],
         "left": {
