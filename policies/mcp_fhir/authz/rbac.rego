@@ -28,15 +28,8 @@ roles := {role |
 # permitting_roles grant this access on this resource type, whatever the purpose.
 permitting_roles := {r | some r in roles; request.resource_type in _roles_data[r][purpose.access]}
 
-# granting_roles grant this access on this resource type AND list the effective purpose. Written
-# from roles, not permitting_roles, so an allow does not build permitting_roles (only the deny
-# rules below read it); rbac_test.rego pins it to the permitting roles that list the purpose.
-granting_roles := {r |
-	some r in roles
-	role := _roles_data[r]
-	request.resource_type in role[purpose.access]
-	purpose.effective in role.purposes
-}
+# granting_roles grant this access on this resource type AND list the effective purpose.
+granting_roles := {r | some r in permitting_roles; purpose.effective in _roles_data[r].purposes}
 
 # grants: the [access kind, resource type, purpose] triples the subject holds: some role of the
 # subject permits the access on the type and lists the purpose, and that purpose covers the access
