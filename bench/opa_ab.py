@@ -40,22 +40,11 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from bench.procs import REPO, cpu_seconds
-
-
-def shipped_decision(url: str, inp: dict[str, Any]) -> Any:
-    """The shipped policy's decision for `inp`, as OPA answers it (loopback)."""
-    body = json.dumps({"input": inp}).encode()
-    request = urllib.request.Request(
-        f"{url}/v1/data/mcp_fhir/authz/decision", data=body, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=5) as answer:  # a loopback URL we built
-        return json.load(answer)["result"]
 
 
 def constant_policy(folder: Path, value: Any) -> Path:
@@ -73,6 +62,7 @@ async def measure(decisions: int, rounds: int, workdir: Path) -> dict[str, Any]:
     from opa_client.opa_async import AsyncOpaClient
 
     from mcp_fhir.agent_auth.subject import Subject
+    from mcp_fhir.governance.diff import BatchEvaluator
     from mcp_fhir.policy.engine import Decision
     from mcp_fhir.policy.input import decision_input
     from mcp_fhir.policy.managed_opa import ManagedOpa
@@ -96,21 +86,18 @@ async def measure(decisions: int, rounds: int, workdir: Path) -> dict[str, Any]:
             request_id=os.urandom(16).hex(),
         )
 
+    # the shipped allow's own value, decided once by `opa eval`, is the constant policy's decision
+    shipped_value = BatchEvaluator(POLICIES).decide_chunk([bench_input()])[0]
+    constant_folder = constant_policy(workdir / "constant", shipped_value)
     shipped_opa = ManagedOpa([POLICIES], decision_log=workdir / "shipped.log")
     default_gc_opa = ManagedOpa([POLICIES], decision_log=workdir / "gogc-default.log", gogc="100")
     no_log_opa = ManagedOpa([POLICIES])
-    async with shipped_opa, default_gc_opa, no_log_opa:
-        constant_folder = constant_policy(
-            workdir / "constant", shipped_decision(shipped_opa.url, bench_input())
-        )
-        constant_opa = ManagedOpa([constant_folder], decision_log=workdir / "constant.log")
-        unmasked_opa = ManagedOpa(
-            [constant_folder], decision_log=workdir / "unmasked.log", extra_args=["--ignore", "mask.rego"]
-        )
-        constant_no_log_opa = ManagedOpa([constant_folder])
-        await constant_opa.start()
-        await unmasked_opa.start()
-        await constant_no_log_opa.start()
+    constant_opa = ManagedOpa([constant_folder], decision_log=workdir / "constant.log")
+    unmasked_opa = ManagedOpa(
+        [constant_folder], decision_log=workdir / "unmasked.log", extra_args=["--ignore", "mask.rego"]
+    )
+    constant_no_log_opa = ManagedOpa([constant_folder])
+    async with shipped_opa, default_gc_opa, no_log_opa, constant_opa, unmasked_opa, constant_no_log_opa:
         shipped = OpaPolicyEngine(OpaSettings(url=shipped_opa.url))
         provenance = OpaPolicyEngine(OpaSettings(url=shipped_opa.url, revision_from="provenance"))
         default_gc = OpaPolicyEngine(OpaSettings(url=default_gc_opa.url))
@@ -118,12 +105,9 @@ async def measure(decisions: int, rounds: int, workdir: Path) -> dict[str, Any]:
         constant = OpaPolicyEngine(OpaSettings(url=constant_opa.url))
         unmasked = OpaPolicyEngine(OpaSettings(url=unmasked_opa.url))
         constant_no_log = OpaPolicyEngine(OpaSettings(url=constant_no_log_opa.url))
-        engines = (constant, unmasked, constant_no_log)
-        for engine in engines:
-            await engine.__aenter__()
         port = int(shipped_opa.url.rsplit(":", 1)[1])
         old = AsyncOpaClient(host="127.0.0.1", port=port, retries=0, timeout=0.5)
-        async with shipped, provenance, default_gc, no_log:
+        async with shipped, provenance, default_gc, no_log, constant, unmasked, constant_no_log:
             await old.__aenter__()
             try:
 
@@ -186,10 +170,6 @@ async def measure(decisions: int, rounds: int, workdir: Path) -> dict[str, Any]:
                             timers.setdefault(key, []).append(value / 1000.0)
             finally:
                 await old.close_connection()
-                for engine in engines:
-                    await engine.__aexit__(None, None, None)
-                for managed in (constant_opa, unmasked_opa, constant_no_log_opa):
-                    await managed.stop()
     return {
         "opa_timers_us": {key: round(statistics.median(values)) for key, values in sorted(timers.items())},
         "decisions_per_round": decisions,
